@@ -1,0 +1,167 @@
+"""The checkpoint format shared by training and serving: safetensors weights plus a JSON model card.
+
+A checkpoint is a directory holding ``model.safetensors`` and ``card.json``. Loading never unpickles
+anything: safetensors holds only tensors, the card is JSON validated by pydantic, and the weights' SHA-256,
+architecture, class count and parameter count must all agree with the card before a model is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.labels import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, INPUT_SIZE
+from model.resnet import ARCHITECTURES, build_model, parameter_count
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be served as it is; the message says what is wrong and what to do."""
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: Literal[1] = 1
+    architecture: str
+    class_names: tuple[str, ...] = CLASS_NAMES
+    input_size: int = INPUT_SIZE
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    parameter_count: int
+    training: dict[str, Any] = Field(default_factory=dict, description="the resolved training configuration")
+    test_accuracy: float | None = Field(default=None, description="final-epoch top-1 on the test set, 0..1")
+    test_accuracy_tta: float | None = Field(default=None, description="the same with horizontal-flip TTA")
+    per_class_accuracy: dict[str, float] | None = None
+    epochs: int | None = None
+    train_seconds: float | None = None
+    device: str | None = None
+    torch_version: str = torch.__version__
+    git_commit: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    data_provenance: str | None = None
+
+    @property
+    def version(self) -> str:
+        """Content-addressed: the same weights always have the same version, different weights never do."""
+        return f"{self.architecture}-{self.weights_sha256[:12]}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model: nn.Module
+    card: ModelCard
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_files(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The weights and card paths for a checkpoint directory, or for its ``model.safetensors`` file."""
+    path = Path(path)
+    directory = path.parent if path.suffix == ".safetensors" else path
+    weights = path if path.suffix == ".safetensors" else directory / WEIGHTS_FILE
+    return weights, directory / CARD_FILE
+
+
+def save_checkpoint(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    architecture: str,
+    dtype: str = "float32",
+    **card_fields: Any,
+) -> ModelCard:
+    """Write ``model``'s weights and a card describing them; the card is written last, so a directory
+    with a card always holds the weights it describes."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_path, card_path = checkpoint_files(directory)
+    target = _DTYPES[dtype]
+    tensors = {
+        name: (t.to(target) if t.is_floating_point() else t).detach().cpu().contiguous()
+        for name, t in model.state_dict().items()
+    }
+    temporary = weights_path.with_suffix(".tmp")
+    save_file(tensors, temporary, metadata={"architecture": architecture})
+    os.replace(temporary, weights_path)
+    card = ModelCard(
+        architecture=architecture,
+        weights_sha256=file_sha256(weights_path),
+        weights_dtype=dtype,
+        parameter_count=parameter_count(model),
+        **card_fields,
+    )
+    write_card(card, card_path)
+    return card
+
+
+def write_card(card: ModelCard, card_path: Path) -> None:
+    temporary = card_path.with_suffix(".tmp")
+    temporary.write_text(card.model_dump_json(indent=2) + "\n")
+    os.replace(temporary, card_path)
+
+
+def read_card(path: str | os.PathLike[str]) -> ModelCard:
+    _, card_path = checkpoint_files(path)
+    if not card_path.is_file():
+        raise CheckpointError(f"no model card at {card_path}: a checkpoint is a directory with "
+                              f"{WEIGHTS_FILE} and {CARD_FILE}, as written by `python -m training`")
+    try:
+        return ModelCard.model_validate(json.loads(card_path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as error:
+        raise CheckpointError(f"model card {card_path} is not valid: {error}") from None
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and verify a checkpoint; the model comes back in float32, in eval mode, on ``device``."""
+    weights_path, _ = checkpoint_files(path)
+    card = read_card(path)
+    if not weights_path.is_file():
+        raise CheckpointError(f"no weights at {weights_path}")
+    actual = file_sha256(weights_path)
+    if actual != card.weights_sha256:
+        raise CheckpointError(
+            f"{weights_path} has SHA-256 {actual}, but its card says {card.weights_sha256}: the weights "
+            "were changed or belong to another card; copy the checkpoint directory again"
+        )
+    if card.architecture not in ARCHITECTURES:
+        raise CheckpointError(f"card names unknown architecture {card.architecture!r}; "
+                              f"known: {', '.join(ARCHITECTURES)}")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    model = build_model(card.architecture, num_classes=len(card.class_names))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"weights in {weights_path} do not fit a {card.architecture} with "
+            f"{len(card.class_names)} classes: {error}"
+        ) from None
+    if parameter_count(model) != card.parameter_count:
+        raise CheckpointError(f"card says {card.parameter_count} parameters, the weights have "
+                              f"{parameter_count(model)}")
+    return Checkpoint(model=model.to(device).eval(), card=card)

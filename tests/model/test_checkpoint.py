@@ -1,0 +1,94 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from model.checkpoint import (
+    CARD_FILE, WEIGHTS_FILE, CheckpointError, file_sha256, load_checkpoint, read_card, save_checkpoint,
+)
+from model.labels import CLASS_NAMES
+from model.resnet import build_model
+from tests.conftest import make_checkpoint
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("resnet18").eval()
+    # Non-trivial running statistics, so the test would notice if buffers were not saved.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    save_checkpoint(model, tmp_path, architecture="resnet18", test_accuracy=0.5, epochs=3)
+    loaded = load_checkpoint(tmp_path)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(images), loaded.model(images))
+    assert loaded.card.class_names == CLASS_NAMES
+    assert loaded.card.weights_sha256 == file_sha256(tmp_path / WEIGHTS_FILE)
+    assert loaded.card.version == f"resnet18-{loaded.card.weights_sha256[:12]}"
+    assert not loaded.model.training
+
+
+def test_loading_through_the_weights_file_path_finds_the_card_beside_it(tiny_checkpoint):
+    assert load_checkpoint(tiny_checkpoint / WEIGHTS_FILE).card == read_card(tiny_checkpoint)
+
+
+def test_half_precision_weights_load_into_a_float32_model(tmp_path):
+    model = build_model("resnet18").eval()
+    card = save_checkpoint(model, tmp_path, architecture="resnet18", dtype="float16")
+    assert card.weights_dtype == "float16"
+    loaded = load_checkpoint(tmp_path)
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    assert (tmp_path / WEIGHTS_FILE).stat().st_size < 12_000_000 * 2 * 1.01
+
+
+def test_weights_that_do_not_match_the_card_hash_are_rejected(tmp_path, tiny_checkpoint):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    other = make_checkpoint(tmp_path / "other", seed=5)
+    shutil.copy(other / WEIGHTS_FILE, tmp_path / "ckpt" / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_card_naming_another_architecture_is_rejected(tmp_path, tiny_checkpoint):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    card = json.loads((tmp_path / "ckpt" / CARD_FILE).read_text())
+    card["architecture"] = "resnet34"
+    (tmp_path / "ckpt" / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="do not fit a resnet34"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_card_with_wrong_class_count_is_rejected(tmp_path, tiny_checkpoint):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    card = json.loads((tmp_path / "ckpt" / CARD_FILE).read_text())
+    card["class_names"] = card["class_names"][:9]
+    (tmp_path / "ckpt" / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="9 classes"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"architecture": "resnet18"})])
+def test_malformed_card_is_rejected_with_its_path(tmp_path, tiny_checkpoint, content):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / CARD_FILE).write_text(content)
+    with pytest.raises(CheckpointError, match="card.json is not valid"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_missing_card_says_what_a_checkpoint_is(tmp_path):
+    with pytest.raises(CheckpointError, match="no model card"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_pickle_in_place_of_the_weights_is_never_unpickled(tmp_path, tiny_checkpoint):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / WEIGHTS_FILE
+    torch.save({"x": torch.zeros(1)}, weights)
+    card = json.loads((tmp_path / "ckpt" / CARD_FILE).read_text())
+    card["weights_sha256"] = file_sha256(weights)
+    (tmp_path / "ckpt" / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(tmp_path / "ckpt")
