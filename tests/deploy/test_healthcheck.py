@@ -1,0 +1,56 @@
+"""The image's HEALTHCHECK command, run here against stand-in servers: it must pass on a 200 from
+/healthz and fail on an error status, on another path's success, and on no answer at all."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.deploy.dockerfile_model import final_stage, healthcheck_command
+from tests.deploy.net import free_port
+
+
+def run_healthcheck(port: int) -> int:
+    """Exit status of the HEALTHCHECK command with `python` this interpreter and the port moved."""
+    command = healthcheck_command(final_stage())
+    command = [sys.executable if part == "python" else part.replace(":8000/", f":{port}/") for part in command]
+    return subprocess.run(command, capture_output=True, timeout=30).returncode
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> Iterator[int]:
+    status_by_path: dict[str, int] = request.param
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status_by_path.get(self.path, 404))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("server", [{"/healthz": 200}], indirect=True)
+def test_passes_when_healthz_answers_200(server: int) -> None:
+    assert run_healthcheck(server) == 0
+
+
+@pytest.mark.parametrize("server", [{"/healthz": 503}, {"/healthz": 500}, {"/": 200}], indirect=True)
+def test_fails_when_healthz_does_not_answer_200(server: int) -> None:
+    assert run_healthcheck(server) != 0
+
+
+def test_fails_when_nothing_listens() -> None:
+    assert run_healthcheck(free_port()) != 0
