@@ -1,0 +1,119 @@
+"""The model registry: immutable, content-addressed model versions and a pointer to the one being served.
+
+Layout under ``APP_REGISTRY_DIR`` (default ``$APP_STATE_DIR/registry``)::
+
+    versions/<version>/model.safetensors   the weights, read-only
+    versions/<version>/card.json           the model card (its .version names the directory)
+    versions/<version>/SHA256SUMS          both files' SHA-256, in ``sha256sum -c`` format
+    versions/<version>/registration.json   when it was registered, and from which training job
+    current                                the served version's name, one line
+
+A version is assembled in a temporary directory and renamed into place, so ``versions/`` never holds half a
+version; ``current`` is written to a temporary file and ``os.replace``d, so a reader sees the old pointer or
+the new one, never a torn one. The version name is the card's ``.version`` (architecture + weights hash), so
+registering the same weights twice yields the same version rather than a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from model.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, ModelCard, file_sha256, read_card
+
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+
+
+class UnknownVersion(LookupError):
+    def __init__(self, version: str) -> None:
+        super().__init__(f"no model version {version!r} in the registry; GET /models lists the versions")
+        self.version = version
+
+
+class RegisteredModel(BaseModel):
+    version: str
+    path: str
+    card: ModelCard
+    registered_at: datetime
+    source_job: str | None = None
+
+
+class ModelRegistry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.versions_dir = root / "versions"
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self._pointer = root / "current"
+
+    def register(self, checkpoint_dir: Path, *, source_job: str | None = None) -> RegisteredModel:
+        """Copy a verified checkpoint into the registry; the version is the card's. Idempotent."""
+        card = read_card(checkpoint_dir)
+        weights = Path(checkpoint_dir) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"no weights at {weights}")
+        weights_sha256 = file_sha256(weights)
+        if weights_sha256 != card.weights_sha256:
+            raise CheckpointError(f"{weights} has SHA-256 {weights_sha256}, but its card says "
+                                  f"{card.weights_sha256}; the checkpoint was not written completely")
+        final = self.versions_dir / card.version
+        if final.is_dir():
+            return self.get(card.version)
+        staging = self.versions_dir / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            shutil.copyfile(weights, staging / WEIGHTS_FILE)
+            shutil.copyfile(Path(checkpoint_dir) / CARD_FILE, staging / CARD_FILE)
+            card_sha256 = file_sha256(staging / CARD_FILE)
+            (staging / "SHA256SUMS").write_text(f"{weights_sha256}  {WEIGHTS_FILE}\n{card_sha256}  {CARD_FILE}\n")
+            registration = {"registered_at": datetime.now(timezone.utc).isoformat(), "source_job": source_job}
+            (staging / "registration.json").write_text(json.dumps(registration) + "\n")
+            for child in staging.iterdir():
+                child.chmod(_READ_ONLY)
+            os.rename(staging, final)
+        except OSError:
+            # Another registration of the same weights won the rename; its copy is identical.
+            shutil.rmtree(staging, ignore_errors=True)
+            if not final.is_dir():
+                raise
+        return self.get(card.version)
+
+    def get(self, version: str) -> RegisteredModel:
+        directory = self.path(version)
+        registration = json.loads((directory / "registration.json").read_text())
+        return RegisteredModel(version=version, path=str(directory), card=read_card(directory), **registration)
+
+    def path(self, version: str) -> Path:
+        """The checkpoint directory of ``version``, loadable with ``model.checkpoint.load_checkpoint``."""
+        directory = self.versions_dir / version
+        if not _VERSION_NAME.match(version) or not (directory / CARD_FILE).is_file():
+            raise UnknownVersion(version)
+        return directory
+
+    def versions(self) -> list[RegisteredModel]:
+        """Every registered version, newest registration first."""
+        found = [self.get(d.name) for d in self.versions_dir.iterdir()
+                 if not d.name.startswith(".") and (d / "registration.json").is_file()]
+        return sorted(found, key=lambda model: model.registered_at, reverse=True)
+
+    def current(self) -> str | None:
+        """The version the service should serve, or None if none was ever promoted."""
+        try:
+            version = self._pointer.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return version or None
+
+    def set_current(self, version: str) -> None:
+        self.path(version)
+        temporary = self.root / f".current-{uuid.uuid4().hex}.tmp"
+        temporary.write_text(version + "\n")
+        os.replace(temporary, self._pointer)

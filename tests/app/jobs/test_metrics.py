@@ -1,0 +1,30 @@
+import json
+from pathlib import Path
+
+from app.jobs.metrics import MetricsFollower, tail_lines
+
+
+def test_follower_reads_complete_lines_only_and_keeps_the_latest_epoch(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    follower = MetricsFollower(path)
+    assert not follower.poll() and follower.progress(5).epoch == 0
+    epoch = {"event": "epoch", "epoch": 1, "epochs": 5, "train_loss": 2.0, "test_accuracy": 0.2,
+             "images_per_s": 10.0, "eta_s": 4.0, "train_accuracy": 0.1}
+    path.write_text(json.dumps(epoch) + "\n" + '{"event": "epo')
+    assert follower.poll()
+    assert follower.progress(5).model_dump() == {"epoch": 1, "epochs": 5, "train_loss": 2.0,
+                                                 "test_accuracy": 0.2, "images_per_s": 10.0, "eta_s": 4.0}
+    with open(path, "a") as handle:
+        handle.write('ch", "epoch": 2, "epochs": 5}\nnot json\n{"event": "final", "checkpoint": "c"}\n')
+    assert follower.poll()
+    assert follower.progress(5).epoch == 2 and follower.final == {"event": "final", "checkpoint": "c"}
+    assert not follower.poll()
+
+
+def test_tail_lines(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    assert tail_lines(path, 3) == ""
+    path.write_text("".join(f"line {n}\n" for n in range(100_000)))
+    assert tail_lines(path, 2) == "line 99998\nline 99999\n"
+    assert tail_lines(path, 0) == ""
+    assert tail_lines(path, None).count("\n") == 100_000

@@ -1,0 +1,202 @@
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.jobs import processes
+from app.jobs.runner import JobRunner, JobStateError, TrainingCommand
+from app.jobs.schemas import Job, JobResult, JobStatus, TrainParams
+from app.jobs.store import JobConflict, JobStore
+
+FAKE_TRAINING = str(Path(__file__).with_name("fake_training.py"))
+
+
+@dataclass(frozen=True)
+class FakeCommand:
+    options: tuple[str, ...] = ()
+
+    def start(self, params: TrainParams, run_dir: Path) -> list[str]:
+        return [sys.executable, FAKE_TRAINING, str(run_dir), "--epochs", str(params.epochs), *self.options]
+
+    def resume(self, params: TrainParams, run_dir: Path) -> list[str]:
+        return self.start(params, run_dir) + ["--resume"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Path, dict[str, Any]]] = []
+
+    async def __call__(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> JobResult:
+        self.calls.append((job.id, checkpoint, final))
+        return JobResult(model_version="resnet18-abc", test_accuracy=final["test_accuracy"], promoted=True)
+
+
+def make_runner(tmp_path: Path, *options: str, stop_timeout_s: float = 5.0) -> tuple[JobRunner, Recorder]:
+    recorder = Recorder()
+    runner = JobRunner(JobStore(tmp_path / "jobs.sqlite3"), tmp_path / "runs", FakeCommand(options), recorder,
+                       poll_interval_s=0.02, stop_timeout_s=stop_timeout_s)
+    return runner, recorder
+
+
+async def wait_for(runner: JobRunner, job_id: str, condition, timeout_s: float = 20.0) -> Job:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = runner.store.get(job_id)
+        if condition(job):
+            return job
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out; job is {runner.store.get(job_id)}")
+
+
+def finished(job: Job) -> bool:
+    return job.status not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def test_a_job_runs_to_success_with_advancing_progress(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner, recorder = make_runner(tmp_path, "--epoch-seconds", "0.3", "--accuracy", "0.75")
+        job = await runner.submit(TrainParams(epochs=3))
+        assert job.status == JobStatus.RUNNING and job.progress.epoch == 0 and job.progress.epochs == 3
+        with pytest.raises(JobConflict) as conflict:
+            await runner.submit(TrainParams())
+        assert conflict.value.active_id == job.id
+        seen = set()
+        while not finished(current := runner.store.get(job.id)):
+            seen.add(current.progress.epoch)
+            await asyncio.sleep(0.02)
+        assert {1, 2, 3} <= seen | {current.progress.epoch}
+        assert current.status == JobStatus.SUCCEEDED and current.error is None
+        assert current.result == JobResult(model_version="resnet18-abc", test_accuracy=0.75, promoted=True)
+        assert current.progress.epoch == 3 and current.progress.train_loss == pytest.approx(2 / 3)
+        assert current.finished_at >= current.started_at >= current.created_at
+        assert recorder.calls == [(job.id, runner.run_dir(job.id) / "checkpoint", recorder.calls[0][2])]
+        assert "training from epoch 1" in runner.logs(job.id)
+        assert runner.logs(job.id, tail=1) == "training from epoch 1\n"
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_job_reports_the_training_error_line(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner, recorder = make_runner(tmp_path, "--error", "no CIFAR-10 in /data: download it there")
+        job = await runner.submit(TrainParams())
+        job = await wait_for(runner, job.id, finished)
+        assert job.status == JobStatus.FAILED and job.error == "no CIFAR-10 in /data: download it there"
+        assert job.result is None and recorder.calls == []
+
+    asyncio.run(scenario())
+
+
+def test_cancel_stops_the_process_group_and_keeps_the_files(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner, _ = make_runner(tmp_path, "--epoch-seconds", "0.2")
+        job = await runner.submit(TrainParams(epochs=100))
+        await wait_for(runner, job.id, lambda j: (j.progress.epoch or 0) >= 1)
+        pid, started = runner.store.process(job.id)
+        assert processes.is_alive(pid, started)
+        cancelled = await runner.cancel(job.id)
+        assert cancelled.status == JobStatus.CANCELLED and cancelled.error is None
+        assert not processes.is_alive(pid, started)
+        assert (runner.run_dir(job.id) / "metrics.jsonl").is_file()
+        with pytest.raises(JobStateError, match="already finished"):
+            await runner.cancel(job.id)
+
+    asyncio.run(scenario())
+
+
+def test_cancel_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner, _ = make_runner(tmp_path, "--ignore-sigterm", "--epoch-seconds", "0.2", stop_timeout_s=0.5)
+        job = await runner.submit(TrainParams(epochs=100))
+        await wait_for(runner, job.id, lambda j: (j.progress.epoch or 0) >= 1)
+        pid, started = runner.store.process(job.id)
+        began = time.monotonic()
+        assert (await runner.cancel(job.id)).status == JobStatus.CANCELLED
+        assert 0.4 < time.monotonic() - began < 5 and not processes.is_alive(pid, started)
+
+    asyncio.run(scenario())
+
+
+def test_restart_interrupts_an_orphaned_job_and_resume_continues_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        # An earlier API process started this job and died without stopping it.
+        earlier, _ = make_runner(tmp_path)
+        job = earlier.store.create(TrainParams(epochs=100))
+        run_dir = earlier.run_dir(job.id)
+        run_dir.mkdir(parents=True)
+        argv = FakeCommand(("--epoch-seconds", "0.1")).start(job.params, run_dir)
+        orphan = processes.launch(argv, run_dir / "train.log")
+        earlier.store.mark_running(job.id, orphan.pid, processes.start_time(orphan.pid))
+        while not (run_dir / "state.pt").exists():
+            await asyncio.sleep(0.02)
+
+        runner, recorder = make_runner(tmp_path, "--epoch-seconds", "0.01")
+        assert runner.recover() == [job.id]
+        assert orphan.wait(timeout=5) is not None
+        interrupted = runner.store.get(job.id)
+        assert interrupted.status == JobStatus.INTERRUPTED and "resume" in interrupted.error
+        with pytest.raises(JobStateError):
+            await runner.cancel(job.id)
+
+        resumed = await runner.resume(job.id)
+        assert resumed.status == JobStatus.RUNNING
+        done = await wait_for(runner, job.id, finished)
+        assert done.status == JobStatus.SUCCEEDED and done.progress.epoch == 100
+        first_epoch = int(runner.logs(job.id).split("training from epoch ")[-1].split()[0])
+        assert first_epoch > 1
+        with pytest.raises(JobStateError, match="only an interrupted or cancelled"):
+            await runner.resume(job.id)
+
+    asyncio.run(scenario())
+
+
+def test_recover_never_signals_a_reused_pid(tmp_path: Path) -> None:
+    runner, _ = make_runner(tmp_path)
+    job = runner.store.create(TrainParams())
+    bystander = processes.launch([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log")
+    try:
+        runner.store.mark_running(job.id, bystander.pid, processes.start_time(bystander.pid) - 1)
+        assert runner.recover() == [job.id]
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_shutdown_stops_running_jobs_and_marks_them_interrupted(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner, _ = make_runner(tmp_path, "--epoch-seconds", "0.2")
+        job = await runner.submit(TrainParams(epochs=100))
+        pid, started = runner.store.process(job.id)
+        await runner.shutdown()
+        assert runner.store.get(job.id).status == JobStatus.INTERRUPTED
+        assert not processes.is_alive(pid, started)
+
+    asyncio.run(scenario())
+
+
+def test_training_command_maps_every_parameter_to_its_flag(tmp_path: Path) -> None:
+    params = TrainParams(arch="resnet18", epochs=2, batch_size=16, lr=0.05, seed=3, ema=True, tta=False,
+                         compile=True, checkpoint_every=2, train_limit=64, test_limit=32, holdout=8,
+                         warmup_epochs=0.5, weights_dtype="float16")
+    command = TrainingCommand(data_dir=Path("/data"), skip_integrity_check=True, device="cuda:1", python="py")
+    argv = command.start(params, tmp_path)
+    assert argv[:3] == ["py", "-m", "training"]
+    flags = " ".join(argv[3:]) + " "
+    for expected in ("--data-dir /data ", f"--run-dir {tmp_path} ", "--arch resnet18 ", "--epochs 2 ",
+                     "--batch-size 16 ", "--lr 0.05 ", "--seed 3 ", "--ema ", "--no-tta ", "--compile ",
+                     "--checkpoint-every 2 ", "--train-limit 64 ", "--test-limit 32 ", "--holdout 8 ",
+                     "--warmup-epochs 0.5 ", "--weights-dtype float16 ", "--skip-integrity-check ",
+                     "--device cuda:1 ", "--plots ", "--lr-decay linear "):
+        assert expected in flags
+    assert "--deterministic" not in flags
+    assert "--lr " not in " ".join(command.start(TrainParams(), tmp_path))
+    assert command.resume(params, tmp_path) == ["py", "-m", "training", "--resume", "--run-dir", str(tmp_path)]
+    multi = command.start(params.model_copy(update={"gpus": 4}), tmp_path)
+    assert multi[:8] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                         "-m", "training"]
+    assert "--device" not in multi and "--gpus" not in multi
