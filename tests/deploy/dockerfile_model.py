@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,17 @@ def env(stage: list[Instruction]) -> dict[str, str]:
     return values
 
 
+def container_command(stage: list[Instruction]) -> list[str]:
+    """What `docker run IMAGE` executes: the ENTRYPOINT's list followed by the CMD's (exec forms)."""
+    command: list[str] = []
+    for keyword in ("ENTRYPOINT", "CMD"):
+        for instruction in (i for i in stage if i.keyword == keyword):
+            value = instruction.exec_form()
+            assert value is not None, f"{keyword} must use the exec form, so that signals reach the server"
+            command += value
+    return command
+
+
 def healthcheck_command(stage: list[Instruction]) -> list[str]:
     """The exec-form command of the stage's HEALTHCHECK (after its --options and CMD)."""
     (instruction,) = [i for i in stage if i.keyword == "HEALTHCHECK"]
@@ -73,6 +86,13 @@ def healthcheck_command(stage: list[Instruction]) -> list[str]:
     value = json.loads(command)
     assert isinstance(value, list), "HEALTHCHECK CMD must use the exec (JSON array) form"
     return value
+
+
+def run_healthcheck(port: int) -> int:
+    """Exit status of the image's HEALTHCHECK command, with `python` this interpreter and the port moved."""
+    command = healthcheck_command(final_stage())
+    command = [sys.executable if part == "python" else part.replace(":8000/", f":{port}/") for part in command]
+    return subprocess.run(command, capture_output=True, timeout=30).returncode
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:

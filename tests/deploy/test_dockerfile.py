@@ -14,6 +14,7 @@ import pytest
 
 from tests.deploy.dockerfile_model import (
     REPO_ROOT,
+    container_command,
     dockerignore_rules,
     env,
     final_stage,
@@ -29,17 +30,6 @@ def _one(keyword: str) -> str:
     matches = [i.arguments for i in STAGE if i.keyword == keyword]
     assert len(matches) == 1, f"the final stage should have exactly one {keyword}, has {len(matches)}"
     return matches[0]
-
-
-def container_command() -> list[str]:
-    """What `docker run IMAGE` executes: ENTRYPOINT (exec form) followed by CMD (exec form)."""
-    command: list[str] = []
-    for keyword in ("ENTRYPOINT", "CMD"):
-        for instruction in (i for i in STAGE if i.keyword == keyword):
-            value = instruction.exec_form()
-            assert value is not None, f"{keyword} must use the exec form so that signals reach the server"
-            command += value
-    return command
 
 
 def test_is_multi_stage_and_the_final_stage_copies_the_venv_from_the_builder() -> None:
@@ -68,7 +58,7 @@ def test_healthcheck_requests_healthz_on_the_served_port() -> None:
 
 
 def test_the_command_is_the_readme_start_command() -> None:
-    command = container_command()
+    command = container_command(STAGE)
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     assert command[:3] == ["python", "-m", "app"]
     assert re.search(r"\bpython -m app\b", readme), "the README's start command is `python -m app`"

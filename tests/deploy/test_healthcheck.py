@@ -3,23 +3,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.deploy.dockerfile_model import final_stage, healthcheck_command
+from tests.deploy.dockerfile_model import run_healthcheck
 from tests.deploy.net import free_port
-
-
-def run_healthcheck(port: int) -> int:
-    """Exit status of the HEALTHCHECK command with `python` this interpreter and the port moved."""
-    command = healthcheck_command(final_stage())
-    command = [sys.executable if part == "python" else part.replace(":8000/", f":{port}/") for part in command]
-    return subprocess.run(command, capture_output=True, timeout=30).returncode
 
 
 @pytest.fixture
