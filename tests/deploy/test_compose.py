@@ -208,3 +208,25 @@ def test_load_balancer_config_is_mounted_and_sends_training_to_the_runner_only()
     assert re.findall(r"server (\S+)", everyone) == ["api:8000", "api-replica:8000"]
     assert re.search(r"location /train \{[^}]*proxy_pass http://api_jobs;", config)
     assert "listen 8000;" in config
+
+
+def readme_docker_section() -> str:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Deploy with Docker")
+    end = readme.find("\n## ", start + 1)
+    return readme[start:] if end == -1 else readme[start:end]
+
+
+def test_the_readme_documents_only_combinations_checked_here() -> None:
+    section = readme_docker_section()
+    documented = set()
+    for line in section.splitlines():
+        files = re.findall(r"-f (\S+)", line)
+        colon_list = re.search(r"COMPOSE_FILE=(\S+?)`", line)
+        if colon_list:
+            files = colon_list[1].split(":")
+        if files:
+            documented.add(tuple(files))
+    assert documented, "the README's Docker section shows how to combine compose files"
+    assert documented <= set(COMBINATIONS), documented - set(COMBINATIONS)
+    assert "docker compose up --build -d" in section

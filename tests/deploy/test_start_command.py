@@ -3,13 +3,18 @@
 The command is the Dockerfile's CMD, word for word, except `python` (this interpreter) and the port (a
 free one); the environment is the image's ENV plus the CPU variant's compose settings, with the paths
 moved to temporary folders and APP_WEIGHTS at a random-init resnet18. The test waits for /readyz, sends a
-PNG to /predict, runs the image's HEALTHCHECK against it, and stops it with SIGTERM as `docker stop` does.
+PNG to /predict, runs the README's curl examples and the image's HEALTHCHECK against it, and stops it
+with SIGTERM as `docker stop` does.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +101,33 @@ def test_serves_a_prediction(service: tuple[str, subprocess.Popen[bytes], Path])
     assert response.status_code == 200, f"{response.status_code} {response.text}\n{log.read_text()}"
     prediction = response.json()
     assert prediction["label"] in prediction["probabilities"]
+
+
+def readme_curl_examples() -> list[str]:
+    """The curl lines of the README's Docker section that need neither a GPU nor a token."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Deploy with Docker"):]
+    return [line for line in section.splitlines()
+            if line.startswith("curl ") and re.search(r"/(readyz|predict)\b", line)]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_readme_curl_examples_work(service: tuple[str, subprocess.Popen[bytes], Path],
+                                       tmp_path: Path) -> None:
+    url, _, log = service
+    examples = readme_curl_examples()
+    assert any("/predict" in line for line in examples) and any("/readyz" in line for line in examples)
+    for line in examples:
+        command = shlex.split(line.replace("http://localhost:8000", url))
+        for argument in command:
+            if argument.startswith("file=@"):
+                (tmp_path / argument.removeprefix("file=@")).write_bytes(small_png())
+        result = subprocess.run([*command, "-o", "body", "-w", "%{http_code}"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        body = (tmp_path / "body").read_text()
+        assert result.stdout == "200", f"{line}: HTTP {result.stdout} {body}\n{log.read_text()}"
+        if "/predict" in line:
+            assert json.loads(body)["label"]
 
 
 def test_the_image_healthcheck_passes(service: tuple[str, subprocess.Popen[bytes], Path]) -> None:
