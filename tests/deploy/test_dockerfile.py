@@ -62,7 +62,7 @@ def test_the_command_is_the_readme_start_command() -> None:
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     assert command[:3] == ["python", "-m", "app"]
     assert re.search(r"\bpython -m app\b", readme), "the README's start command is `python -m app`"
-    options = dict(zip(command[3::2], command[4::2]))
+    options = dict(zip(command[3::2], command[4::2], strict=True))
     assert options == {"--host": "0.0.0.0", "--port": "8000"}, (
         "listen on every interface of the container, on the EXPOSEd port"
     )

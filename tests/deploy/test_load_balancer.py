@@ -72,8 +72,12 @@ def render(config: str, listen: int, runner: int, replica: int) -> str:
     return config.replace("listen 8000;", f"listen 127.0.0.1:{listen};")
 
 
+# The balancer's URL, and the stand-ins for `api` (the job runner) and `api-replica`.
+Balancer = tuple[str, StandInServer, StandInServer]
+
+
 @pytest.fixture(scope="module")
-def balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, StandInServer, StandInServer]]:
+def balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
     runner, replica = StandInServer("api"), StandInServer("api-replica")
     directory = tmp_path_factory.mktemp("nginx")
     port = free_port()
@@ -104,13 +108,13 @@ def balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, St
         replica.close()
 
 
-def test_answers_its_own_health_check(balancer: tuple[str, StandInServer, StandInServer]) -> None:
+def test_answers_its_own_health_check(balancer: Balancer) -> None:
     url, _, _ = balancer
     response = httpx.get(f"{url}/lb-healthz")
     assert (response.status_code, response.text) == (200, "ok\n")
 
 
-def test_spreads_predictions_over_the_runner_and_the_replica(balancer: tuple[str, StandInServer, StandInServer]) -> None:
+def test_spreads_predictions_over_the_runner_and_the_replica(balancer: Balancer) -> None:
     url, runner, replica = balancer
     with httpx.Client(base_url=url, timeout=10) as client:
         backends = Counter(client.post("/predict", content=b"x" * 1000).json()["backend"] for _ in range(20))
@@ -118,7 +122,7 @@ def test_spreads_predictions_over_the_runner_and_the_replica(balancer: tuple[str
     assert runner.forwarded_for | replica.forwarded_for == {"127.0.0.1"}
 
 
-def test_sends_every_training_request_to_the_runner(balancer: tuple[str, StandInServer, StandInServer]) -> None:
+def test_sends_every_training_request_to_the_runner(balancer: Balancer) -> None:
     url, runner, replica = balancer
     with httpx.Client(base_url=url, timeout=10) as client:
         answers = [answer for _ in range(3) for answer in (
@@ -130,7 +134,7 @@ def test_sends_every_training_request_to_the_runner(balancer: tuple[str, StandIn
     assert runner.hits["POST /train"] == 3
 
 
-def test_passes_uploads_up_to_the_services_own_limit(balancer: tuple[str, StandInServer, StandInServer]) -> None:
+def test_passes_uploads_up_to_the_services_own_limit(balancer: Balancer) -> None:
     """nginx must not refuse what the service would accept: the service's 413 says what to do."""
     url, _, _ = balancer
     size = 16 * 2**20

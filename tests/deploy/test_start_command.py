@@ -28,8 +28,8 @@ from PIL import Image
 
 from tests.conftest import make_checkpoint
 from tests.deploy.compose_model import REPO_ROOT, project
-from tests.deploy.dockerfile_model import env as dockerfile_env
 from tests.deploy.dockerfile_model import container_command, final_stage, run_healthcheck
+from tests.deploy.dockerfile_model import env as dockerfile_env
 from tests.deploy.net import free_port
 
 pytestmark = pytest.mark.skipif(
