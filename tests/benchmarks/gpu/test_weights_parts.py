@@ -1,0 +1,23 @@
+import pytest
+
+from benchmarks.gpu.weights_parts import MANIFEST, join, split
+from model.checkpoint import load_checkpoint
+
+
+def test_split_then_join_restores_a_loadable_checkpoint(tmp_path, tiny_checkpoint):
+    manifest = split(tiny_checkpoint, tmp_path / "parts", part_bytes=4 * 1024 * 1024)
+    assert len(manifest["parts"]) == 11  # resnet18 float32 is ~44.7 MB
+    assert all(part["bytes"] <= 4 * 1024 * 1024 for part in manifest["parts"])
+    restored = join(tmp_path / "parts", tmp_path / "restored")
+    assert load_checkpoint(restored).card == load_checkpoint(tiny_checkpoint).card
+
+
+def test_join_refuses_a_damaged_part(tmp_path, tiny_checkpoint):
+    manifest = split(tiny_checkpoint, tmp_path / "parts", part_bytes=16 * 1024 * 1024)
+    damaged = tmp_path / "parts" / manifest["parts"][1]["name"]
+    data = bytearray(damaged.read_bytes())
+    data[100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert (tmp_path / "parts" / MANIFEST).is_file()
+    with pytest.raises(SystemExit, match="part1 has the wrong SHA-256"):
+        join(tmp_path / "parts", tmp_path / "restored")
