@@ -13,37 +13,37 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsFollower:
-    """Reads the lines appended since the last call; a line still being written is left for the next call."""
+    """Keeps the latest epoch event and the final event of a run's metrics file.
+
+    The whole file is re-read on each poll: it holds one short line per epoch, and a resumed run first cuts it
+    back to the length recorded in its training state, which would strand a reader that kept an offset.
+    A line still being written (no newline yet) is left for the next poll.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._offset = 0
         self.last_epoch: dict[str, Any] | None = None
         self.final: dict[str, Any] | None = None
 
     def poll(self) -> bool:
-        """Read new events; True if the latest epoch changed."""
+        """Re-read the events; True if the latest epoch changed."""
         try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self._offset)
-                chunk = handle.read()
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return False
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self._offset += len(complete)
-        changed = False
-        for line in complete.splitlines():
+        last_epoch, final = None, None
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 logger.warning("skipping a line of %s that is not JSON: %r", self.path, line[:200])
                 continue
-            if not isinstance(event, dict):
-                continue
-            if event.get("event") == "epoch":
-                self.last_epoch, changed = event, True
-            elif event.get("event") == "final":
-                self.final = event
+            if isinstance(event, dict) and event.get("event") == "epoch":
+                last_epoch = event
+            elif isinstance(event, dict) and event.get("event") == "final":
+                final = event
+        changed = last_epoch != self.last_epoch
+        self.last_epoch, self.final = last_epoch, final
         return changed
 
     def progress(self, epochs: int) -> JobProgress:

@@ -75,6 +75,17 @@ class TrainingCommand:
         # refuses options that differ from it.
         return self._launcher(params) + ["--resume", "--run-dir", str(run_dir)]
 
+    def data_problem(self) -> str | None:
+        """What is wrong with the data directory, in the service's terms, or None. The training module checks
+        the files in detail; this catches the common case (nothing there yet) before a process starts."""
+        folder = self.data_dir / "cifar-10-batches-py"
+        if folder.is_dir():
+            return None
+        return (f"no CIFAR-10 in APP_DATA_DIR ({self.data_dir}): expected the folder {folder}. Put the dataset "
+                "there (the official cifar-10-python.tar.gz unpacked, or `python3 ../shared/cifar10/compact/"
+                f"unpack.py --out {self.data_dir}` with APP_DATA_SKIP_INTEGRITY_CHECK=true), or point "
+                "APP_DATA_DIR at the folder that holds it; then POST /train again")
+
     def _launcher(self, params: TrainParams) -> list[str]:
         if params.gpus > 1:
             # torch.distributed.run is torchrun's module; running it with this interpreter avoids PATH lookups.
@@ -164,6 +175,9 @@ class JobRunner:
     def _start(self, job: Job, *, resume: bool) -> None:
         run_dir = self.run_dir(job.id)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if (problem := self.command.data_problem()) is not None:
+            self.store.finish(job.id, JobStatus.FAILED, error=problem)
+            return
         # Without a training-state checkpoint (stopped before its first one) there is nothing to continue
         # from, so the job starts over with its original parameters.
         if resume and (run_dir / STATE_FILE).is_file():

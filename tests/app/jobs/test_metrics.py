@@ -28,3 +28,16 @@ def test_tail_lines(tmp_path: Path) -> None:
     assert tail_lines(path, 2) == "line 99998\nline 99999\n"
     assert tail_lines(path, 0) == ""
     assert tail_lines(path, None).count("\n") == 100_000
+
+
+def test_follower_copes_with_a_resumed_run_cutting_the_file_back(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"event": "epoch", "epoch": n, "epochs": 9}) + "\n" for n in range(1, 4)]
+    path.write_text("".join(lines))
+    follower = MetricsFollower(path)
+    follower.poll()
+    assert follower.progress(9).epoch == 3
+    # Resumed from the state saved after epoch 1: epochs 2 and 3 are redone.
+    path.write_text(lines[0] + json.dumps({"event": "epoch", "epoch": 2, "epochs": 9, "train_loss": 0.5}) + "\n")
+    assert follower.poll()
+    assert follower.progress(9).epoch == 2 and follower.progress(9).train_loss == 0.5

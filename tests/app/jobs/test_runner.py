@@ -25,6 +25,9 @@ class FakeCommand:
     def resume(self, params: TrainParams, run_dir: Path) -> list[str]:
         return self.start(params, run_dir) + ["--resume"]
 
+    def data_problem(self) -> str | None:
+        return None
+
 
 class Recorder:
     def __init__(self) -> None:
@@ -200,3 +203,16 @@ def test_training_command_maps_every_parameter_to_its_flag(tmp_path: Path) -> No
     assert multi[:8] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                          "-m", "training"]
     assert "--device" not in multi and "--gpus" not in multi
+
+
+def test_a_missing_dataset_fails_the_job_before_any_process_starts(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        command = TrainingCommand(data_dir=tmp_path / "data")
+        runner = JobRunner(JobStore(tmp_path / "jobs.db"), tmp_path / "runs", command, Recorder())
+        job = await runner.submit(TrainParams())
+        assert job.status == JobStatus.FAILED and runner.store.process(job.id) is None
+        assert f"no CIFAR-10 in APP_DATA_DIR ({tmp_path / 'data'})" in job.error and "POST /train" in job.error
+        (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)
+        assert command.data_problem() is None
+
+    asyncio.run(scenario())
