@@ -39,7 +39,8 @@ class TrainParams(BaseModel):
                              "of batch_size")
     weight_decay: float = Field(5e-4, ge=0, le=1, description="L2 on conv and linear weights")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    warmup_epochs: float = Field(2.0, ge=0, description="linear warm-up length; at most epochs")
+    warmup_epochs: float = Field(2.0, ge=0, validate_default=True, description="linear warm-up length; at most "
+                                 "epochs")
     lr_decay: Literal["linear", "cosine"] = Field("linear", description="decay shape from the peak to zero")
     cutout: int = Field(0, ge=0, le=32, description="side of the cut-out square in pixels; 0 = off")
     ema: bool = Field(False, description="evaluate and save an exponential moving average of the weights")
