@@ -72,6 +72,15 @@ class TrainParams(BaseModel):
             raise ValueError(f"warmup_epochs {value:g} is longer than epochs {epochs}; make it at most {epochs}")
         return value
 
+    @field_validator("gpus")
+    @classmethod
+    def _batch_splits_over_gpus(cls, value: int, info: ValidationInfo) -> int:
+        batch_size = info.data.get("batch_size")
+        if batch_size is not None and batch_size % value:
+            raise ValueError(f"batch_size {batch_size} does not split evenly over {value} GPUs; make it a "
+                             f"multiple of {value}")
+        return value
+
 
 class JobProgress(BaseModel):
     """The latest epoch line of the run's ``metrics.jsonl``."""

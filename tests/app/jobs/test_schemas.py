@@ -42,6 +42,7 @@ def test_the_command_line_parses_to_the_requested_configuration(params: TrainPar
     ({"epochs": 0}, "epochs"), ({"batch_size": 1}, "batch_size"), ({"lr": -1}, "lr"),
     ({"arch": "vgg"}, "arch"), ({"epochs": 1}, "warmup_epochs"), ({"gpus": 0}, "gpus"),
     ({"weights_dtype": "int8"}, "weights_dtype"), ({"epoch": 3}, "epoch"), ({"cutout": 40}, "cutout"),
+    ({"batch_size": 100, "gpus": 3}, "gpus"),
 ])
 def test_impossible_values_name_their_field(body: dict, field: str) -> None:
     with pytest.raises(ValidationError) as error:
