@@ -1,0 +1,371 @@
+"""The inference engine: one model resident on its device, fed by dynamic micro-batching.
+
+Public API (everything else is private)::
+
+    engine = InferenceEngine(torch.device("cpu"), max_batch_size=32, max_batch_delay_s=0.005, max_queue=256)
+    await engine.start()                         # starts the batching loop; no model yet
+    card = await engine.swap("weights/resnet50")  # load + verify + warm up, then swap in between batches
+    result = await engine.predict([pixels], timeout=30.0)   # -> Prediction(probabilities, card)
+    engine.card, engine.version, engine.model, engine.ready, engine.queued_images
+    await engine.stop(timeout=30.0)              # refuses new work, finishes what is queued and running
+
+``predict`` takes a list of inputs, each uint8 HWC pixels (``input_size`` square, RGB) or a float32 CHW
+tensor already normalised; it raises ``QueueFull`` at once when ``max_queue`` images are waiting,
+``DeadlineExceeded`` after ``timeout`` seconds (its images are dropped if not yet computed), ``NoModelLoaded``
+(with ``engine.unavailable_reason``) before the first ``swap``, ``InferenceFailed`` when its batch raised.
+
+``swap(path) -> ModelCard`` is how a job system promotes a model: it loads and verifies the checkpoint and
+warms it up off the batching loop, while the old model keeps serving; the new one is installed between
+two batches, and never while a request split over several batches is half computed, so no response mixes
+models. Every ``Prediction`` carries the card of the model that computed it. Swaps are serialised.
+
+Batching: the images of all waiting requests are coalesced into forward passes of up to ``max_batch_size``
+images. A batch is dispatched when it is full, or when ``max_batch_delay_s`` has passed since its oldest
+image arrived and the device is free; while the device is busy the next batch keeps filling, so the device
+never idles with work waiting. The forward pass runs on a device thread (``parallel_batches`` of them),
+never on the event loop. A batch that raises fails only its own requests; a CUDA out-of-memory error is
+retried by splitting the batch in halves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from app.engine.errors import (
+    DeadlineExceeded, InferenceFailed, NoModelLoaded, QueueFull, ServiceStopping, SwapRefused,
+)
+from app.engine.served_model import BatchStager, ServedModel
+from model.checkpoint import CheckpointError, ModelCard
+
+logger = logging.getLogger(__name__)
+
+
+class EngineObserver(Protocol):
+    """Where the engine reports what it does (the service's Prometheus metrics implement this)."""
+
+    def batch_computed(self, images: int, seconds: float) -> None: ...
+    def batch_split(self) -> None: ...
+    def images_dropped(self, count: int, reason: str) -> None: ...
+    def model_installed(self, model: ServedModel) -> None: ...
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: np.ndarray  # (images, classes), float32, rows in input order
+    card: ModelCard  # of the model that computed every row
+
+
+@dataclass(eq=False)
+class _Work:
+    """One request's images; it may span several batches, all computed by the same model."""
+
+    inputs: Sequence[np.ndarray]
+    future: asyncio.Future[Prediction]
+    enqueued_at: float
+    tag: str | None
+    taken: int = 0  # images handed to a forward pass
+    delivered: int = 0
+    queued: bool = True  # some images still wait in the queue
+    probabilities: np.ndarray | None = None
+
+
+_Slice = tuple[_Work, int, int]
+
+
+class InferenceEngine:
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        max_batch_size: int,
+        max_batch_delay_s: float,
+        max_queue: int,
+        parallel_batches: int = 1,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.max_queue = max_queue
+        self.parallel_batches = parallel_batches
+        self.unavailable_reason = "no model is loaded yet"
+        self._observer = observer
+        self._stager = BatchStager(device, max_batch_size)
+        self._device_threads = ThreadPoolExecutor(parallel_batches, thread_name_prefix="inference")
+        self._pending: deque[_Work] = deque()
+        self._queued = 0
+        self._active: ServedModel | None = None
+        self._staged: ServedModel | None = None
+        self._installed: asyncio.Future[None] | None = None
+        self._swap_lock = asyncio.Lock()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._seconds_per_image = 0.0
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> ServedModel | None:
+        return self._active
+
+    @property
+    def card(self) -> ModelCard | None:
+        return self._active.card if self._active else None
+
+    @property
+    def version(self) -> str | None:
+        return self._active.card.version if self._active else None
+
+    @property
+    def ready(self) -> bool:
+        """A warmed-up model is serving and the engine takes requests."""
+        return self._active is not None and not self._stopping
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._serving = asyncio.create_task(self._serve(), name="inference-batching")
+
+    async def stop(self, timeout: float) -> None:
+        """Refuse new requests, finish the queued and running ones (up to ``timeout`` s), then stop."""
+        self._stopping = True
+        self.unavailable_reason = "the service is shutting down"
+        self._notify()
+        if self._serving is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._serving), timeout)
+            except TimeoutError:
+                logger.warning("stopping with %d images still queued after %.0f s", self._queued, timeout)
+                self._serving.cancel()
+                for work in list(self._pending):
+                    self._remove(work, "shutdown")
+                    if not work.future.done():
+                        work.future.set_exception(ServiceStopping("the service stopped before this request ran"))
+        self._device_threads.shutdown(wait=False, cancel_futures=True)
+
+    async def swap(self, checkpoint: str | Path) -> ModelCard:
+        """Load, verify and warm up ``checkpoint``, then serve it from the next batch on; returns its card.
+
+        Raises ``CheckpointError`` (unreadable or unverifiable checkpoint) or ``SwapRefused``; in both
+        cases the serving model stays in place."""
+        async with self._swap_lock:
+            if self._stopping:
+                raise ServiceStopping("the service is shutting down; no model can be swapped in now")
+            started = time.perf_counter()
+            candidate = await asyncio.to_thread(self._prepare, Path(checkpoint))
+            current = self._active
+            if current is not None and candidate.card.input_size != current.card.input_size:
+                raise SwapRefused(
+                    f"{checkpoint} takes {candidate.card.input_size}px inputs, the serving model "
+                    f"{current.card.input_size}px; restart the service with APP_WEIGHTS={checkpoint} instead"
+                )
+            self._staged = candidate
+            self._installed = asyncio.get_running_loop().create_future()
+            self._install_if_safe()
+            await asyncio.shield(self._installed)
+            logger.info("model swapped in", extra={"model_version": candidate.card.version,
+                                                   "previous_version": current.card.version if current else None,
+                                                   "seconds": round(time.perf_counter() - started, 3)})
+            return candidate.card
+
+    def _prepare(self, checkpoint: Path) -> ServedModel:
+        try:
+            served = ServedModel.load(checkpoint, self.device)
+        except OSError as error:  # unreadable files; CheckpointError covers the rest
+            raise CheckpointError(f"cannot read the checkpoint at {checkpoint}: {error}") from None
+        served.warm_up(sorted({1, self.max_batch_size}))
+        return served
+
+    def _install_if_safe(self) -> None:
+        if self._staged is None:
+            return
+        if self._pending and self._pending[0].taken:
+            return  # a request split over batches is half computed by the old model: finish it first
+        self._active, self._staged = self._staged, None
+        if self._observer:
+            self._observer.model_installed(self._active)
+        if self._installed is not None and not self._installed.done():
+            self._installed.set_result(None)
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    async def predict(self, inputs: Sequence[np.ndarray], *, timeout: float, tag: str | None = None) -> Prediction:
+        if self._stopping:
+            raise ServiceStopping("the service is shutting down: retry in a moment (another replica may answer)")
+        if self._active is None:
+            raise NoModelLoaded(self.unavailable_reason)
+        count = len(inputs)
+        if self._queued + count > self.max_queue:
+            if self._observer:
+                self._observer.images_dropped(count, "queue_full")
+            retry_after = self.retry_after_s()
+            raise QueueFull(
+                f"the inference queue is full ({self._queued} images waiting, APP_MAX_QUEUE={self.max_queue}); "
+                f"retry after {retry_after} s", retry_after)
+        loop = asyncio.get_running_loop()
+        work = _Work(inputs=inputs, future=loop.create_future(), enqueued_at=time.monotonic(), tag=tag)
+        self._pending.append(work)
+        self._queued += count
+        self._notify()
+        try:
+            async with asyncio.timeout(timeout):
+                return await work.future
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no prediction within {timeout:.3g} s (APP_REQUEST_TIMEOUT_S): the service is overloaded; "
+                "retry later, or send fewer images per request") from None
+        finally:
+            if work.future.cancelled():
+                self._remove(work, "deadline")
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained, from recent forward-pass times; 1 to 60."""
+        estimate = self._queued * self._seconds_per_image / self.parallel_batches
+        return max(1, min(60, math.ceil(estimate)))
+
+    def _remove(self, work: _Work, reason: str) -> None:
+        """Take a request's not-yet-computed images out of the queue."""
+        if not work.queued:
+            return
+        work.queued = False
+        self._pending.remove(work)
+        left = len(work.inputs) - work.taken
+        self._queued -= left
+        if self._observer and left:
+            self._observer.images_dropped(left, reason)
+        self._install_if_safe()
+
+    def _notify(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    # -- the batching loop -----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        running: set[asyncio.Future[tuple[np.ndarray, float]]] = set()
+        while (batch := await self._next_batch(running)) is not None:
+            model = self._active
+            assert model is not None  # predict() queues nothing before the first model is installed
+            inputs = [item for work, start, stop in batch for item in work.inputs[start:stop]]
+            future = loop.run_in_executor(self._device_threads, self._compute, model, inputs)
+            running.add(future)
+            future.add_done_callback(running.discard)
+            future.add_done_callback(functools.partial(self._deliver, batch, model))
+        if running:
+            await asyncio.wait(running)
+
+    async def _next_batch(self, running: set[asyncio.Future]) -> list[_Slice] | None:
+        """Wait until a batch should go (see the module docstring), then take it from the queue."""
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return None
+                await self._wait_for_news(set(), None)
+                continue
+            device_free = len(running) < self.parallel_batches
+            waited = time.monotonic() - self._pending[0].enqueued_at
+            full = self._queued >= self.max_batch_size
+            if device_free and (full or waited >= self.max_batch_delay_s or self._stopping):
+                self._install_if_safe()
+                return self._take()
+            if device_free:
+                await self._wait_for_news(set(), self.max_batch_delay_s - waited)
+            else:
+                await self._wait_for_news(running, None)
+
+    async def _wait_for_news(self, running: set[asyncio.Future], timeout: float | None) -> None:
+        """Sleep until a request arrives, a forward pass finishes, or ``timeout`` passes."""
+        self._wakeup = asyncio.get_running_loop().create_future()
+        await asyncio.wait({self._wakeup, *running}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+
+    def _take(self) -> list[_Slice]:
+        batch: list[_Slice] = []
+        room = self.max_batch_size
+        while self._pending and room:
+            work = self._pending[0]
+            start = work.taken
+            stop = min(len(work.inputs), start + room)
+            batch.append((work, start, stop))
+            work.taken = stop
+            room -= stop - start
+            self._queued -= stop - start
+            if stop < len(work.inputs):
+                break
+            work.queued = False
+            self._pending.popleft()
+        return batch
+
+    def _compute(self, model: ServedModel, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        """On a device thread: the probabilities of ``inputs`` and the seconds the forward pass took."""
+        started = time.perf_counter()
+        probabilities = self._forward(model, inputs)
+        return probabilities.numpy(), time.perf_counter() - started
+
+    def _forward(self, model: ServedModel, inputs: list[np.ndarray]) -> torch.Tensor:
+        try:
+            return model.probabilities(self._stager.to_device(model, inputs))
+        except torch.OutOfMemoryError:
+            if len(inputs) == 1:
+                raise
+        # Outside the except block, so the failed attempt's tensors (held by the traceback) are freed first.
+        logger.warning("out of memory on a batch of %d images; retrying it in two halves", len(inputs))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self._observer:
+            self._observer.batch_split()
+        half = len(inputs) // 2
+        return torch.cat([self._forward(model, inputs[:half]), self._forward(model, inputs[half:])])
+
+    def _deliver(self, batch: list[_Slice], model: ServedModel, future: asyncio.Future) -> None:
+        """On the event loop, when a forward pass ends: hand each request its rows, or its error."""
+        error = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        images = sum(stop - start for _, start, stop in batch)
+        if error is not None:
+            logger.error("inference failed on a batch of %d images", images, exc_info=error,
+                         extra={"model_version": model.card.version,
+                                "request_ids": sorted({w.tag for w, _, _ in batch if w.tag})})
+            for work, _, _ in batch:
+                self._remove(work, "failed")
+                if not work.future.done():
+                    work.future.set_exception(InferenceFailed(
+                        f"inference failed on this request's batch of {images} images ({type(error).__name__}: "
+                        f"{error}); the service is still serving: retry, and report the X-Request-ID if it recurs"))
+            return
+        probabilities, seconds = future.result()
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / images
+        if self._observer:
+            self._observer.batch_computed(images, seconds)
+        row = 0
+        for work, start, stop in batch:
+            rows = probabilities[row: row + stop - start]
+            row += stop - start
+            if work.future.done():
+                continue  # its deadline passed, or its client went away
+            if start == 0 and stop == len(work.inputs):
+                work.future.set_result(Prediction(rows, model.card))
+                continue
+            if work.probabilities is None:
+                work.probabilities = np.empty((len(work.inputs), rows.shape[1]), dtype=np.float32)
+            work.probabilities[start:stop] = rows
+            work.delivered += stop - start
+            if work.delivered == len(work.inputs):
+                work.future.set_result(Prediction(work.probabilities, model.card))
