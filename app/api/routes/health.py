@@ -1,0 +1,33 @@
+"""Liveness, readiness and the Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.api.deps import EngineDep, MetricsDep
+from app.engine.errors import NoModelLoaded
+from app.schemas import ErrorResponse, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> Readiness:
+    """200 while the process is alive (it answers even while the model loads)."""
+    return Readiness(status="alive")
+
+
+@router.get("/readyz", responses={503: {"model": ErrorResponse, "description": "no warm model yet"}})
+async def readyz(engine: EngineDep) -> Readiness:
+    """200 only when a model is loaded and warmed up and the service is not shutting down."""
+    if not engine.ready:
+        raise NoModelLoaded(f"not ready: {engine.unavailable_reason}")
+    return Readiness(status="ready", model_version=engine.version)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus text format."""
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,39 @@
+"""``GET /model``: what is being served, on which device, with which batching settings."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import EngineDep, SettingsDep
+from app.engine.errors import NoModelLoaded
+from app.schemas import BatchingSettings, ErrorResponse, ModelInfo
+
+router = APIRouter(tags=["model"])
+
+
+@router.get("/model", responses={503: {"model": ErrorResponse, "description": "no model loaded"}})
+async def model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
+    served = engine.model
+    if served is None:
+        raise NoModelLoaded(engine.unavailable_reason)
+    card = served.card
+    return ModelInfo(
+        version=card.version,
+        architecture=card.architecture,
+        class_names=list(card.class_names),
+        parameter_count=card.parameter_count,
+        test_accuracy=card.test_accuracy,
+        trained_at=card.created_at,
+        input_size=card.input_size,
+        mean=list(card.mean),
+        std=list(card.std),
+        device=str(served.device),
+        dtype=served.dtype,
+        batching=BatchingSettings(
+            max_batch_size=engine.max_batch_size,
+            max_batch_delay_ms=engine.max_batch_delay_s * 1000,
+            max_queue=engine.max_queue,
+            parallel_batches=engine.parallel_batches,
+            request_timeout_s=settings.request_timeout_s,
+        ),
+    )

@@ -1,0 +1,79 @@
+"""``POST /predict`` (one image) and ``POST /predict/batch`` (several): read -> decode -> batch -> answer."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from app.api.deps import EngineDep, PreprocessorDep, SettingsDep
+from app.api.errors import BadRequest, PayloadTooLarge
+from app.api.uploads import Upload, read_images
+from app.engine.errors import NoModelLoaded
+from app.logging import request_id
+from app.schemas import BatchPrediction, ErrorResponse, Prediction
+
+router = APIRouter(tags=["predict"])
+
+TopK = Annotated[int, Query(ge=1, le=10, description="how many of the most probable classes to list")]
+
+_BINARY = {"type": "string", "format": "binary"}
+_SINGLE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}},
+    "image/png": {"schema": _BINARY},
+    "image/jpeg": {"schema": _BINARY},
+}}}
+_BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"],
+                                       "properties": {"files": {"type": "array", "items": _BINARY}}}},
+}}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "no file, or an empty one"},
+    413: {"model": ErrorResponse, "description": "too many bytes, pixels or files"},
+    415: {"model": ErrorResponse, "description": "not a supported, decodable image"},
+    503: {"model": ErrorResponse, "description": "no model loaded, or the queue is full (see Retry-After)"},
+    504: {"model": ErrorResponse, "description": "no answer within APP_REQUEST_TIMEOUT_S"},
+}
+
+
+def _one_file_only(_: int) -> Exception:
+    return BadRequest("send one image per /predict request, in field 'file'; "
+                      "POST several to /predict/batch in the repeated field 'files'")
+
+
+def _too_many_files(limit: int) -> Exception:
+    return PayloadTooLarge(f"more than {limit} files in one request (APP_MAX_BATCH_FILES); split the upload")
+
+
+@router.post("/predict", responses=ERRORS, openapi_extra=_SINGLE_BODY)
+async def predict(request: Request, engine: EngineDep, preprocessor: PreprocessorDep, settings: SettingsDep,
+                  top_k: TopK = 3) -> Prediction:
+    """Classify one image, sent as multipart field ``file`` or as a raw body with an ``image/*`` Content-Type."""
+    started = time.monotonic()
+    uploads = await read_images(request, field="file", max_files=1, limit=settings.max_upload_bytes,
+                                allow_raw=True, too_many=_one_file_only)
+    predictions = await classify(uploads, engine, preprocessor, started + settings.request_timeout_s, top_k)
+    return predictions[0]
+
+
+@router.post("/predict/batch", responses=ERRORS, openapi_extra=_BATCH_BODY)
+async def predict_batch(request: Request, engine: EngineDep, preprocessor: PreprocessorDep,
+                        settings: SettingsDep, top_k: TopK = 3) -> BatchPrediction:
+    """Classify up to ``APP_MAX_BATCH_FILES`` images sent in the repeated multipart field ``files``."""
+    started = time.monotonic()
+    uploads = await read_images(request, field="files", max_files=settings.max_batch_files,
+                                limit=settings.max_upload_bytes, allow_raw=False, too_many=_too_many_files)
+    predictions = await classify(uploads, engine, preprocessor, started + settings.request_timeout_s, top_k)
+    return BatchPrediction(predictions=predictions)
+
+
+async def classify(uploads: list[Upload], engine: EngineDep, preprocessor: PreprocessorDep, deadline: float,
+                   top_k: int) -> list[Prediction]:
+    model = engine.model
+    if model is None:
+        raise NoModelLoaded(engine.unavailable_reason)  # before decoding: no work for a request that must fail
+    pixels = await preprocessor.decode([upload.data for upload in uploads], model.card.input_size)
+    result = await engine.predict(pixels, timeout=deadline - time.monotonic(), tag=request_id.get())
+    k = min(top_k, len(result.card.class_names))
+    return [Prediction.from_probabilities(row, result.card, k) for row in result.probabilities]

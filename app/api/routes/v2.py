@@ -1,0 +1,259 @@
+"""The KServe v2 / Open Inference Protocol (REST, JSON tensors), so Triton and KServe clients work unchanged.
+
+Spec: https://github.com/kserve/open-inference-protocol (specification/protocol/inference_rest.md).
+The model is served under the name ``resnet50`` whatever its weights; its version is the card's
+``.version``, and ``/versions/<v>`` paths answer 404 for any version but the one serving.
+
+One input tensor per request, either ``UINT8 [N, 32, 32, 3]`` raw RGB pixels (normalised by the server with
+the card's mean and std) or ``FP32 [N, 3, 32, 32]`` already normalised; ``data`` flat (row-major) or nested.
+The output ``probabilities`` is ``FP32 [N, 10]``; requesting it with the parameter ``{"classification": k}``
+(Triton's classification extension) returns ``BYTES [N, k]`` strings ``"<probability>:<index>:<label>"``
+instead. Binary tensor data (Triton's binary extension) is not supported: use JSON (``binary_data=False``
+in tritonclient). Errors are ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field, ValidationError
+
+from app import __version__
+from app.api.deps import EngineDep, PreprocessorDep, SettingsDep
+from app.api.errors import BadRequest, NotFound, PayloadTooLarge
+from app.api.uploads import read_body
+from app.engine.errors import NoModelLoaded
+from app.logging import request_id
+
+MODEL_NAME = "resnet50"
+OUTPUT_NAME = "probabilities"
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ErrorObject(BaseModel):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorObject} for code in (400, 404, 413, 503, 504)}
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` substituted in place, for use inside ``openapi_extra``."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
+_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema())}}}}
+
+
+@router.get("")
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="cifar-serve", version=__version__, extensions=["classification"])
+
+
+@router.get("/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", responses={503: {"model": ErrorObject}})
+async def ready(engine: EngineDep) -> dict[str, bool]:
+    if not engine.ready:
+        raise NoModelLoaded(f"not ready: {engine.unavailable_reason}")
+    return {"ready": True}
+
+
+@router.get("/models/{model_name}", responses=ERRORS)
+@router.get("/models/{model_name}/versions/{model_version}", responses=ERRORS)
+async def model_metadata(engine: EngineDep, model_name: str, model_version: str | None = None) -> ModelMetadata:
+    served = _served(engine, model_name, model_version)
+    size, classes = served.card.input_size, len(served.card.class_names)
+    return ModelMetadata(
+        name=MODEL_NAME,
+        versions=[served.card.version],
+        platform="pytorch",
+        inputs=[MetadataTensor(name="pixels", datatype="UINT8", shape=[-1, size, size, 3]),
+                MetadataTensor(name="normalized", datatype="FP32", shape=[-1, 3, size, size])],
+        outputs=[MetadataTensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes])],
+    )
+
+
+@router.get("/models/{model_name}/ready", responses=ERRORS)
+@router.get("/models/{model_name}/versions/{model_version}/ready", responses=ERRORS)
+async def model_ready(engine: EngineDep, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+    _served(engine, model_name, model_version)
+    return {"name": MODEL_NAME, "ready": engine.ready}
+
+
+@router.post("/models/{model_name}/infer", responses=ERRORS, openapi_extra=_INFER_BODY)
+@router.post("/models/{model_name}/versions/{model_version}/infer", responses=ERRORS, openapi_extra=_INFER_BODY)
+async def infer(request: Request, engine: EngineDep, preprocessor: PreprocessorDep, settings: SettingsDep,
+                model_name: str, model_version: str | None = None) -> InferenceResponse:
+    started = time.monotonic()
+    served = _served(engine, model_name, model_version)
+    if "inference-header-content-length" in request.headers:
+        raise BadRequest("binary tensor data is not supported: send the tensors as JSON (binary_data=False)")
+    body = await read_body(request, settings.max_upload_bytes)
+    parsed: _ParsedRequest = await preprocessor.run(_parse, body, served.card.input_size, settings.max_batch_files,
+                                                   len(served.card.class_names))
+    result = await engine.predict(parsed.inputs, timeout=started + settings.request_timeout_s - time.monotonic(),
+                                  tag=request_id.get())
+    if model_version is not None and result.card.version != model_version:
+        raise NotFound(f"version {model_version} was swapped out while this request waited; "
+                           f"the model now serving is {result.card.version}")
+    probabilities = result.probabilities
+    if parsed.classification:
+        names = result.card.class_names
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, : parsed.classification]
+        data = [f"{float(row[i])}:{i}:{names[i]}" for row, indices in zip(probabilities, order) for i in indices]
+        output = ResponseOutput(name=OUTPUT_NAME, shape=list(order.shape), datatype="BYTES", data=data)
+    else:
+        output = ResponseOutput(name=OUTPUT_NAME, shape=list(probabilities.shape), datatype="FP32",
+                                data=probabilities.ravel().tolist())
+    return InferenceResponse(model_name=MODEL_NAME, model_version=result.card.version, id=parsed.id,
+                             outputs=[output])
+
+
+def _served(engine: EngineDep, model_name: str, model_version: str | None):  # type: ignore[no-untyped-def]
+    if model_name != MODEL_NAME:
+        raise NotFound(f"unknown model {model_name!r}: this server serves {MODEL_NAME!r}")
+    served = engine.model
+    if served is None:
+        raise NoModelLoaded(engine.unavailable_reason)
+    if model_version is not None and model_version != served.card.version:
+        raise NotFound(f"model version {model_version!r} is not served; {served.card.version} is")
+    return served
+
+
+@dataclass(frozen=True)
+class _ParsedRequest:
+    id: str | None
+    inputs: list[np.ndarray]
+    classification: int | None
+
+
+def _parse(body: bytes, size: int, max_images: int, classes: int) -> _ParsedRequest:
+    """Validate an inference request and turn its tensor into per-image arrays (runs off the event loop)."""
+    try:
+        request = InferenceRequest.model_validate_json(body)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in error.errors())
+        raise BadRequest(f"not a v2 inference request: {problems}") from None
+    if len(request.inputs) != 1:
+        raise BadRequest(f"this model takes one input tensor: UINT8 [N, {size}, {size}, 3] pixels or "
+                         f"FP32 [N, 3, {size}, {size}] normalised; got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    layouts = {"UINT8": [size, size, 3], "FP32": [3, size, size]}
+    if tensor.datatype not in layouts:
+        raise BadRequest(f"input {tensor.name!r} has datatype {tensor.datatype}; send UINT8 [N, {size}, {size}, 3] "
+                         f"pixels or FP32 [N, 3, {size}, {size}] normalised")
+    if len(tensor.shape) != 4 or tensor.shape[1:] != layouts[tensor.datatype] or tensor.shape[0] < 1:
+        raise BadRequest(f"input {tensor.name!r} ({tensor.datatype}) must have shape "
+                         f"[N, {', '.join(map(str, layouts[tensor.datatype]))}] with N >= 1; got {tensor.shape}")
+    if tensor.shape[0] > max_images:
+        raise PayloadTooLarge(f"{tensor.shape[0]} images in one request; at most {max_images} (APP_MAX_BATCH_FILES)")
+    try:
+        values = np.asarray(tensor.data, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise BadRequest(f"input {tensor.name!r}: data must be numbers, flat or nested to the shape") from None
+    if values.size != math.prod(tensor.shape):
+        raise BadRequest(f"input {tensor.name!r}: shape {tensor.shape} needs {math.prod(tensor.shape)} values, "
+                         f"data has {values.size}")
+    values = values.reshape(tensor.shape)
+    if tensor.datatype == "UINT8":
+        if not (np.all(values >= 0) and np.all(values <= 255) and np.all(values == np.floor(values))):
+            raise BadRequest(f"input {tensor.name!r}: UINT8 values must be integers from 0 to 255")
+        images = values.astype(np.uint8)
+    else:
+        if not np.all(np.isfinite(values)):
+            raise BadRequest(f"input {tensor.name!r}: FP32 values must be finite")
+        images = values.astype(np.float32)
+    return _ParsedRequest(request.id, list(images), _classification(request, classes))
+
+
+def _classification(request: InferenceRequest, classes: int) -> int | None:
+    if request.parameters and request.parameters.get("binary_data_output"):
+        raise BadRequest("binary output is not supported: request JSON outputs (binary_data=False)")
+    count = None
+    for output in request.outputs or []:
+        if output.name != OUTPUT_NAME:
+            raise BadRequest(f"unknown output {output.name!r}: this model has one output, {OUTPUT_NAME!r}")
+        parameters = output.parameters or {}
+        if parameters.get("binary_data"):
+            raise BadRequest("binary output is not supported: request JSON outputs (binary_data=False)")
+        if "classification" in parameters:
+            count = parameters["classification"]
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= classes:
+                raise BadRequest(f"classification must be an integer from 1 to {classes}; got {count!r}")
+    return count
+

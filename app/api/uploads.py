@@ -1,0 +1,139 @@
+"""Reading uploads with a hard byte limit that holds while the body streams in.
+
+The declared Content-Length is checked before anything is read; then every chunk is counted as it arrives
+(a chunked upload declares no length), so an oversized body is refused after at most ``limit`` bytes plus
+one chunk, never read whole into memory. Multipart bodies are parsed incrementally with python-multipart,
+keeping only the parts of the wanted field (file parts are kept in memory: they are bounded by the limit,
+and nothing is spooled to disk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from app.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+ACCEPTED = "multipart/form-data with the image in field '{field}', or the raw image bytes with Content-Type image/*"
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str | None
+    data: bytes
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in _limited_stream(request, limit):
+        body += chunk
+    return bytes(body)
+
+
+async def read_images(request: Request, *, field: str, max_files: int, limit: int, allow_raw: bool,
+                      too_many: Callable[[int], Exception]) -> list[Upload]:
+    """The uploaded images: the ``field`` parts of a multipart body, or (``allow_raw``) an image/* body.
+
+    ``too_many(max_files)`` is raised as soon as the part after the ``max_files``-th one begins."""
+    media_type, options = parse_options_header(request.headers.get("content-type"))
+    if media_type == b"multipart/form-data":
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise BadRequest("the multipart Content-Type has no boundary; let your HTTP client build the "
+                             "multipart body (curl -F 'file=@cat.jpg')")
+        uploads = await _read_multipart(request, boundary, field, max_files, limit, too_many)
+        if not uploads:
+            raise BadRequest(f"no file in field '{field}': send {ACCEPTED.format(field=field)}")
+        return uploads
+    if allow_raw and media_type.startswith(b"image/"):
+        return [Upload(None, await read_body(request, limit))]
+    shown = media_type.decode("latin-1") or "none"
+    accepted = ACCEPTED.format(field=field) if allow_raw else f"multipart/form-data with the images in field '{field}'"
+    raise UnsupportedMediaType(f"Content-Type {shown} is not accepted here: send {accepted}")
+
+
+async def _limited_stream(request: Request, limit: int):  # type: ignore[no-untyped-def]
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _too_large(limit)
+        yield chunk
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is over {limit} bytes (APP_MAX_UPLOAD_BYTES); send smaller images: "
+                           "the model sees 32x32 pixels, so a small JPEG or PNG loses nothing")
+
+
+async def _read_multipart(request: Request, boundary: bytes, field: str, max_files: int, limit: int,
+                          too_many: Callable[[int], Exception]) -> list[Upload]:
+    collector = _FieldCollector(field.encode(), max_files, too_many)
+    parser = MultipartParser(boundary, collector.callbacks())
+    try:
+        async for chunk in _limited_stream(request, limit):
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as error:
+        raise BadRequest(f"the multipart body is malformed ({error}); let your HTTP client build it") from None
+    return collector.uploads
+
+
+class _FieldCollector:
+    """python-multipart callbacks that keep the parts named ``field`` and skip the others."""
+
+    def __init__(self, field: bytes, max_files: int, too_many: Callable[[int], Exception]) -> None:
+        self.field = field
+        self.max_files = max_files
+        self.too_many = too_many
+        self.uploads: list[Upload] = []
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._data: bytearray | None = None
+        self._filename: str | None = None
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._header_name.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def _part_begin(self) -> None:
+        self._headers, self._data, self._filename = {}, None, None
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._header_name).lower()] = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition"))
+        if options.get(b"name") != self.field:
+            return
+        if len(self.uploads) >= self.max_files:
+            raise self.too_many(self.max_files)
+        self._data = bytearray()
+        filename = options.get(b"filename")
+        self._filename = filename.decode("utf-8", "replace") if filename is not None else None
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._data is not None:
+            self._data.extend(data[start:end])
+
+    def _part_end(self) -> None:
+        if self._data is not None:
+            self.uploads.append(Upload(self._filename, bytes(self._data)))
+            self._data = None

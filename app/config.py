@@ -1,0 +1,109 @@
+"""The service's settings: one pydantic-settings class, read from ``APP_*`` environment variables.
+
+Every field's default is documented here and in the README's "Service" section; ``Settings()`` refuses
+values that cannot work (a placeholder admin token, a queue too short for one batch upload) at start-up,
+with a message saying what to set instead.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "resnet50"
+
+# Tokens that appear in templates and tutorials; a deployment that kept one has no secret at all.
+PLACEHOLDER_TOKENS = frozenset({
+    "changeme", "change-me", "change_me", "changethis", "change-this", "secret", "password", "admin",
+    "token", "default", "example", "test", "xxx", "replaceme", "your-token", "your_token",
+})
+MIN_TOKEN_LENGTH = 16
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="APP_", extra="ignore", frozen=True)
+
+    weights: Path = Field(DEFAULT_WEIGHTS, description="checkpoint directory (model.safetensors + card.json) "
+                          "served at start-up; when it does not exist the service starts without a model")
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="most images in one forward pass")
+    max_batch_delay_ms: float = Field(5.0, ge=0, le=1000, description="longest wait for more images after the "
+                                      "first one of a batch arrives, while the device is idle")
+    max_queue: int = Field(256, ge=1, description="images waiting for the device before new requests get 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request's inference; past it 504")
+    max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body, in bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height), from its header")
+    max_batch_files: int = Field(64, ge=1, description="most images in one /predict/batch or v2 infer request")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*; unset disables them")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads of each forward pass; 0 = automatic")
+    parallel_batches: int = Field(0, ge=0, description="forward passes run at once; 0 = automatic")
+    decode_threads: int = Field(0, ge=0, description="threads decoding images; 0 = automatic")
+    log_level: str = Field("info", description="debug, info, warning or error")
+    # Training jobs and the model registry (README "Training jobs").
+    state_dir: Path = Field(Path("state"), description="the job database (jobs.db) and each training run's "
+                            "directory (runs/<id>/)")
+    registry_dir: Path | None = Field(None, description="the model registry; unset = $APP_STATE_DIR/registry")
+    data_dir: Path = Field(Path("data"), description="the folder holding cifar-10-batches-py/ for training jobs")
+    data_skip_integrity_check: bool = Field(False, description="pass --skip-integrity-check to training: "
+                                            "needed for rebuilt copies such as ../shared/cifar10")
+    promote: Literal["if-better", "always", "never"] = Field("if-better", description="what a successful "
+                                                             "job does with its model (app/promotion.py)")
+    training_device: str = Field("auto", description="--device of training jobs: auto, cpu, cuda or cuda:N")
+    run_jobs: bool = Field(True, description="whether this replica runs training jobs; exactly one should")
+    jobs_url: str | None = Field(None, description="where the replica that runs jobs is reached; named in "
+                                 "the 503 that replicas with APP_RUN_JOBS=false answer POST /train with")
+    registry_poll_s: float = Field(5.0, ge=0, description="how often to check the registry's current version "
+                                   "and serve one another replica promoted; 0 = never")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"APP_DEVICE={value!r} is not a device: use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("training_device")
+    @classmethod
+    def _known_training_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"APP_TRAINING_DEVICE={value!r} is not a device: use auto, cpu, cuda or cuda:N")
+        return value
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry_dir if self.registry_dir is not None else self.state_dir / "registry"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError(f"APP_LOG_LEVEL={value!r}: use debug, info, warning or error")
+        return value.lower()
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _real_secret(cls, value: object) -> object:
+        if value is None or value == "":
+            return None
+        token = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        if token.strip().lower() in PLACEHOLDER_TOKENS or len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"APP_ADMIN_TOKEN must be a real secret of at least {MIN_TOKEN_LENGTH} characters, not a "
+                "placeholder; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return token
+
+    @model_validator(mode="after")
+    def _queue_holds_one_upload(self) -> Settings:
+        if self.max_queue < self.max_batch_files:
+            raise ValueError(
+                f"APP_MAX_QUEUE={self.max_queue} is smaller than APP_MAX_BATCH_FILES={self.max_batch_files}, so a "
+                "full batch upload could never be queued; raise APP_MAX_QUEUE or lower APP_MAX_BATCH_FILES"
+            )
+        return self

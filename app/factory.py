@@ -1,0 +1,101 @@
+"""``create_app(settings)`` builds the service; its lifespan owns the engine, the decoders and the model.
+
+Start-up does not wait for the model: the process answers ``/healthz`` at once, loads and warms up
+``APP_WEIGHTS`` in the background, and reports ready on ``/readyz`` only after that. Without a checkpoint
+at ``APP_WEIGHTS`` it keeps running with no model, and ``/predict`` answers 503 saying how to get one.
+Shutdown (SIGTERM under uvicorn) stops taking requests and finishes the ones in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api.errors import install_error_handlers
+from app.api.middleware import RequestContextMiddleware
+from app.api.routes import admin, health, model, models, predict, train, v2, web
+from app.config import Settings
+from app.engine.device import apply_thread_plan, plan_threads, resolve_device
+from app.engine.engine import InferenceEngine
+from app.engine.preprocessing import Preprocessor
+from app.jobs.service import initial_weights, open_training_jobs
+from app.logging import configure_logging
+from app.metrics import ServiceMetrics
+from model.checkpoint import checkpoint_files
+
+logger = logging.getLogger(__name__)
+
+HOW_TO_GET_A_MODEL = ("train one with `python -m training` (it writes a checkpoint directory), or set APP_WEIGHTS "
+                      "to a checkpoint directory (model.safetensors + card.json); then restart the service or "
+                      "POST /admin/reload")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title="cifar-serve",
+        version=__version__,
+        summary="CIFAR-10 image classification behind a dynamic-batching inference engine",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
+    for routes in (predict, health, model, admin, v2, web, train, models):
+        app.include_router(routes.router)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    device = resolve_device(settings.device)
+    plan = plan_threads(device, settings.torch_threads, settings.parallel_batches, settings.decode_threads)
+    apply_thread_plan(plan)
+    preprocessor = Preprocessor(plan.decode_threads, settings.max_image_pixels)
+    engine = InferenceEngine(
+        device,
+        max_batch_size=settings.max_batch_size,
+        max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+        max_queue=settings.max_queue,
+        parallel_batches=plan.parallel_batches,
+        observer=app.state.metrics,
+    )
+    app.state.metrics.track_queue(lambda: engine.queued_images)
+    app.state.engine, app.state.preprocessor = engine, preprocessor
+    await engine.start()
+    app.state.training = training = await open_training_jobs(settings, engine)
+    weights = initial_weights(training.registry, settings.weights)
+    loading = asyncio.create_task(load_initial_model(engine, weights), name="initial-model")
+    training.follow_registry(engine, settings.registry_poll_s)
+    try:
+        yield
+    finally:
+        loading.cancel()
+        await training.close()  # a running training job is stopped and marked interrupted, never orphaned
+        await engine.stop(timeout=settings.request_timeout_s)
+        preprocessor.close()
+
+
+async def load_initial_model(engine: InferenceEngine, weights: Path) -> None:
+    """Serve ``weights`` if there is a checkpoint there; otherwise say, on every request, how to get one."""
+    _, card = checkpoint_files(weights)
+    if not card.is_file():
+        engine.unavailable_reason = f"no model is loaded: there is no checkpoint at {weights}; {HOW_TO_GET_A_MODEL}"
+        logger.warning(engine.unavailable_reason)
+        return
+    engine.unavailable_reason = f"the model at {weights} is loading and warming up; retry in a few seconds"
+    try:
+        await engine.swap(weights)
+    except Exception as error:  # a bad checkpoint must not stop the service: /admin/reload can still fix it
+        engine.unavailable_reason = (f"no model is loaded: the checkpoint at {weights} could not be served "
+                                     f"({error}); {HOW_TO_GET_A_MODEL}")
+        logger.error(engine.unavailable_reason, exc_info=True)
