@@ -230,3 +230,14 @@ def test_the_readme_documents_only_combinations_checked_here() -> None:
     assert documented, "the README's Docker section shows how to combine compose files"
     assert documented <= set(COMBINATIONS), documented - set(COMBINATIONS)
     assert "docker compose up --build -d" in section
+
+
+def test_compose_waits_longer_than_the_servers_graceful_shutdown() -> None:
+    """app/__main__.py gives uvicorn APP_REQUEST_TIMEOUT_S + 5 s to drain requests after SIGTERM; a shorter
+    stop_grace_period would SIGKILL it mid-request."""
+    from app.config import Settings
+
+    drain_s = Settings.model_fields["request_timeout_s"].default + 5
+    for service in project(BASE, SCALE)["services"].values():
+        if service.get("image", "").startswith("cifar-serve"):
+            assert int(service["stop_grace_period"].removesuffix("s")) > drain_s
