@@ -1,30 +1,19 @@
-"""deploy/nginx.conf, run by a real nginx in front of two stand-in API servers on loopback ports.
-
-Only Docker's DNS parts are swapped for this machine: the `resolver` line and the `resolve` flags go
-(Debian's nginx 1.22 predates `resolve` on upstream servers, and there is no 127.0.0.11 here), and the
-service names become 127.0.0.1 ports. The routing, limits and headers under test are the committed ones.
-Skipped where nginx is not installed (apt-get install nginx-light)."""
+"""deploy/nginx.conf, run by a real nginx (tests/deploy/load_balancer.py) in front of two stand-in API
+servers that answer with their names. Skipped where nginx is not installed (apt-get install nginx-light)."""
 
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import subprocess
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.deploy.compose_model import REPO_ROOT
-from tests.deploy.net import free_port
+from tests.deploy.load_balancer import NGINX, running_nginx
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
 
 
@@ -64,14 +53,6 @@ class StandInServer:
         self.server.server_close()
 
 
-def render(config: str, listen: int, runner: int, replica: int) -> str:
-    config = re.sub(r"^\s*resolver .*;\n", "", config, flags=re.MULTILINE)
-    config = config.replace(" resolve;", ";")
-    config = config.replace("server api:8000", f"server 127.0.0.1:{runner}")
-    config = config.replace("server api-replica:8000", f"server 127.0.0.1:{replica}")
-    return config.replace("listen 8000;", f"listen 127.0.0.1:{listen};")
-
-
 # The balancer's URL, and the stand-ins for `api` (the job runner) and `api-replica`.
 Balancer = tuple[str, StandInServer, StandInServer]
 
@@ -79,31 +60,10 @@ Balancer = tuple[str, StandInServer, StandInServer]
 @pytest.fixture(scope="module")
 def balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
     runner, replica = StandInServer("api"), StandInServer("api-replica")
-    directory = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    config = directory / "nginx.conf"
-    config.write_text(render((REPO_ROOT / "deploy" / "nginx.conf").read_text(), port, runner.port, replica.port))
-    base = [NGINX, "-p", str(directory), "-c", str(config)]
-    globals_ = f"pid {directory}/nginx.pid; error_log {directory}/error.log;"
-    checked = subprocess.run([*base, "-t", "-g", globals_], capture_output=True, text=True, timeout=30)
-    assert checked.returncode == 0, checked.stderr
-    process = subprocess.Popen([*base, "-g", f"daemon off; {globals_}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/lb-healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (directory / "error.log").read_text()
-            time.sleep(0.1)
-        yield url, runner, replica
+        with running_nginx(tmp_path_factory.mktemp("nginx"), runner.port, replica.port) as url:
+            yield url, runner, replica
     finally:
-        process.terminate()
-        process.wait(timeout=20)
         runner.close()
         replica.close()
 
