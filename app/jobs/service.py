@@ -1,0 +1,110 @@
+"""The training-job system as the service holds it for one lifespan: job store, registry, promoter, runner.
+
+Built in the app's lifespan (``open_training_jobs``) and closed there (``close``); the routes reach it as
+``request.app.state.training``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.config import Settings
+from app.jobs.metrics import tail_lines
+from app.jobs.runner import LOG_FILE, JobRunner, TrainingCommand
+from app.jobs.store import JobStore
+from app.promotion import HotSwappable, ModelPromoter
+from app.registry import ModelRegistry, UnknownVersion
+
+logger = logging.getLogger(__name__)
+
+JOBS_DATABASE = "jobs.db"
+RUNS_FOLDER = "runs"
+
+
+class JobsNotRunHere(Exception):
+    """This replica has APP_RUN_JOBS=false; the message names the replica that runs jobs."""
+
+
+@dataclass
+class TrainingJobs:
+    store: JobStore
+    registry: ModelRegistry
+    promoter: ModelPromoter
+    runner: JobRunner | None
+    runs_dir: Path
+    jobs_url: str | None = None
+    _follower: asyncio.Task[None] | None = None
+
+    def logs(self, job_id: str, tail: int | None = None) -> str:
+        """The job's log; read from the shared state directory, so any replica can show it."""
+        return tail_lines(self.runs_dir / job_id / LOG_FILE, tail)
+
+    def require_runner(self) -> JobRunner:
+        if self.runner is None:
+            where = self.jobs_url or "the one replica started with APP_RUN_JOBS=true"
+            raise JobsNotRunHere(f"this replica does not run training jobs (APP_RUN_JOBS=false); send training "
+                                 f"requests to {where}")
+        return self.runner
+
+    def follow_registry(self, engine: HotSwappable, interval_s: float) -> None:
+        """Serve whatever version the registry's pointer names, checking every ``interval_s``: a promotion made
+        by another replica sharing the registry reaches this one too."""
+        if interval_s > 0:
+            self._follower = asyncio.create_task(_follow(self.registry, engine, interval_s),
+                                                 name="registry follower")
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+        if self.runner is not None:
+            await self.runner.shutdown()
+
+
+async def open_training_jobs(settings: Settings, engine: HotSwappable) -> TrainingJobs:
+    """Open the job store and the registry; on the replica that runs jobs, first stop and mark ``interrupted``
+    any job an earlier API process left queued or running."""
+    store = JobStore(settings.state_dir / JOBS_DATABASE)
+    registry = ModelRegistry(settings.registry_path)
+    promoter = ModelPromoter(registry, engine, settings.promote)
+    runs_dir = settings.state_dir / RUNS_FOLDER
+    runner = None
+    if settings.run_jobs:
+        command = TrainingCommand(data_dir=settings.data_dir.resolve(), device=settings.training_device,
+                                  skip_integrity_check=settings.data_skip_integrity_check)
+        runner = JobRunner(store, runs_dir.resolve(), command, promoter.register_run)
+        await asyncio.to_thread(runner.recover)
+    return TrainingJobs(store=store, registry=registry, promoter=promoter, runner=runner, runs_dir=runs_dir,
+                        jobs_url=settings.jobs_url)
+
+
+def initial_weights(registry: ModelRegistry, fallback: Path) -> Path:
+    """What to serve at start-up: the registry's current version if there is one, else ``APP_WEIGHTS``."""
+    current = registry.current()
+    if current is None:
+        return fallback
+    try:
+        return registry.path(current)
+    except UnknownVersion:
+        logger.error("the registry names %s as current, but it has no such version; serving %s", current, fallback)
+        return fallback
+
+
+async def _follow(registry: ModelRegistry, engine: HotSwappable, interval_s: float) -> None:
+    seen = registry.current()
+    while True:
+        await asyncio.sleep(interval_s)
+        current = registry.current()
+        serving = engine.card.version if engine.card is not None else None
+        if current is None or current == seen or current == serving:
+            seen = current
+            continue
+        seen = current
+        try:
+            await engine.swap(registry.path(current))
+            logger.info("now serving %s, promoted through the shared registry", current)
+        except Exception:
+            logger.exception("could not serve %s, which the registry names as current; still serving %s until "
+                             "the pointer changes again", current, serving)
