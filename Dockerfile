@@ -37,6 +37,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     APP_STATE_DIR=/var/lib/cifar-serve/state \
     APP_REGISTRY_DIR=/var/lib/cifar-serve/registry \
     APP_DATA_DIR=/var/lib/cifar-serve/data
+# A C/C++ compiler, for training jobs with {"compile": true}: torch.compile's Triton backend builds its GPU
+# launcher with cc, and Inductor on the CPU compiles C++. About 200 MB beside torch's gigabytes; pinned to
+# the Debian release of the base image.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/*
 # A fixed UID, so that bind mounts can be chowned to it on the host (chown -R 10001:10001 DIR). The volume
 # mount points exist in the image owned by that user: Docker initialises a new named volume from them,
 # so the service can write its state, registry and data without running as root.

@@ -137,3 +137,10 @@ def test_hadolint_finds_nothing() -> None:
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_final_stage_has_a_compiler_for_compiled_training_jobs() -> None:
+    """POST /train accepts {"compile": true}: Triton builds its launcher with cc, Inductor on the CPU runs g++."""
+    installs = " ".join(i.arguments for i in STAGE if i.keyword == "RUN" and "apt-get install" in i.arguments)
+    assert re.search(r"\bg\+\+(=\S+)?", installs), "install g++ (it brings gcc and the libc headers)"
+    assert "rm -rf /var/lib/apt/lists/*" in installs, "leave no apt lists in the layer"
