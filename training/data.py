@@ -1,0 +1,151 @@
+"""CIFAR-10 from its standard on-disk layout (``cifar-10-batches-py``), read through torchvision, as uint8 tensors.
+
+The whole dataset is 180 MB as uint8, so it lives on the training device and batches are cut from it by index:
+no DataLoader, no worker processes, no host-to-device copies per step.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import check_integrity
+
+from model.checkpoint import file_sha256
+from model.labels import NUM_CLASSES
+
+BATCH_FOLDER = CIFAR10.base_folder
+BATCH_FILES = tuple(name for name, _ in CIFAR10.train_list + CIFAR10.test_list)
+META_FILE = CIFAR10.meta["filename"]
+
+
+class DatasetError(RuntimeError):
+    """The dataset is missing, corrupt or unreadable; the message says what to do."""
+
+
+class _CIFAR10WithoutMD5(CIFAR10):
+    """torchvision's CIFAR10 with the MD5 check replaced by a presence check.
+
+    Rebuilt copies (../shared/cifar10) hold the official images and labels in pickles whose bytes differ from
+    the originals, so every MD5 differs; this is used only when the user passes --skip-integrity-check.
+    """
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name in BATCH_FILES)
+
+    def _load_meta(self) -> None:
+        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as handle:
+            self.classes = pickle.load(handle, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: torch.Tensor  # uint8, N x 3 x 32 x 32, RGB
+    labels: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device))
+
+    def take(self, start: int, stop: int | None = None, step: int = 1) -> ImageSet:
+        return ImageSet(self.images[start:stop:step], self.labels[start:stop:step])
+
+
+@dataclass(frozen=True)
+class CifarSplits:
+    train: ImageSet
+    holdout: ImageSet | None  # validation split carved from the end of the training set
+    test: ImageSet
+    provenance: str           # for the model card: where the data came from and how it was checked
+
+
+def load_cifar10(
+    data_dir: str | os.PathLike[str],
+    *,
+    download: bool = False,
+    skip_integrity_check: bool = False,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    holdout: int = 0,
+) -> CifarSplits:
+    train = load_split(data_dir, train=True, download=download, skip_integrity_check=skip_integrity_check)
+    test = load_split(data_dir, train=False, download=False, skip_integrity_check=skip_integrity_check)
+    train = train.take(0, train_limit)
+    test = test.take(0, test_limit)
+    # CIFAR-10's training order is already random, so its last N images are a random sample of it.
+    if holdout >= len(train):
+        raise DatasetError(f"--holdout {holdout} leaves no training images out of {len(train)}; choose fewer")
+    validation = train.take(len(train) - holdout) if holdout else None
+    train = train.take(0, len(train) - holdout)
+    provenance = describe_provenance(data_dir, skip_integrity_check, len(train), holdout, len(test))
+    return CifarSplits(train=train, holdout=validation, test=test, provenance=provenance)
+
+
+def load_split(
+    data_dir: str | os.PathLike[str], *, train: bool, download: bool = False, skip_integrity_check: bool = False,
+) -> ImageSet:
+    """One split as uint8 tensors; every failure becomes a DatasetError with a one-line message."""
+    root = Path(data_dir)
+    folder = root / BATCH_FOLDER
+    dataset_class = _CIFAR10WithoutMD5 if skip_integrity_check else CIFAR10
+    if not download:
+        _require_files(root, folder)
+    try:
+        dataset = dataset_class(root=str(root), train=train, download=download)
+    except RuntimeError as error:
+        if download:
+            raise DatasetError(f"could not download CIFAR-10 into {root}: {error}") from None
+        failing = [name for name, md5 in CIFAR10.train_list + CIFAR10.test_list
+                   if not check_integrity(str(folder / name), md5)]
+        raise DatasetError(
+            f"{', '.join(failing) or 'batches.meta'} in {folder} fail torchvision's MD5 check: corrupt, or a "
+            "rebuilt copy such as ../shared/cifar10 whose pickles differ byte-wise; pass --skip-integrity-check "
+            "to load a rebuilt copy, or download afresh with --download into an empty --data-dir"
+        ) from None
+    except OSError as error:  # network failures during --download, unreadable files
+        raise DatasetError(f"could not read or fetch CIFAR-10 in {root}: {error}") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
+        raise DatasetError(f"{folder} holds a corrupt CIFAR-10 batch file ({type(error).__name__}: {error}); "
+                           "replace it with an intact copy, or download afresh with --download") from None
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
+    labels = torch.tensor(dataset.targets, dtype=torch.int64)
+    if images.shape[1:] != (3, 32, 32) or len(labels) != len(images) or len(labels) == 0:
+        raise DatasetError(f"{folder} holds {tuple(images.shape)} images for {len(labels)} labels; "
+                           "expected N x 32 x 32 x 3 images with one label each")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DatasetError(f"{folder} has labels outside 0..{NUM_CLASSES - 1}: not CIFAR-10")
+    return ImageSet(images=images, labels=labels)
+
+
+def _require_files(root: Path, folder: Path) -> None:
+    if not folder.is_dir():
+        hint = (f"; --data-dir should be its parent, {root.parent}" if root.name == BATCH_FOLDER
+                else "; add --download to fetch it (needs the internet)")
+        raise DatasetError(f"no CIFAR-10 in {root}: expected the folder {folder}{hint}")
+    missing = [name for name in (*BATCH_FILES, META_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise DatasetError(f"CIFAR-10 in {folder} is incomplete: {', '.join(missing)} missing; "
+                           "copy the whole cifar-10-batches-py folder, or add --download")
+
+
+def describe_provenance(
+    data_dir: str | os.PathLike[str], skip_integrity_check: bool, train: int, holdout: int, test: int,
+) -> str:
+    folder = Path(data_dir).resolve() / BATCH_FOLDER
+    if skip_integrity_check:
+        # The MD5s say nothing about a rebuilt copy, so name its exact bytes (../shared/cifar10's README lists
+        # the full SHA-256 of each file for comparison).
+        digests = " ".join(f"{name}={file_sha256(folder / name)[:12]}" for name in BATCH_FILES)
+        check = f"MD5 check skipped (--skip-integrity-check); SHA-256 prefixes {digests}"
+    else:
+        check = "torchvision MD5 check passed"
+    return (f"CIFAR-10 (cifar-10-batches-py via torchvision) from {folder}; {check}; "
+            f"{train} train, {holdout} holdout, {test} test images")
