@@ -31,6 +31,7 @@ RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps .
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/app \
     PYTHONUNBUFFERED=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     APP_WEIGHTS=/app/weights/resnet50 \
@@ -43,7 +44,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
     && rm -rf /var/lib/apt/lists/*
-# A fixed UID, so that bind mounts can be chowned to it on the host (chown -R 10001:10001 DIR). The volume
+# A fixed UID, so that bind mounts can be chowned to it on the host (chown -R 10001:10001 DIR), with a
+# home (HOME above) for the caches matplotlib, Triton and torch write while training. The volume
 # mount points exist in the image owned by that user: Docker initialises a new named volume from them,
 # so the service can write its state, registry and data without running as root.
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/app --shell /usr/sbin/nologin app \

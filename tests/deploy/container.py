@@ -41,7 +41,8 @@ def container_environment(service: dict[str, Any], volumes: Path, weights: Path,
     """What the service's process sees: image ENV, then compose `environment`, then this machine's paths."""
     environment = {key: value for key, value in os.environ.items() if not key.startswith("APP_")}
     image = dockerfile_env(final_stage())
-    image.pop("PATH")
+    for machine_specific in ("PATH", "HOME"):  # this machine's own, not the image's
+        image.pop(machine_specific)
     compose = {key: str(value) for key, value in service.get("environment", {}).items() if value is not None}
     environment |= image | compose
     for key in VOLUME_SETTINGS:
