@@ -1,0 +1,249 @@
+"""A training run from start (or resume) to checkpoint, and the evaluation of a saved checkpoint."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from training.config import STATE_FILE, Command, TrainingConfig, write_config
+from training.data import CifarSplits, ImageSet, load_cifar10, load_split
+from training.distributed import Worker, main_first, resolve_device, start_distributed, stop_distributed
+from training.evaluate import Evaluation, evaluate, predict
+from training.interrupt import Interrupted
+from training.loop import Learner, build_learner, train_one_epoch
+from training.metrics import METRICS_FILE, MetricsLog, epoch_log_line, read_metrics
+from training.plots import (
+    CONFUSION_FILE, CURVES_FILE, GRID_IMAGES, PREDICTIONS_FILE, plot_confusion_matrix, plot_curves,
+    plot_predictions,
+)
+from training.provenance import device_name, git_commit
+from training.state import load_state, restore_rng_states, rng_states, save_state
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+class TrainingError(RuntimeError):
+    """The configuration does not fit the data or the saved state; the message says what to change."""
+
+
+def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager]:
+    """bf16 autocast on CUDA: tensor-core speed without fp16's loss scaling. Off on the CPU, where it would
+    be slower and the tests want float32."""
+    return functools.partial(torch.amp.autocast, device_type=device.type, dtype=torch.bfloat16,
+                             enabled=device.type == "cuda")
+
+
+def configure_backends(config: TrainingConfig) -> None:
+    if config.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it reads this when its first handle is made.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    # cuDNN autotuning picks the fastest convolution per shape (every step has the same shape), but the
+    # algorithm it picks may differ between runs.
+    torch.backends.cudnn.benchmark = not config.deterministic
+
+
+def run_training(command: Command) -> dict[str, Any]:
+    """Train (or resume) the run in ``command.run_dir``; returns the "final" metrics record."""
+    configure_backends(command.config)
+    worker = start_distributed(command.config.device)
+    try:
+        return TrainingRun(command, worker).execute()
+    finally:
+        stop_distributed()
+
+
+class TrainingRun:
+    def __init__(self, command: Command, worker: Worker) -> None:
+        assert command.run_dir is not None  # parse_command requires it for training
+        self.config, self.run_dir, self.resume, self.worker = command.config, command.run_dir, command.resume, worker
+        self.autocast = autocast_for(worker.device)
+        self.git_commit = git_commit()
+        self.finished_epochs = 0
+        self.train_seconds = 0.0
+
+    def execute(self) -> dict[str, Any]:
+        config, worker = self.config, self.worker
+        with main_first(worker):
+            data = load_cifar10(config.data_dir, download=config.download,
+                                skip_integrity_check=config.skip_integrity_check, train_limit=config.train_limit,
+                                test_limit=config.test_limit, holdout=config.holdout)
+        steps_per_epoch = len(data.train) // config.batch_size
+        if steps_per_epoch == 0 or config.batch_size % worker.world_size:
+            raise TrainingError(f"--batch-size {config.batch_size} must be at most the {len(data.train)} training "
+                                f"images and split evenly over {worker.world_size} process(es)")
+        train = data.train.to(worker.device)
+        test = worker.shard(data.test).to(worker.device)
+        holdout = worker.shard(data.holdout).to(worker.device) if data.holdout else None
+        learner = build_learner(config, worker, steps_per_epoch)
+        log = self._open_log(learner)
+        log.write("resumed" if self.resume else "start", epoch=self.finished_epochs, epochs=config.epochs,
+                  steps_per_epoch=steps_per_epoch, train_images=len(data.train),
+                  holdout_images=len(data.holdout) if data.holdout else 0, test_images=len(data.test),
+                  world_size=worker.world_size, device=device_name(worker.device))
+        if not self.resume:
+            self._save_state(learner, log)  # epoch 0, so that --resume always has something to continue
+        try:
+            evaluations = self._train_epochs(learner, log, train, test, holdout)
+        except Interrupted as stop:
+            log.write("interrupted", signal=stop.signal_name, finished_epochs=self.finished_epochs)
+            raise
+        final = self._finish(learner, log, data, *evaluations)
+        log.close()
+        return final
+
+    def _open_log(self, learner: Learner) -> MetricsLog:
+        """Fresh: write config.json and start metrics.jsonl afresh. Resumed: load state.pt into ``learner``
+        and cut metrics.jsonl back to where it was when that state was saved."""
+        path = self.run_dir / METRICS_FILE if self.worker.is_main else None
+        if not self.resume:
+            if self.worker.is_main:
+                write_config(self.run_dir, self.config, git_commit=self.git_commit, torch_version=torch.__version__)
+            return MetricsLog(path, truncate_to=0)
+        state = load_state(self.run_dir / STATE_FILE, self.worker.device)
+        if state["config"] != self.config.to_dict():
+            raise TrainingError(f"{self.run_dir / STATE_FILE} was written with another configuration than "
+                                f"{self.run_dir / 'config.json'}; start a new --run-dir")
+        learner.load_state_dict(state["learner"])
+        restore_rng_states(state["rng"])
+        self.finished_epochs, self.train_seconds = state["epoch"], state["train_seconds"]
+        return MetricsLog(path, truncate_to=state["metrics_offset"])
+
+    def _save_state(self, learner: Learner, log: MetricsLog) -> None:
+        if self.worker.is_main:
+            save_state(self.run_dir / STATE_FILE, {
+                "config": self.config.to_dict(), "epoch": self.finished_epochs, "train_seconds": self.train_seconds,
+                "metrics_offset": log.offset, "learner": learner.state_dict(), "rng": rng_states(),
+            })
+
+    def _evaluate(self, learner: Learner, data: ImageSet | None, tta: bool) -> Evaluation | None:
+        if data is None:
+            return None
+        return evaluate(learner.evaluated_model, data, tta=tta, autocast=self.autocast,
+                        all_reduce_sum=self.worker.all_reduce_sum)
+
+    def _train_epochs(self, learner: Learner, log: MetricsLog, train: ImageSet, test: ImageSet,
+                      holdout: ImageSet | None) -> tuple[Evaluation, Evaluation | None]:
+        """Train the remaining epochs; returns the last epoch's test and holdout evaluations."""
+        config, first = self.config, self.finished_epochs
+        test_result = holdout_result = None
+        for epoch in range(first, config.epochs):
+            result = train_one_epoch(learner, train, config=config, epoch=epoch, worker=self.worker,
+                                     autocast=self.autocast)
+            self.finished_epochs, self.train_seconds = epoch + 1, self.train_seconds + result.seconds
+            last = self.finished_epochs == config.epochs
+            test_result = holdout_result = None
+            if last or (config.eval_every and self.finished_epochs % config.eval_every == 0):
+                test_result = self._evaluate(learner, test, tta=last and config.tta)
+                holdout_result = self._evaluate(learner, holdout, tta=False)
+            seconds_per_epoch = self.train_seconds / self.finished_epochs
+            extra = {"validation_accuracy": _accuracy_or_none(holdout_result)} if holdout else {}
+            record = log.write(
+                "epoch", epoch=self.finished_epochs, epochs=config.epochs, train_loss=result.loss,
+                train_accuracy=result.accuracy, test_accuracy=_accuracy_or_none(test_result), **extra,
+                images_per_s=result.images / result.seconds, epoch_seconds=result.seconds,
+                eta_s=seconds_per_epoch * (config.epochs - self.finished_epochs), lr=learner.scheduler.get_last_lr()[0],
+            )
+            if self.worker.is_main:
+                tqdm.write(epoch_log_line(record))
+            if last or self.finished_epochs % config.checkpoint_every == 0:
+                self._save_state(learner, log)
+        if test_result is None:  # resumed after the last epoch's state was saved: only the report is missing
+            test_result = self._evaluate(learner, test, tta=config.tta)
+            holdout_result = self._evaluate(learner, holdout, tta=False)
+        return test_result, holdout_result
+
+    def _finish(self, learner: Learner, log: MetricsLog, data: CifarSplits, test_result: Evaluation,
+                holdout_result: Evaluation | None) -> dict[str, Any]:
+        """Checkpoint, plots and the "final" record, all from the final epoch's weights (never the best)."""
+        config = self.config
+        checkpoint = self.run_dir / CHECKPOINT_DIR
+        accuracies = {"test_accuracy": test_result.accuracy, "test_accuracy_tta": test_result.accuracy_tta,
+                      "per_class_accuracy": test_result.per_class_accuracy}
+        device = device_name(self.worker.device)
+        if self.worker.world_size > 1:
+            device = f"{self.worker.world_size} x {device}"
+        if self.worker.is_main:
+            save_checkpoint(
+                learner.evaluated_model, checkpoint, architecture=config.arch, dtype=config.weights_dtype,
+                training=config.to_dict(), **accuracies, epochs=config.epochs,
+                train_seconds=round(self.train_seconds, 3), device=device, git_commit=self.git_commit,
+                data_provenance=data.provenance,
+            )
+            if config.plots:
+                self._plot(learner, data.test, test_result)
+        final = log.write("final", **accuracies,
+                          validation_accuracy=_accuracy_or_none(holdout_result),
+                          test_images=test_result.count, epochs=config.epochs,
+                          train_seconds=self.train_seconds, checkpoint=str(checkpoint))
+        if self.worker.is_main:
+            print(summary_line(final), flush=True)
+        return final
+
+    def _plot(self, learner: Learner, test: ImageSet, test_result: Evaluation) -> None:
+        epochs = [record for record in read_metrics(self.run_dir / METRICS_FILE) if record["event"] == "epoch"]
+        plot_curves(epochs, self.run_dir / CURVES_FILE)
+        write_evaluation_plots(learner.evaluated_model, test, test_result, self.run_dir, self.autocast,
+                               self.worker.device)
+
+
+def _accuracy_or_none(result: Evaluation | None) -> float | None:
+    return None if result is None else result.accuracy
+
+
+def write_evaluation_plots(model: torch.nn.Module, test: ImageSet, result: Evaluation, run_dir: Path,
+                           autocast: Callable[[], AbstractContextManager], device: torch.device) -> None:
+    plot_confusion_matrix(result.confusion, run_dir / CONFUSION_FILE)
+    sample = test.take(0, GRID_IMAGES)
+    predictions = predict(model, sample.images.to(device), autocast)
+    plot_predictions(sample.images, sample.labels, predictions, run_dir / PREDICTIONS_FILE)
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    line = f"test accuracy {100 * record['test_accuracy']:.2f} %"
+    if record.get("test_accuracy_tta") is not None:
+        line += f", with flip-TTA {100 * record['test_accuracy_tta']:.2f} %"
+    if record.get("validation_accuracy") is not None:
+        line += f"; validation accuracy {100 * record['validation_accuracy']:.2f} %"
+    line += f" ({record['test_images']} test images)"
+    if "train_seconds" in record:
+        line += f"; {record['train_seconds']:.1f} s of training"
+    if "checkpoint" in record:
+        line += f"; checkpoint {record['checkpoint']}"
+    per_class = ", ".join(f"{name} {100 * value:.1f}" for name, value in record["per_class_accuracy"].items())
+    return f"{line}\nper class (%): {per_class}"
+
+
+def run_evaluation(command: Command) -> dict[str, Any]:
+    """--eval-only: the test accuracy of a checkpoint; with --run-dir, also an "evaluation" record and plots."""
+    config = command.config
+    assert command.weights is not None  # parse_command requires it with --eval-only
+    configure_backends(config)
+    device = resolve_device(config.device)
+    checkpoint = load_checkpoint(command.weights, device)
+    model = checkpoint.model.to(memory_format=torch.channels_last)
+    test = load_split(config.data_dir, train=False, download=config.download,
+                      skip_integrity_check=config.skip_integrity_check).take(0, config.test_limit)
+    autocast = autocast_for(device)
+    result = evaluate(model, test.to(device), tta=config.tta, autocast=autocast)
+    log_path = None
+    if command.run_dir is not None:
+        command.run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = command.run_dir / METRICS_FILE
+    log = MetricsLog(log_path)
+    record = log.write("evaluation", weights=str(command.weights), model_version=checkpoint.card.version,
+                       test_accuracy=result.accuracy, test_accuracy_tta=result.accuracy_tta,
+                       per_class_accuracy=result.per_class_accuracy, test_images=result.count)
+    log.close()
+    if command.run_dir is not None and config.plots:
+        write_evaluation_plots(model, test, result, command.run_dir, autocast, device)
+    print(summary_line(record), flush=True)
+    return record
