@@ -51,9 +51,10 @@ async def read_images(request: Request, *, field: str, max_files: int, limit: in
         return uploads
     if allow_raw and media_type.startswith(b"image/"):
         return [Upload(None, await read_body(request, limit))]
-    shown = media_type.decode("latin-1") or "none"
     accepted = ACCEPTED.format(field=field) if allow_raw else f"multipart/form-data with the images in field '{field}'"
-    raise UnsupportedMediaType(f"Content-Type {shown} is not accepted here: send {accepted}")
+    if not media_type:
+        raise BadRequest(f"no image in the request (it has no Content-Type): send {accepted}")
+    raise UnsupportedMediaType(f"Content-Type {media_type.decode('latin-1')} is not accepted here: send {accepted}")
 
 
 async def _limited_stream(request: Request, limit: int):  # type: ignore[no-untyped-def]

@@ -170,13 +170,8 @@ class InferenceEngine:
             if self._stopping:
                 raise ServiceStopping("the service is shutting down; no model can be swapped in now")
             started = time.perf_counter()
-            candidate = await asyncio.to_thread(self._prepare, Path(checkpoint))
             current = self._active
-            if current is not None and candidate.card.input_size != current.card.input_size:
-                raise SwapRefused(
-                    f"{checkpoint} takes {candidate.card.input_size}px inputs, the serving model "
-                    f"{current.card.input_size}px; restart the service with APP_WEIGHTS={checkpoint} instead"
-                )
+            candidate = await asyncio.to_thread(self._prepare, Path(checkpoint), current)
             self._staged = candidate
             self._installed = asyncio.get_running_loop().create_future()
             self._install_if_safe()
@@ -186,11 +181,15 @@ class InferenceEngine:
                                                    "seconds": round(time.perf_counter() - started, 3)})
             return candidate.card
 
-    def _prepare(self, checkpoint: Path) -> ServedModel:
+    def _prepare(self, checkpoint: Path, current: ServedModel | None) -> ServedModel:
         try:
             served = ServedModel.load(checkpoint, self.device)
         except OSError as error:  # unreadable files; CheckpointError covers the rest
             raise CheckpointError(f"cannot read the checkpoint at {checkpoint}: {error}") from None
+        if current is not None and served.card.input_size != current.card.input_size:
+            raise SwapRefused(f"{checkpoint} takes {served.card.input_size}px inputs, the serving model "
+                              f"{current.card.input_size}px; restart the service with APP_WEIGHTS={checkpoint} "
+                              "instead")
         served.warm_up(sorted({1, self.max_batch_size}))
         return served
 

@@ -1,0 +1,155 @@
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.engine.errors import EmptyImage, ImageTooLarge, UnsupportedImage
+from app.engine.preprocessing import Preprocessor, decode_image
+from tests.app import images
+
+SIZE = 32
+LIMIT = 40_000_000
+
+
+def decode(data: bytes) -> np.ndarray:
+    return decode_image(data, SIZE, LIMIT)
+
+
+def test_a_32x32_png_comes_back_pixel_exact():
+    original = images.pixels(32, 32)
+    decoded = decode(images.encode(Image.fromarray(original), "PNG"))
+    assert decoded.dtype == np.uint8 and decoded.shape == (32, 32, 3)
+    assert np.array_equal(decoded, original)
+
+
+def test_a_wide_image_is_centre_cropped_not_squashed():
+    # 96x32: red | green | blue thirds; the centre crop is the green square.
+    array = np.zeros((32, 96, 3), dtype=np.uint8)
+    array[:, :32] = (255, 0, 0)
+    array[:, 32:64] = (0, 255, 0)
+    array[:, 64:] = (0, 0, 255)
+    decoded = decode(images.encode(Image.fromarray(array), "PNG"))
+    assert np.array_equal(decoded, np.broadcast_to(np.array([0, 255, 0], np.uint8), (32, 32, 3)))
+
+
+def test_downscaling_is_antialiased():
+    # A one-pixel checkerboard averages to mid-grey; a nearest-neighbour resize would keep pure black/white.
+    board = (np.indices((256, 256)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    decoded = decode(images.encode(Image.fromarray(board), "PNG"))
+    assert np.all(np.abs(decoded.astype(int) - 128) < 8)
+
+
+def test_exif_orientation_is_applied():
+    # The stored image is wide, red left and blue right; EXIF orientation 6 means "turn 90 degrees
+    # clockwise", after which red is on top and blue at the bottom.
+    decoded = decode(images.exif_rotated_jpeg()).astype(int)
+    top, bottom = decoded[:8].mean(axis=(0, 1)), decoded[-8:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[2] < 50, "red should be on top after rotation"
+    assert bottom[2] > 200 and bottom[0] < 50, "blue should be at the bottom after rotation"
+
+
+def test_cmyk_jpeg_becomes_rgb_close_to_the_original():
+    decoded = decode(images.cmyk_jpeg()).astype(int)
+    reference = decode(images.png()).astype(int)
+    assert np.abs(decoded - reference).mean() < 12
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    data, eight_bit = images.sixteen_bit_png()
+    decoded = decode(data)
+    reference = decode(images.encode(Image.fromarray(eight_bit).convert("RGB"), "PNG"))
+    assert np.abs(decoded.astype(int) - reference.astype(int)).max() <= 1
+    assert decoded.mean() < 200, "Pillow's clipping conversion would have made it nearly white"
+
+
+def test_palette_transparency_is_composited_over_white():
+    decoded = decode(images.palette_with_transparency())
+    assert np.all(decoded[:, :14] == 255), "the transparent left half must be white"
+    assert np.all(np.abs(decoded[:, 18:].astype(int) - (200, 30, 30)) <= 1)
+
+
+def test_rgba_transparency_is_composited_over_white():
+    decoded = decode(images.transparent_rgba())
+    assert np.all(decoded[:, :14] == 255) and np.all(decoded[:, 18:] == 10)
+
+
+def test_animated_gif_gives_its_first_frame():
+    gif, first_frame = images.animated_gif()
+    assert np.array_equal(decode(gif), decode(first_frame))
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "1", "P", "RGBA", "I;16", "I", "F", "CMYK", "YCbCr"])
+def test_every_mode_becomes_rgb(mode):
+    image = Image.fromarray(images.pixels()).convert(mode)
+    format = "TIFF" if mode in ("F", "I", "YCbCr") else "PNG" if mode != "CMYK" else "JPEG"
+    decoded = decode(images.encode(image, format))
+    assert decoded.shape == (32, 32, 3) and decoded.dtype == np.uint8
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_every_supported_format_decodes(format):
+    decoded = decode(images.encode(Image.fromarray(images.pixels()), format))
+    reference = decode(images.png())
+    # GIF quantises to 256 colours and JPEG/WebP are lossy: close, not equal.
+    assert np.abs(decoded.astype(int) - reference.astype(int)).mean() < 20
+
+
+def test_a_12_megapixel_jpeg_is_decoded_at_reduced_scale():
+    photo = images.photo_jpeg(4000, 3000)
+    draft = best_time(lambda: decode(photo))
+    full = best_time(lambda: Image.open(io.BytesIO(photo)).convert("RGB"))
+    assert draft < full / 4, f"{draft:.3f} s against {full:.3f} s for a full decode: the draft mode was not used"
+    reference = (Image.open(io.BytesIO(photo)).convert("RGB")
+                 .resize((32, 32), Image.Resampling.BILINEAR, box=(500, 0, 3500, 3000)))
+    assert np.abs(decode(photo).astype(int) - np.asarray(reference).astype(int)).mean() < 3
+
+
+def best_time(action, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def test_a_one_pixel_image_is_scaled_up():
+    decoded = decode(images.encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"))
+    assert np.all(decoded == (10, 200, 30))
+
+
+def test_the_pixel_limit_is_checked_from_the_header_before_decoding():
+    started = time.perf_counter()
+    with pytest.raises(ImageTooLarge, match="10000x10000"):
+        decode(images.bomb_png())
+    assert time.perf_counter() - started < 0.05
+    with pytest.raises(ImageTooLarge):
+        decode_image(images.png(100, 100), SIZE, max_pixels=99 * 100)
+
+
+@pytest.mark.parametrize("data", [
+    images.TEXT, images.PDF, images.SVG, images.png()[:200], images.jpeg(64, 64)[:300], images.corrupt_png(),
+    b"\x89PNG\r\n\x1a\n", bytes(range(256)) * 4,
+], ids=["text", "pdf", "svg", "truncated-png", "truncated-jpeg", "corrupt-png", "png-signature-only", "noise"])
+def test_what_is_not_a_decodable_image_is_unsupported(data):
+    with pytest.raises(UnsupportedImage, match="JPEG, PNG|could not be decoded"):
+        decode(data)
+
+
+def test_an_empty_upload_is_empty():
+    with pytest.raises(EmptyImage):
+        decode(b"")
+
+
+@pytest.mark.anyio
+async def test_the_preprocessor_decodes_in_parallel_and_names_the_bad_file():
+    preprocessor = Preprocessor(threads=2, max_pixels=LIMIT)
+    try:
+        decoded = await preprocessor.decode([images.png(seed=1), images.png(seed=2)], SIZE)
+        assert len(decoded) == 2 and not np.array_equal(decoded[0], decoded[1])
+        with pytest.raises(UnsupportedImage, match="^file 2 of 3: "):
+            await preprocessor.decode([images.png(), images.TEXT, images.png()], SIZE)
+    finally:
+        preprocessor.close()
