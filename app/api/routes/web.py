@@ -12,16 +12,16 @@ router = APIRouter(include_in_schema=False)
 # the browser test instead of working online and breaking offline). Inline code is allowed rather than
 # hashed because the page never turns service text into markup (textContent only), so there is nothing to
 # inject into.
-CONTENT_SECURITY_POLICY = "; ".join((
-    "default-src 'none'",
-    "script-src 'unsafe-inline'",
-    "style-src 'unsafe-inline'",
-    "img-src blob: data:",
-    "connect-src 'self'",
-    "base-uri 'none'",
-    "form-action 'none'",
-    "frame-ancestors 'none'",
-))
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; "
+    "script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; "
+    "img-src blob: data:; "
+    "connect-src 'self'; "
+    "base-uri 'none'; "
+    "form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 @router.get("/", response_class=HTMLResponse)
