@@ -67,6 +67,27 @@ async def _until_ready(client: httpx.AsyncClient) -> None:
         await anyio.sleep(0.05)
 
 
+@dataclass
+class Service:
+    app: FastAPI
+    client: httpx.AsyncClient
+
+
+UPLOAD_LIMIT = 2_000_000  # bytes: low, so the "too large" cases stay cheap to send
+
+
+@pytest.fixture(scope="module")
+async def service(tiny_checkpoint: Path) -> AsyncIterator[Service]:
+    """The app serving ``tiny_checkpoint``, shared by one test module."""
+    async with running_app(service_settings(tiny_checkpoint, max_upload_bytes=UPLOAD_LIMIT)) as (app, client):
+        yield Service(app, client)
+
+
+@pytest.fixture
+def client(service: Service) -> httpx.AsyncClient:
+    return service.client
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

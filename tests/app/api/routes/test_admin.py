@@ -1,0 +1,90 @@
+import anyio
+import pytest
+
+from tests.app import images
+from tests.app.conftest import ADMIN_TOKEN, running_app, service_settings
+
+pytestmark = pytest.mark.anyio
+AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.mark.parametrize(("headers", "status", "detail"), [
+    ({}, 401, "Authorization: Bearer"),
+    ({"authorization": "Basic dXNlcjpwYXNz"}, 401, "Authorization: Bearer"),
+    ({"authorization": "Bearer wrong-token-but-long-enough"}, 403, "wrong"),
+    ({"authorization": f"Bearer {ADMIN_TOKEN}x"}, 403, "wrong"),
+    ({"authorization": f"Bearer {ADMIN_TOKEN[:-1]}"}, 403, "wrong"),
+])
+async def test_reload_needs_the_right_bearer_token(client, headers, status, detail):
+    response = await client.post("/admin/reload", headers=headers)
+    assert response.status_code == status
+    assert detail in response.json()["detail"]
+    if status == 401:
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_without_a_configured_token_admin_routes_are_disabled(tiny_checkpoint):
+    async with running_app(service_settings(tiny_checkpoint, admin_token=None)) as (_, client):
+        for headers in ({}, AUTH, {"authorization": "Bearer "}):
+            response = await client.post("/admin/reload", headers=headers)
+            assert response.status_code == 403
+            assert "APP_ADMIN_TOKEN" in response.json()["detail"]
+
+
+async def test_reload_swaps_to_the_given_checkpoint_and_back_to_the_configured_one(service, other_checkpoint,
+                                                                                   tiny_checkpoint):
+    client = service.client
+    first = (await client.get("/model")).json()["version"]
+    response = await client.post("/admin/reload", headers=AUTH, json={"weights": str(other_checkpoint)})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["previous_version"] == first and body["model_version"] != first
+    assert body["weights"] == str(other_checkpoint)
+    prediction = await client.post("/predict", files={"file": ("a.png", images.png(), "image/png")})
+    assert prediction.json()["model_version"] == body["model_version"]
+    back = (await client.post("/admin/reload", headers=AUTH)).json()  # no body: APP_WEIGHTS
+    assert back["model_version"] == first and back["weights"] == str(tiny_checkpoint)
+
+
+@pytest.mark.parametrize(("weights", "detail"), [("/nonexistent/checkpoint", "no model card"),
+                                                 ("", "no model card")])
+async def test_a_bad_checkpoint_is_a_400_and_the_old_model_keeps_serving(client, weights, detail, tmp_path):
+    before = (await client.get("/model")).json()["version"]
+    response = await client.post("/admin/reload", headers=AUTH, json={"weights": weights or str(tmp_path)})
+    assert response.status_code == 400
+    assert detail in response.json()["detail"]
+    assert (await client.get("/model")).json()["version"] == before
+    assert (await client.post("/predict", content=images.png(), headers={"content-type": "image/png"})
+            ).status_code == 200
+
+
+async def test_reload_under_concurrent_requests_fails_none_and_never_goes_back(service, other_checkpoint,
+                                                                              tiny_checkpoint):
+    client = service.client
+    old = (await client.get("/model")).json()["version"]
+    sequences: list[list[str]] = []
+    statuses: list[int] = []
+    swapped = anyio.Event()
+
+    async def keep_predicting() -> None:
+        versions: list[str] = []
+        sequences.append(versions)
+        for _ in range(200):
+            response = await client.post("/predict", content=images.png(), headers={"content-type": "image/png"})
+            statuses.append(response.status_code)
+            versions.append(response.json().get("model_version"))
+            if swapped.is_set() and versions[-1] != old:
+                return
+
+    async with anyio.create_task_group() as group:
+        for _ in range(4):
+            group.start_soon(keep_predicting)
+        await anyio.sleep(0.2)
+        reload = await client.post("/admin/reload", headers=AUTH, json={"weights": str(other_checkpoint)})
+        swapped.set()
+    new = reload.json()["model_version"]
+    assert set(statuses) == {200}
+    for versions in sequences:  # each client sees the old version, then the new one, never back
+        switch = versions.index(new)
+        assert set(versions[:switch]) <= {old} and set(versions[switch:]) == {new}
+    await client.post("/admin/reload", headers=AUTH, json={"weights": str(tiny_checkpoint)})

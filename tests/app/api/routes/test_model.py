@@ -1,0 +1,22 @@
+import pytest
+
+from model.checkpoint import read_card
+from model.labels import CLASS_NAMES
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_model_describes_the_card_the_device_and_the_batching(service, tiny_checkpoint):
+    card = read_card(tiny_checkpoint)
+    body = (await service.client.get("/model")).json()
+    assert body["version"] == card.version and body["architecture"] == "resnet18"
+    assert body["class_names"] == list(CLASS_NAMES)
+    assert body["parameter_count"] == card.parameter_count
+    assert body["test_accuracy"] == card.test_accuracy
+    assert body["trained_at"].startswith(card.created_at.strftime("%Y-%m-%dT%H:%M"))
+    assert body["device"] == "cpu" and body["dtype"] == "float32"
+    settings = service.app.state.settings
+    assert body["batching"] == {
+        "max_batch_size": settings.max_batch_size, "max_batch_delay_ms": settings.max_batch_delay_ms,
+        "max_queue": settings.max_queue, "parallel_batches": 1, "request_timeout_s": settings.request_timeout_s,
+    }

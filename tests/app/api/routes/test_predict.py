@@ -1,0 +1,200 @@
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.labels import CLASS_NAMES
+from tests.app import images
+from tests.app.conftest import UPLOAD_LIMIT
+
+pytestmark = pytest.mark.anyio
+
+
+def multipart(data: bytes, name: str = "image.png", content_type: str = "image/png", field: str = "file"):
+    return {"files": {field: (name, data, content_type)}}
+
+
+def raw(data: bytes, content_type: str = "image/png"):
+    return {"content": data, "headers": {"content-type": content_type}}
+
+
+def chunked(data: bytes, content_type: str = "image/png"):
+    """A body sent in chunks with no Content-Length, so only counting while streaming can catch it."""
+    async def chunks():
+        for start in range(0, len(data), 65536):
+            yield data[start: start + 65536]
+
+    return {"content": chunks(), "headers": {"content-type": content_type}}
+
+
+def no_boundary():
+    return {"content": images.png(), "headers": {"content-type": "multipart/form-data"}}
+
+
+def malformed_multipart():
+    return {"content": b"--xyz\r\nthis is not a part header\r\n\r\n--", "headers": {
+        "content-type": "multipart/form-data; boundary=xyz"}}
+
+
+def two_files():
+    return {"files": [("file", ("a.png", images.png())), ("file", ("b.png", images.png(seed=1)))]}
+
+
+HUGE = images.png() + b"\0" * (UPLOAD_LIMIT + 1)
+gif, _ = images.animated_gif()
+sixteen, _ = images.sixteen_bit_png()
+
+# (case, request arguments, expected status): images that must work, then everything that must not.
+CASES = [
+    ("png-multipart", multipart(images.png()), 200),
+    ("png-raw-body", raw(images.png()), 200),
+    ("jpeg-sent-as-image/png", raw(images.jpeg(), "image/png"), 200),
+    ("png-named-notes.txt", multipart(images.png(), "notes.txt", "text/plain"), 200),
+    ("1x1-pixel", multipart(images.encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")), 200),
+    ("cmyk-jpeg", multipart(images.cmyk_jpeg(), "c.jpg", "image/jpeg"), 200),
+    ("16-bit-grayscale-png", multipart(sixteen), 200),
+    ("palette-with-transparency", multipart(images.palette_with_transparency()), 200),
+    ("transparent-rgba", multipart(images.transparent_rgba()), 200),
+    ("gray-alpha", multipart(images.gray_alpha_png()), 200),
+    ("animated-gif", multipart(gif, "a.gif", "image/gif"), 200),
+    ("exif-rotated-jpeg", multipart(images.exif_rotated_jpeg(), "r.jpg", "image/jpeg"), 200),
+    ("webp", raw(images.encode(Image.fromarray(images.pixels()), "WEBP"), "image/webp"), 200),
+    ("bmp", raw(images.encode(Image.fromarray(images.pixels()), "BMP"), "image/bmp"), 200),
+    ("tiff", raw(images.encode(Image.fromarray(images.pixels()), "TIFF"), "image/tiff"), 200),
+    ("12-megapixel-photo", multipart(images.photo_jpeg(), "p.jpg", "image/jpeg"), 200),
+    ("empty-raw-body", raw(b""), 400),
+    ("empty-file", multipart(b""), 400),
+    ("no-body-no-content-type", {}, 400),
+    ("missing-field", multipart(images.png(), field="image"), 400),
+    ("two-files-to-/predict", two_files(), 400),
+    ("multipart-without-boundary", no_boundary(), 400),
+    ("malformed-multipart", malformed_multipart(), 400),
+    ("text-file", multipart(images.TEXT, "a.txt", "text/plain"), 415),
+    ("text/plain-body", raw(images.TEXT, "text/plain"), 415),
+    ("json-body", raw(b'{"image": "cat"}', "application/json"), 415),
+    ("octet-stream-body", raw(images.png(), "application/octet-stream"), 415),
+    ("pdf", multipart(images.PDF, "doc.pdf", "application/pdf"), 415),
+    ("svg", raw(images.SVG, "image/svg+xml"), 415),
+    ("truncated-png", multipart(images.png(64, 64)[:300]), 415),
+    ("truncated-jpeg", multipart(images.jpeg(64, 64)[:400], "t.jpg", "image/jpeg"), 415),
+    ("corrupt-png", multipart(images.corrupt_png()), 415),
+    ("random-bytes", raw(bytes(range(256)) * 8, "image/jpeg"), 415),
+    ("10000x10000-bomb", multipart(images.bomb_png()), 413),
+    ("huge-multipart", multipart(HUGE), 413),
+    ("huge-raw-body", raw(HUGE), 413),
+    ("huge-chunked-body-without-length", chunked(HUGE), 413),
+]
+
+
+@pytest.mark.parametrize(("case", "arguments", "status"), CASES, ids=[case for case, _, _ in CASES])
+async def test_every_kind_of_input_gets_its_status_and_never_a_5xx(client, case, arguments, status):
+    response = await client.post("/predict", **arguments)
+    assert response.status_code == status, response.text
+    assert response.headers["x-request-id"]
+    body = response.json()
+    if status == 200:
+        assert_prediction(body, top_k=3)
+    else:
+        assert isinstance(body["detail"], str) and len(body["detail"]) > 20
+
+
+@pytest.mark.parametrize("top_k", ["0", "11", "-1", "three"])
+async def test_top_k_outside_1_to_10_is_refused(client, top_k):
+    response = await client.post(f"/predict?top_k={top_k}", **multipart(images.png()))
+    assert response.status_code == 422
+    assert "top_k" in response.json()["detail"]
+
+
+def assert_prediction(body: dict, top_k: int) -> None:
+    assert set(body) == {"label", "index", "confidence", "probabilities", "top_k", "model_version"}
+    probabilities = body["probabilities"]
+    assert list(probabilities) == list(CLASS_NAMES)
+    assert math.isclose(sum(probabilities.values()), 1.0, abs_tol=1e-5)
+    assert all(0.0 <= p <= 1.0 for p in probabilities.values())
+    best = max(probabilities, key=probabilities.get)
+    assert body["label"] == best == CLASS_NAMES[body["index"]]
+    assert body["confidence"] == probabilities[best]
+    ranked = [entry["probability"] for entry in body["top_k"]]
+    assert len(ranked) == top_k and ranked == sorted(ranked, reverse=True)
+    assert body["top_k"][0]["label"] == best
+    assert all(probabilities[entry["label"]] == entry["probability"] for entry in body["top_k"])
+
+
+async def test_the_answer_names_the_served_model_and_honours_top_k(client):
+    response = await client.post("/predict?top_k=7", **multipart(images.png()))
+    assert_prediction(response.json(), top_k=7)
+    assert response.json()["model_version"] == (await client.get("/model")).json()["version"]
+
+
+async def test_the_same_image_by_multipart_and_raw_body_gets_the_same_answer(client):
+    by_form = (await client.post("/predict", **multipart(images.png(seed=5)))).json()
+    by_body = (await client.post("/predict", **raw(images.png(seed=5)))).json()
+    assert by_form == by_body
+
+
+async def test_exif_rotation_is_applied_before_the_model_sees_the_image(client):
+    exif_jpeg = images.exif_rotated_jpeg()
+    stored = Image.open(io.BytesIO(exif_jpeg)).convert("RGB")  # as stored, ignoring EXIF
+    upright = images.encode(stored.transpose(Image.Transpose.ROTATE_270), "PNG")
+    sideways = images.encode(stored, "PNG")
+    answer = (await client.post("/predict", **multipart(exif_jpeg, "r.jpg", "image/jpeg"))).json()
+    as_upright = (await client.post("/predict", **multipart(upright))).json()
+    as_sideways = (await client.post("/predict", **multipart(sideways))).json()
+    assert answer["probabilities"] == pytest.approx(as_upright["probabilities"], abs=1e-6)
+    assert answer["probabilities"] != pytest.approx(as_sideways["probabilities"], abs=1e-6)
+
+
+async def test_a_batch_is_answered_in_upload_order_with_the_single_image_answers(client):
+    uploads = [images.png(seed=seed) for seed in range(5)]
+    singles = [(await client.post("/predict", **multipart(data))).json() for data in uploads]
+    response = await client.post("/predict/batch?top_k=2",
+                                 files=[("files", (f"{n}.png", data, "image/png")) for n, data in enumerate(uploads)])
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [p["label"] for p in predictions] == [s["label"] for s in singles]
+    for prediction, single in zip(predictions, singles):
+        assert_prediction(prediction, top_k=2)
+        assert prediction["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
+    assert len({p["model_version"] for p in predictions}) == 1
+
+
+async def test_a_batch_over_the_file_limit_is_413(service):
+    limit = service.app.state.settings.max_batch_files
+    files = [("files", (f"{n}.png", images.png(8, 8), "image/png")) for n in range(limit + 1)]
+    response = await service.client.post("/predict/batch", files=files)
+    assert response.status_code == 413
+    assert "APP_MAX_BATCH_FILES" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(("arguments", "status", "detail"), [
+    ({"files": [("files", ("a.png", images.png())), ("files", ("b.txt", images.TEXT)),
+                ("files", ("c.png", images.png()))]}, 415, "file 2 of 3"),
+    ({"files": [("other", ("a.png", images.png()))]}, 400, "no file in field 'files'"),
+    ({"files": [("files", ("a.png", b""))]}, 400, "empty"),
+    (raw(images.png()), 415, "multipart/form-data"),
+])
+async def test_batch_errors_name_the_problem(client, arguments, status, detail):
+    response = await client.post("/predict/batch", **arguments)
+    assert response.status_code == status
+    assert detail in response.json()["detail"]
+
+
+async def test_answers_do_not_depend_on_which_requests_share_a_batch(client):
+    import anyio
+
+    uploads = [images.png(seed=seed) for seed in range(12)]
+    alone = [np.array(list((await client.post("/predict", **raw(d))).json()["probabilities"].values()))
+             for d in uploads]
+    together: list[np.ndarray | None] = [None] * len(uploads)
+
+    async def send(index: int) -> None:
+        body = (await client.post("/predict", **raw(uploads[index]))).json()
+        together[index] = np.array(list(body["probabilities"].values()))
+
+    async with anyio.create_task_group() as group:
+        for index in range(len(uploads)):
+            group.start_soon(send, index)
+    for single, batched in zip(alone, together):
+        assert np.allclose(single, batched, atol=1e-5)

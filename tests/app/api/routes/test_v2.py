@@ -1,0 +1,128 @@
+"""The KServe v2 / Open Inference Protocol routes, checked against the spec's shapes and against /predict."""
+
+import numpy as np
+import pytest
+
+from model.checkpoint import read_card
+from model.labels import CLASS_NAMES
+from tests.app import images
+
+pytestmark = pytest.mark.anyio
+INFER = "/v2/models/resnet50/infer"
+
+
+def uint8_request(pixels: np.ndarray, **extra) -> dict:
+    return {"inputs": [{"name": "pixels", "shape": list(pixels.shape), "datatype": "UINT8",
+                        "data": pixels.ravel().tolist()}]} | extra
+
+
+async def test_health_and_metadata(client, tiny_checkpoint):
+    card = read_card(tiny_checkpoint)
+    assert (await client.get("/v2/health/live")).json() == {"live": True}
+    assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+    assert (await client.get("/v2/models/resnet50/ready")).json() == {"name": "resnet50", "ready": True}
+    server = (await client.get("/v2")).json()
+    assert server["name"] == "cifar-serve" and "classification" in server["extensions"]
+    metadata = (await client.get("/v2/models/resnet50")).json()
+    assert metadata["name"] == "resnet50" and metadata["versions"] == [card.version]
+    assert {"name": "pixels", "datatype": "UINT8", "shape": [-1, 32, 32, 3]} in metadata["inputs"]
+    assert {"name": "normalized", "datatype": "FP32", "shape": [-1, 3, 32, 32]} in metadata["inputs"]
+    assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    versioned = await client.get(f"/v2/models/resnet50/versions/{card.version}")
+    assert versioned.status_code == 200
+
+
+async def test_uint8_pixels_get_the_same_probabilities_as_the_png_on_predict(client):
+    pixels = np.stack([images.pixels(32, 32, seed) for seed in range(3)])
+    response = await client.post(INFER, json=uint8_request(pixels, id="req-42"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == "req-42" and body["model_name"] == "resnet50"
+    assert body["model_version"] == (await client.get("/model")).json()["version"]
+    (output,) = body["outputs"]
+    assert output["name"] == "probabilities" and output["datatype"] == "FP32" and output["shape"] == [3, 10]
+    probabilities = np.array(output["data"]).reshape(3, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    for row, image in zip(probabilities, pixels):
+        png = images.encode(__import__("PIL.Image").Image.fromarray(image), "PNG")
+        single = (await client.post("/predict", content=png, headers={"content-type": "image/png"})).json()
+        assert np.allclose(row, list(single["probabilities"].values()), atol=1e-5)
+
+
+async def test_fp32_normalised_input_and_nested_data_give_the_same_answer(client, tiny_checkpoint):
+    card = read_card(tiny_checkpoint)
+    pixels = images.pixels(32, 32, seed=7)[None]
+    normalised = ((pixels.transpose(0, 3, 1, 2) / 255.0 - np.array(card.mean)[:, None, None])
+                  / np.array(card.std)[:, None, None])
+    flat = (await client.post(INFER, json=uint8_request(pixels))).json()["outputs"][0]["data"]
+    nested = {"inputs": [{"name": "normalized", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                          "data": normalised.tolist()}]}
+    response = await client.post(INFER, json=nested)
+    assert response.status_code == 200, response.text
+    assert np.allclose(response.json()["outputs"][0]["data"], flat, atol=1e-5)
+
+
+async def test_the_classification_parameter_returns_labels(client):
+    pixels = np.stack([images.pixels(32, 32, seed) for seed in range(2)])
+    plain = np.array((await client.post(INFER, json=uint8_request(pixels))).json()["outputs"][0]["data"]).reshape(2, 10)
+    request = uint8_request(pixels, outputs=[{"name": "probabilities", "parameters": {"classification": 3}}])
+    output = (await client.post(INFER, json=request)).json()["outputs"][0]
+    assert output["datatype"] == "BYTES" and output["shape"] == [2, 3]
+    for row, entries in zip(plain, np.array(output["data"]).reshape(2, 3)):
+        order = np.argsort(-row, kind="stable")[:3]
+        for index, entry in zip(order, entries):
+            value, position, label = entry.split(":")
+            assert int(position) == index and label == CLASS_NAMES[index]
+            assert float(value) == pytest.approx(row[index], abs=1e-6)
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    ({"inputs": []}, 400, "inputs"),
+    ({"id": 3, "inputs": "x"}, 400, "not a v2 inference request"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "INT64", "data": [0] * 3072}]}, 400, "datatype"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32], "datatype": "UINT8", "data": [0] * 1024}]}, 400, "shape"),
+    ({"inputs": [{"name": "x", "shape": [0, 32, 32, 3], "datatype": "UINT8", "data": []}]}, 400, "N >= 1"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 10}]}, 400, "needs 3072"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [256] * 3072}]}, 400, "0 to 255"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0.5] * 3072}]}, 400, "integers"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": ["a"] * 3072}]}, 400, "numbers"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [[1, 2], [3]]}]}, 400, "numbers"),
+    ({"inputs": [{"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [float("nan")] * 3072}]}, 400,
+     "not a v2 inference request|finite"),
+    ({"inputs": [{"name": "x", "shape": [17, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072 * 17}]}, 413,
+     "APP_MAX_BATCH_FILES"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
+      "outputs": [{"name": "logits"}]}, 400, "unknown output"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
+      "outputs": [{"name": "probabilities", "parameters": {"classification": 11}}]}, 400, "1 to 10"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
+      "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}, 400, "binary"),
+])
+async def test_bad_requests_get_a_v2_error_object(client, body, status, message):
+    import json
+    import re
+
+    response = await client.post(INFER, content=json.dumps(body, allow_nan=True),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"}
+    assert re.search(message, response.json()["error"])
+
+
+@pytest.mark.parametrize("path", ["/v2/models/resnet18", "/v2/models/resnet50/versions/resnet50-000000000000",
+                                  "/v2/models/other/ready"])
+async def test_unknown_models_and_versions_are_404(client, path):
+    response = await client.get(path)
+    assert response.status_code == 404
+    assert "resnet50" in response.json()["error"]
+
+
+async def test_binary_tensor_data_is_refused_with_what_to_do(client):
+    response = await client.post(INFER, content=b"{}", headers={"inference-header-content-length": "2",
+                                                                "content-type": "application/octet-stream"})
+    assert response.status_code == 400 and "binary_data=False" in response.json()["error"]
+
+
+async def test_malformed_json_is_a_400(client):
+    response = await client.post(INFER, content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()

@@ -1,0 +1,55 @@
+import pytest
+from pydantic import ValidationError
+
+from app.config import DEFAULT_WEIGHTS, REPO_ROOT, Settings
+
+
+def test_defaults(monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("APP_"):
+            monkeypatch.delenv(name)
+    settings = Settings()
+    assert settings.weights == DEFAULT_WEIGHTS == REPO_ROOT / "weights" / "resnet50"
+    assert settings.device == "auto" and settings.admin_token is None
+    assert (settings.max_batch_size, settings.max_queue, settings.max_batch_files) == (32, 256, 64)
+
+
+def test_settings_come_from_app_environment_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("APP_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("APP_DEVICE", "cuda:1")
+    monkeypatch.setenv("APP_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("APP_MAX_BATCH_DELAY_MS", "2.5")
+    monkeypatch.setenv("APP_ADMIN_TOKEN", "a-long-enough-real-secret")
+    settings = Settings()
+    assert settings.weights == tmp_path and settings.device == "cuda:1"
+    assert settings.max_batch_size == 7 and settings.max_batch_delay_ms == 2.5
+    assert settings.admin_token.get_secret_value() == "a-long-enough-real-secret"
+    assert "a-long-enough" not in repr(settings), "the token must not show in logs or tracebacks"
+
+
+@pytest.mark.parametrize("token", ["changeme", "CHANGEME", "changethis", "secret", "password", "short-token"])
+def test_placeholder_and_short_admin_tokens_are_refused(token):
+    with pytest.raises(ValidationError, match="APP_ADMIN_TOKEN must be a real secret"):
+        Settings(admin_token=token)
+
+
+def test_an_empty_admin_token_means_admin_is_disabled():
+    assert Settings(admin_token="").admin_token is None
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "CPU", "mps", "cuda:x"])
+def test_unknown_devices_are_refused(device):
+    with pytest.raises(ValidationError, match="use auto, cpu, cuda or cuda:N"):
+        Settings(device=device)
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_batch_size", 0), ("max_queue", 0), ("request_timeout_s", 0),
+                                              ("max_upload_bytes", 0), ("max_batch_delay_ms", -1)])
+def test_limits_must_be_positive(field, value):
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: value})
+
+
+def test_a_queue_shorter_than_one_batch_upload_is_refused():
+    with pytest.raises(ValidationError, match="APP_MAX_QUEUE=8 is smaller than APP_MAX_BATCH_FILES=16"):
+        Settings(max_queue=8, max_batch_files=16)
