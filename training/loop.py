@@ -87,6 +87,28 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing
     return -((1 - smoothing) * true_class + smoothing * log_probabilities.mean(1)).mean()
 
 
+def train_step(
+    learner: Learner,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    config: TrainingConfig,
+    autocast: Callable[[], AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a uint8 batch: augment, forward, backward, update. Returns (loss, logits)."""
+    batch = training_batch(images, generator, config.cutout)
+    with autocast():
+        logits = learner.step_model(batch)
+    loss = smoothed_cross_entropy(logits, labels, config.label_smoothing)
+    learner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    learner.optimizer.step()
+    learner.scheduler.step()
+    if learner.ema is not None:
+        learner.ema.update_parameters(learner.model)
+    return loss, logits
+
+
 @dataclass(frozen=True)
 class EpochResult:
     loss: float      # mean training loss (label-smoothed) over the epoch's images
@@ -124,16 +146,7 @@ def train_one_epoch(
                     disable=None if worker.is_main else True)
     for step, indices in enumerate(batches):
         labels = data.labels[indices]
-        images = training_batch(data.images[indices], generator, config.cutout)
-        with autocast():
-            logits = learner.step_model(images)
-        loss = smoothed_cross_entropy(logits, labels, config.label_smoothing)
-        learner.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        learner.optimizer.step()
-        learner.scheduler.step()
-        if learner.ema is not None:
-            learner.ema.update_parameters(learner.model)
+        loss, logits = train_step(learner, data.images[indices], labels, generator, config, autocast)
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         progress.update()
