@@ -43,12 +43,18 @@ def is_alive(pid: int, started: int | None) -> bool:
     return True
 
 
-def launch(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own session with stdout and stderr appended to ``log_path``."""
+# Secrets of the service that a training process has no use for.
+WITHHELD_VARIABLES = frozenset({"APP_ADMIN_TOKEN"})
+
+
+def launch(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session with stdout and stderr appended to ``log_path``, unbuffered so the log
+    follows the run, and without the service's secrets in its environment."""
+    env = {name: value for name, value in os.environ.items() if name not in WITHHELD_VARIABLES}
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True, env=env | {"PYTHONUNBUFFERED": "1"},
         )
 
 

@@ -180,13 +180,11 @@ class JobRunner:
             return
         # Without a training-state checkpoint (stopped before its first one) there is nothing to continue
         # from, so the job starts over with its original parameters.
-        if resume and (run_dir / STATE_FILE).is_file():
-            argv = self.command.resume(job.params, run_dir)
-        else:
-            argv = self.command.start(job.params, run_dir)
+        continuing = resume and (run_dir / STATE_FILE).is_file()
+        argv = (self.command.resume if continuing else self.command.start)(job.params, run_dir)
         log_path = run_dir / LOG_FILE
         with open(log_path, "a") as log:
-            log.write(f"# {'resuming' if resume else 'starting'}: {subprocess.list2cmdline(argv)}\n")
+            log.write(f"# {'resuming' if continuing else 'starting'}: {subprocess.list2cmdline(argv)}\n")
         try:
             child = processes.launch(argv, log_path)
         except OSError as error:

@@ -216,3 +216,25 @@ def test_a_missing_dataset_fails_the_job_before_any_process_starts(tmp_path: Pat
         assert command.data_problem() is None
 
     asyncio.run(scenario())
+
+
+def test_resuming_before_the_first_training_state_starts_over(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runner, _ = make_runner(tmp_path, "--epoch-seconds", "0.01")
+        job = await runner.submit(TrainParams(epochs=3))
+        await runner.cancel(job.id)
+        (runner.run_dir(job.id) / "state.pt").unlink(missing_ok=True)
+        await runner.resume(job.id)
+        assert (await wait_for(runner, job.id, finished)).status == JobStatus.SUCCEEDED
+        log = runner.logs(job.id)
+        assert log.count("# starting: ") == 2 and "# resuming: " not in log
+
+    asyncio.run(scenario())
+
+
+def test_the_training_process_does_not_inherit_the_admin_token(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("APP_ADMIN_TOKEN", "a-secret-the-trainer-never-needs")
+    monkeypatch.setenv("APP_DATA_DIR", "/kept")
+    script = "import os; print(os.environ.get('APP_ADMIN_TOKEN'), os.environ['APP_DATA_DIR'])"
+    processes.launch([sys.executable, "-c", script], tmp_path / "log").wait()
+    assert (tmp_path / "log").read_text() == "None /kept\n"
