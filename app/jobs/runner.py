@@ -173,22 +173,22 @@ class JobRunner:
         return job
 
     def _start(self, job: Job, *, resume: bool) -> None:
-        run_dir = self.run_dir(job.id)
-        run_dir.mkdir(parents=True, exist_ok=True)
         if (problem := self.command.data_problem()) is not None:
             self.store.finish(job.id, JobStatus.FAILED, error=problem)
             return
+        run_dir = self.run_dir(job.id)
         # Without a training-state checkpoint (stopped before its first one) there is nothing to continue
         # from, so the job starts over with its original parameters.
         continuing = resume and (run_dir / STATE_FILE).is_file()
         argv = (self.command.resume if continuing else self.command.start)(job.params, run_dir)
         log_path = run_dir / LOG_FILE
-        with open(log_path, "a") as log:
-            log.write(f"# {'resuming' if continuing else 'starting'}: {subprocess.list2cmdline(argv)}\n")
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as log:
+                log.write(f"# {'resuming' if continuing else 'starting'}: {subprocess.list2cmdline(argv)}\n")
             child = processes.launch(argv, log_path)
-        except OSError as error:
-            self.store.finish(job.id, JobStatus.FAILED, error=f"could not start training ({argv[0]}): {error}")
+        except OSError as error:  # an unwritable state directory, a missing interpreter: the job fails, not the API
+            self.store.finish(job.id, JobStatus.FAILED, error=f"could not start training in {run_dir}: {error}")
             return
         self._children[job.id] = child
         if not resume:

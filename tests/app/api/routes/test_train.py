@@ -255,7 +255,8 @@ def test_unknown_jobs_are_404(idle_client: TestClient, method: str, path: str) -
 
 @pytest.mark.parametrize(("body", "field"), [
     ({"epochs": 0}, "epochs"), ({"arch": "vgg16"}, "arch"), ({"lr": "fast"}, "lr"), ({"gpus": 64}, "gpus"),
-    ({"batch_size": 15, "gpus": 2}, "gpus"), ({"epochs": 1}, "warmup_epochs"), ({"learning_rate": 0.1}, "learning_rate"),
+    ({"batch_size": 15, "gpus": 2}, "gpus"), ({"epochs": 1}, "warmup_epochs"),
+    ({"learning_rate": 0.1}, "learning_rate"),
 ])
 def test_impossible_parameters_are_422_naming_the_field(idle_client: TestClient, body: dict, field: str) -> None:
     response = idle_client.post("/train", json=body, headers=ADMIN)
