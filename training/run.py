@@ -93,12 +93,12 @@ class TrainingRun:
             self._save_state(learner, log)  # epoch 0, so that --resume always has something to continue
         try:
             evaluations = self._train_epochs(learner, log, train, test, holdout)
+            return self._finish(learner, log, data, *evaluations)
         except Interrupted as stop:
             log.write("interrupted", signal=stop.signal_name, finished_epochs=self.finished_epochs)
             raise
-        final = self._finish(learner, log, data, *evaluations)
-        log.close()
-        return final
+        finally:
+            log.close()
 
     def _open_log(self, learner: Learner) -> MetricsLog:
         """Fresh: write config.json and start metrics.jsonl afresh. Resumed: load state.pt into ``learner``
