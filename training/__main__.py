@@ -27,8 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 run_training(command)
         except Interrupted as stop:
-            hint = f"; continue with: python -m training --resume --run-dir {command.run_dir}" if command.run_dir else ""
-            print(f"stopped by {stop.signal_name}{hint}", file=sys.stderr, flush=True)
+            resume = f"; continue with: python -m training --resume --run-dir {command.run_dir}"
+            print(f"stopped by {stop.signal_name}{resume if command.run_dir else ''}", file=sys.stderr, flush=True)
             return stop.exit_code
         except (CheckpointError, DatasetError, DeviceError, StateError, TrainingError) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)

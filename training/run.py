@@ -150,7 +150,8 @@ class TrainingRun:
                 "epoch", epoch=self.finished_epochs, epochs=config.epochs, train_loss=result.loss,
                 train_accuracy=result.accuracy, test_accuracy=_accuracy_or_none(test_result), **extra,
                 images_per_s=result.images / result.seconds, epoch_seconds=result.seconds,
-                eta_s=seconds_per_epoch * (config.epochs - self.finished_epochs), lr=learner.scheduler.get_last_lr()[0],
+                eta_s=seconds_per_epoch * (config.epochs - self.finished_epochs),
+                lr=learner.scheduler.get_last_lr()[0],
             )
             if self.worker.is_main:
                 tqdm.write(epoch_log_line(record))
