@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     weights: Path = Field(DEFAULT_WEIGHTS, description="checkpoint directory (model.safetensors + card.json) "
                           "served at start-up; when it does not exist the service starts without a model")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    max_batch_size: int = Field(32, ge=1, le=4096, description="most images in one forward pass")
+    max_batch_size: int = Field(0, ge=0, le=4096, description="most images in one forward pass; 0 = automatic "
+                                "(16 on the CPU, 128 on CUDA)")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=1000, description="longest wait for more images after the "
                                       "first one of a batch arrives, while the device is idle")
     max_queue: int = Field(256, ge=1, description="images waiting for the device before new requests get 503")
@@ -41,6 +42,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height), from its header")
     max_batch_files: int = Field(64, ge=1, description="most images in one /predict/batch or v2 infer request")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*; unset disables them")
+    cpu_backend: Literal["fused", "eager"] = Field("fused", description="how the model runs on the CPU "
+                                                  "(model/inference.py): fused = BatchNorm folded into the "
+                                                  "convolutions, exact and faster; eager = as trained")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of each forward pass; 0 = automatic")
     parallel_batches: int = Field(0, ge=0, description="forward passes run at once; 0 = automatic")
     decode_threads: int = Field(0, ge=0, description="threads decoding images; 0 = automatic")

@@ -49,6 +49,7 @@ from app.engine.errors import (
 )
 from app.engine.served_model import BatchStager, ServedModel
 from model.checkpoint import CheckpointError, ModelCard
+from model.inference import DEFAULT_CPU_BACKEND
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +95,11 @@ class InferenceEngine:
         max_batch_delay_s: float,
         max_queue: int,
         parallel_batches: int = 1,
+        cpu_backend: str = DEFAULT_CPU_BACKEND,
         observer: EngineObserver | None = None,
     ) -> None:
         self.device = device
+        self.cpu_backend = cpu_backend
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
@@ -183,7 +186,7 @@ class InferenceEngine:
 
     def _prepare(self, checkpoint: Path, current: ServedModel | None) -> ServedModel:
         try:
-            served = ServedModel.load(checkpoint, self.device)
+            served = ServedModel.load(checkpoint, self.device, self.cpu_backend)
         except OSError as error:  # unreadable files; CheckpointError covers the rest
             raise CheckpointError(f"cannot read the checkpoint at {checkpoint}: {error}") from None
         if current is not None and served.card.input_size != current.card.input_size:

@@ -1,6 +1,8 @@
 """One verified checkpoint made ready to serve: on its device, in eval mode, channels_last, warmed up.
 
-``ServedModel.load(path, device)`` verifies the checkpoint (card, SHA-256) through ``model.checkpoint``;
+``ServedModel.load(path, device, backend)`` verifies the checkpoint (card, SHA-256) through ``model.checkpoint``
+and prepares it with ``model.inference`` (on the CPU, ``backend``: BatchNorm folded into the convolutions by
+default, see APP_CPU_BACKEND);
 ``probabilities(batch)`` maps a normalised float batch to softmax probabilities, in float32 on the CPU
 (bf16 autocast on CUDA, where tensor cores make it ~2x faster; float32 on the CPU, where bf16 is
 emulated on most cores and slower).
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from model.checkpoint import ModelCard, load_checkpoint
+from model.inference import DEFAULT_CPU_BACKEND, prepare_for_inference
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,12 +30,15 @@ class ServedModel:
     device: torch.device
     mean: torch.Tensor  # (1, 3, 1, 1), float32, on device, on the 0..1 scale
     std: torch.Tensor
+    backend: str = "eager"  # model.inference backend; on CUDA always eager
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: torch.device) -> ServedModel:
+    def load(cls, path: str | os.PathLike[str], device: torch.device,
+             backend: str = DEFAULT_CPU_BACKEND) -> ServedModel:
         checkpoint = load_checkpoint(path, device)
         # oneDNN and cuDNN both run convolutions natively in NHWC; NCHW costs a layout reorder per layer.
-        network = checkpoint.model.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+        # On the CPU the backend also folds BatchNorm into the convolutions (README "Benchmarks").
+        network = prepare_for_inference(checkpoint.model, device, backend).requires_grad_(False)
         card = checkpoint.card
         shape = (1, 3, 1, 1)
         return cls(
@@ -41,6 +47,7 @@ class ServedModel:
             device=device,
             mean=torch.tensor(card.mean, dtype=torch.float32, device=device).view(shape),
             std=torch.tensor(card.std, dtype=torch.float32, device=device).view(shape),
+            backend=backend if device.type == "cpu" else "eager",
         )
 
     @property
