@@ -6,6 +6,8 @@ handful of kernels on the GPU and the same generator state always gives the same
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from model.labels import CIFAR10_MEAN, CIFAR10_STD
@@ -55,11 +57,18 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     return images.masked_fill(square[:, None], 0.0)
 
 
+@functools.cache
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std on the 0..255 scale, made once per device rather than copied to the GPU every batch."""
+    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 RGB -> float32 standardised with the CIFAR-10 statistics, in channels_last (the layout that lets
     cuDNN use tensor cores for every convolution without transposes)."""
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _statistics(images.device)
     return ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
