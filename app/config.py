@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     weights: Path = Field(DEFAULT_WEIGHTS, description="checkpoint directory (model.safetensors + card.json) "
                           "served at start-up; when it does not exist the service starts without a model")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    max_batch_size: int = Field(32, ge=1, le=4096, description="most images in one forward pass")
+    max_batch_size: int = Field(0, ge=0, le=4096, description="most images in one forward pass; 0 = automatic "
+                                "(16 on the CPU, 128 on CUDA)")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=1000, description="longest wait for more images after the "
                                       "first one of a batch arrives, while the device is idle")
     max_queue: int = Field(256, ge=1, description="images waiting for the device before new requests get 503")

@@ -21,7 +21,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import admin, health, model, models, predict, train, v2, web
 from app.config import Settings
-from app.engine.device import apply_thread_plan, plan_threads, resolve_device
+from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
 from app.engine.preprocessing import Preprocessor
 from app.jobs.service import initial_weights, open_training_jobs
@@ -63,7 +63,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     preprocessor = Preprocessor(plan.decode_threads, settings.max_image_pixels)
     engine = InferenceEngine(
         device,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=resolve_batch_size(device, settings.max_batch_size),
         max_batch_delay_s=settings.max_batch_delay_ms / 1000,
         max_queue=settings.max_queue,
         parallel_batches=plan.parallel_batches,

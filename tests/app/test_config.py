@@ -11,7 +11,7 @@ def test_defaults(monkeypatch):
     settings = Settings()
     assert settings.weights == DEFAULT_WEIGHTS == REPO_ROOT / "weights" / "resnet50"
     assert settings.device == "auto" and settings.admin_token is None
-    assert (settings.max_batch_size, settings.max_queue, settings.max_batch_files) == (32, 256, 64)
+    assert (settings.max_batch_size, settings.max_queue, settings.max_batch_files) == (0, 256, 64)
 
 
 def test_settings_come_from_app_environment_variables(monkeypatch, tmp_path):
@@ -43,7 +43,7 @@ def test_unknown_devices_are_refused(device):
         Settings(device=device)
 
 
-@pytest.mark.parametrize(("field", "value"), [("max_batch_size", 0), ("max_queue", 0), ("request_timeout_s", 0),
+@pytest.mark.parametrize(("field", "value"), [("max_batch_size", -1), ("max_queue", 0), ("request_timeout_s", 0),
                                               ("max_upload_bytes", 0), ("max_batch_delay_ms", -1)])
 def test_limits_must_be_positive(field, value):
     with pytest.raises(ValidationError, match=field):
