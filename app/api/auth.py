@@ -19,7 +19,7 @@ from app.config import Settings
 _bearer = HTTPBearer(auto_error=False, description="APP_ADMIN_TOKEN")
 
 
-def require_admin(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def require_admin(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
     settings: Settings = request.app.state.settings
     if settings.admin_token is None:
         raise HTTPException(403, "admin routes are disabled: set APP_ADMIN_TOKEN to a secret of at least 16 "
