@@ -1,0 +1,167 @@
+"""A closed-loop HTTP load generator for image classifiers: ``concurrency`` clients, each posting its next
+image as soon as its previous answer arrives, for a fixed duration after a warm-up.
+
+    result = asyncio.run(drive("http://127.0.0.1:8000/predict", upload, concurrency=32, duration=15))
+
+``Upload`` says how the image travels: a multipart field (what a browser form, ``curl -F`` and most
+tutorials' clients send, and what every server in ``benchmarks/compare.py`` accepts) or a raw body with an
+``image/*`` Content-Type. Every response is checked: a non-200 status, a body without the expected JSON
+fields, a timeout or a refused connection counts as an error of its kind, never as a served request, and
+never stops the run. Throughput and latencies are of the successful requests completed inside the
+measured window.
+
+The generator shares the machine with the server, so it is kept cheap: the request body is encoded once,
+and clients share httpx pools of 8 connections (httpcore scans its whole pool on every request; one pool
+of 64 cost 2.5 ms of client CPU per request instead of 1, as benchmarks/serve_load.py measured). The CPU
+time of the generator and of the server's whole process tree is recorded per level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+RESPONSE_FIELDS = ("label", "index", "confidence", "probabilities", "top_k", "model_version")
+CONNECTIONS_PER_POOL = 8
+
+
+@dataclass(frozen=True)
+class Upload:
+    image: bytes
+    filename: str = "image.png"
+    content_type: str = "image/png"
+    field: str | None = "file"  # multipart field name; None sends the raw bytes as the body
+
+    def encoded(self, url: str) -> tuple[bytes, dict[str, str]]:
+        """The request body and its Content-Type header, encoded once for every request."""
+        if self.field is None:
+            return self.image, {"content-type": self.content_type}
+        request = httpx.Request("POST", url, files={self.field: (self.filename, self.image, self.content_type)})
+        return request.read(), {"content-type": request.headers["content-type"]}
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    duration_s: float
+    requests: int  # successful answers completed in the measured window
+    errors: dict[str, int] = field(default_factory=dict)
+    requests_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    server_cpu_cores: float | None = None  # CPU seconds per second of the server's process tree
+    load_generator_cpu_cores: float | None = None
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "error_count": self.error_count}
+
+
+def check_answer(response: httpx.Response) -> str | None:
+    """None for a good answer, else the kind of error it is."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}"
+    try:
+        body = response.json()
+    except ValueError:
+        return "not JSON"
+    if not isinstance(body, dict) or any(name not in body for name in RESPONSE_FIELDS):
+        return "missing fields"
+    return None
+
+
+async def drive(url: str, upload: Upload, *, concurrency: int, duration: float, warmup: float = 2.0,
+                timeout: float = 60.0, server_pid: int | None = None) -> LevelResult:
+    """Run ``concurrency`` closed-loop clients against ``url`` for ``warmup`` + ``duration`` seconds."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    body, headers = upload.encoded(url)
+    pools = [httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=CONNECTIONS_PER_POOL))
+             for _ in range(-(-concurrency // CONNECTIONS_PER_POOL))]
+    now = time.perf_counter()
+    window_start, window_stop = now + warmup, now + warmup + duration
+
+    async def client_loop(pool: httpx.AsyncClient) -> None:
+        while (started := time.perf_counter()) < window_stop:
+            try:
+                error = check_answer(await pool.post(url, content=body, headers=headers))
+            except httpx.TimeoutException:
+                error = "timeout"
+            except httpx.HTTPError as failure:
+                error = type(failure).__name__
+            finished = time.perf_counter()
+            # Counted by completion time: in a steady state, completions per second in the window are the
+            # throughput, whereas keeping only requests that also started in it would drop the ones in
+            # flight at its start (up to `concurrency` of them).
+            if window_start <= finished <= window_stop:
+                if error is None:
+                    latencies.append(finished - started)
+                else:
+                    errors[error] += 1
+            if error is not None and error.startswith(("Connect", "Remote")):
+                await asyncio.sleep(0.05)  # a server that is down would otherwise be hammered in a busy loop
+
+    async def measure_cpu() -> tuple[float, float]:
+        await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+        # The generator's own process only: the server may be its child.
+        server, client = tree_cpu_seconds(server_pid), cpu_seconds(os.getpid())
+        await asyncio.sleep(max(0.0, window_stop - time.perf_counter()))
+        return tree_cpu_seconds(server_pid) - server, cpu_seconds(os.getpid()) - client
+
+    try:
+        *_, (server_cpu, client_cpu) = await asyncio.gather(
+            *(client_loop(pools[n // CONNECTIONS_PER_POOL]) for n in range(concurrency)), measure_cpu())
+    finally:
+        for pool in pools:
+            await pool.aclose()
+    result = LevelResult(concurrency=concurrency, duration_s=duration, requests=len(latencies),
+                         errors=dict(errors), requests_per_s=len(latencies) / duration,
+                         server_cpu_cores=server_cpu / duration if server_pid else None,
+                         load_generator_cpu_cores=client_cpu / duration)
+    if len(latencies) >= 2:
+        cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+        result.p50_ms, result.p90_ms, result.p99_ms = cuts[49] * 1000, cuts[89] * 1000, cuts[98] * 1000
+    return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process, all its threads (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0  # it exited meanwhile, or this is not Linux
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds of a process and all its descendants (a server's workers)."""
+    return 0.0 if pid is None else sum(cpu_seconds(process) for process in [pid, *_descendants(pid)])
+
+
+def _descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            frontier += children
+    return found
