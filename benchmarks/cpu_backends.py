@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from model.checkpoint import load_checkpoint
-from model.inference import fold_batchnorm
+from model.inference import fold_batchnorm, prepare_for_inference
 from model.labels import CIFAR10_MEAN, CIFAR10_STD
 from model.resnet import build_model
 
@@ -120,7 +120,7 @@ def build_channels_last(model: nn.Module, calibration: torch.Tensor) -> Predict:
 
 
 def build_fused(model: nn.Module, calibration: torch.Tensor) -> Predict:
-    return _channels_last(fold_batchnorm(model))
+    return _channels_last(prepare_for_inference(model, "cpu", "fused"))
 
 
 def build_compile(model: nn.Module, calibration: torch.Tensor) -> Predict:
@@ -132,14 +132,11 @@ def build_compile(model: nn.Module, calibration: torch.Tensor) -> Predict:
 
 
 def build_bf16(model: nn.Module, calibration: torch.Tensor) -> Predict:
-    fused = fold_batchnorm(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    return lambda batch: fused(batch.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)).float()
+    return _channels_last(prepare_for_inference(model, "cpu", "bf16"))
 
 
 def build_int8_fx(model: nn.Module, calibration: torch.Tensor) -> Predict:
-    from model.inference import quantize_int8
-
-    return quantize_int8(fold_batchnorm(model), calibration)
+    return prepare_for_inference(model, "cpu", "int8", calibration=calibration)
 
 
 def build_int8_pt2e(model: nn.Module, calibration: torch.Tensor) -> Predict:
@@ -191,10 +188,10 @@ BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor], Predict]] = {
 NOTES = {
     "fp32": "the model as loaded, NCHW: the reference",
     "channels_last": "weights and inputs NHWC",
-    "fused": "Conv+BN folded (model.inference.fold_batchnorm), channels_last",
+    "fused": "Conv+BN folded (model.inference), channels_last",
     "compile": "fused, torch.compile inductor, freezing, dynamic batch",
-    "bf16": "fused, channels_last, bfloat16 weights and activations",
-    "int8-fx": "fused, FX graph mode static int8, x86 backend, eager kernels",
+    "bf16": "fused, channels_last, bfloat16 weights and activations (model.inference)",
+    "int8-fx": "fused, FX graph mode static int8, x86 engine (model.inference)",
     "int8-pt2e": "fused, PT2E X86InductorQuantizer static int8, then inductor",
     "onnx": "ONNX Runtime CPU provider, dynamo export, all graph optimisations",
 }

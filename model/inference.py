@@ -8,10 +8,15 @@ chosen by what ``benchmarks/cpu_backends.py`` measured (README "Benchmarks" has 
   rewrite (``γ(Wx − μ)/σ + β`` is again a convolution), so it keeps the model's accuracy: outputs agree
   with the unfused model to float32 rounding.
 - ``eager``: the model as trained, in channels_last; the reference the others are checked against.
+- ``bf16`` (opt-in): the fused model in bfloat16, for CPUs with native bf16 dot products (AVX512-BF16,
+  AMX); inputs are cast to bf16 and logits back to float32.
 - ``int8`` (opt-in): the fused model with static post-training int8 quantization (``quantize_int8``),
-  calibrated on ``calibration`` images. Faster, but it changes the numbers: keep it opt-in until a trained
-  checkpoint's test accuracy with it has been measured (``benchmarks/cpu_backends.py --weights``) and found
-  within 0.3 points of float32.
+  calibrated on ``calibration`` images.
+
+``bf16`` and ``int8`` are much faster but change the numbers (bf16 keeps 8 bits of mantissa, int8 rounds
+every activation to 1/256 of its calibrated range): they stay opt-in until a trained checkpoint's test
+accuracy with them has been measured (``benchmarks/cpu_backends.py --weights``) and found within 0.3
+points of float32; no trained checkpoint existed when they were written.
 
 On CUDA every backend is ``eager``: the GPU path is the engine's own (bf16 autocast over channels_last).
 """
@@ -26,8 +31,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-Backend = Literal["eager", "fused", "int8"]
-BACKENDS: tuple[str, ...] = ("eager", "fused", "int8")
+Backend = Literal["eager", "fused", "bf16", "int8"]
+BACKENDS: tuple[str, ...] = ("eager", "fused", "bf16", "int8")
 DEFAULT_CPU_BACKEND: Backend = "fused"
 CALIBRATION_IMAGES = 256  # training images that int8 observes activation ranges on
 
@@ -49,6 +54,8 @@ def prepare_for_inference(
     fused = fold_batchnorm(model)
     if backend == "fused":
         return fused.to(memory_format=torch.channels_last)
+    if backend == "bf16":
+        return BFloat16(fused.to(dtype=torch.bfloat16, memory_format=torch.channels_last))
     if calibration is None:
         raise ValueError("the int8 backend needs calibration images: pass a few hundred normalised "
                          "training images as calibration=")
@@ -88,6 +95,17 @@ def _replace_submodule(root: nn.Module, qualified_name: str, replacement: nn.Mod
     parent_name, _, child_name = qualified_name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child_name, replacement)
+
+
+class BFloat16(nn.Module):
+    """Runs a bfloat16 module on float32 inputs and returns float32 outputs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.module(batch.to(torch.bfloat16)).float()
 
 
 def quantize_int8(model: nn.Module, calibration: torch.Tensor | Sequence[torch.Tensor]) -> fx.GraphModule:

@@ -9,7 +9,11 @@ import torch
 from torch import fx, nn
 
 from model.inference import (
-    BACKENDS, DEFAULT_CPU_BACKEND, fold_batchnorm, prepare_for_inference, quantize_int8,
+    BACKENDS,
+    DEFAULT_CPU_BACKEND,
+    fold_batchnorm,
+    prepare_for_inference,
+    quantize_int8,
 )
 from model.resnet import build_model
 
@@ -17,6 +21,8 @@ from model.resnet import build_model
 FUSED_RELATIVE_TOLERANCE = 1e-4
 # int8 rounds every activation to 1/256 of its calibrated range; measured cosine 0.9993 on resnet18.
 INT8_MIN_COSINE = 0.99
+# bf16 keeps 8 of float32's 24 mantissa bits: relative rounding 2^-9 per operation.
+BF16_MIN_COSINE = 0.999
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -91,6 +97,15 @@ def test_int8_agrees_with_fp32_within_its_tolerance():
     assert nn.functional.cosine_similarity(result, reference).min() >= INT8_MIN_COSINE
     assert (result.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
     assert any(type(module).__module__.startswith("torch.ao.nn.quantized") for module in quantized.modules())
+
+
+def test_bf16_agrees_with_fp32_within_its_tolerance():
+    model = trained_like()
+    batch = images(16, seed=8)
+    reference = logits(model, batch)
+    result = logits(prepare_for_inference(model, "cpu", "bf16"), batch)
+    assert result.dtype == torch.float32
+    assert nn.functional.cosine_similarity(result, reference).min() >= BF16_MIN_COSINE
 
 
 def test_int8_needs_calibration_images():
