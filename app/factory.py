@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI
 
 from app import __version__
@@ -21,6 +22,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import admin, health, model, models, predict, train, v2, web
 from app.config import Settings
+from app.engine.calibration import calibration_pixels
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
 from app.engine.preprocessing import Preprocessor
@@ -54,6 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def needs_calibration(settings: Settings, device: torch.device) -> bool:
+    return settings.cpu_backend == "int8" and device.type == "cpu"
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -68,6 +74,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_queue=settings.max_queue,
         parallel_batches=plan.parallel_batches,
         cpu_backend=settings.cpu_backend,
+        calibration=calibration_pixels(settings.data_dir) if needs_calibration(settings, device) else None,
         observer=app.state.metrics,
     )
     app.state.metrics.track_queue(lambda: engine.queued_images)

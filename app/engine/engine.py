@@ -96,10 +96,12 @@ class InferenceEngine:
         max_queue: int,
         parallel_batches: int = 1,
         cpu_backend: str = DEFAULT_CPU_BACKEND,
+        calibration: np.ndarray | None = None,
         observer: EngineObserver | None = None,
     ) -> None:
         self.device = device
         self.cpu_backend = cpu_backend
+        self.calibration = calibration  # uint8 HWC training images, for the int8 backend
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
@@ -186,7 +188,7 @@ class InferenceEngine:
 
     def _prepare(self, checkpoint: Path, current: ServedModel | None) -> ServedModel:
         try:
-            served = ServedModel.load(checkpoint, self.device, self.cpu_backend)
+            served = ServedModel.load(checkpoint, self.device, self.cpu_backend, self.calibration)
         except OSError as error:  # unreadable files; CheckpointError covers the rest
             raise CheckpointError(f"cannot read the checkpoint at {checkpoint}: {error}") from None
         if current is not None and served.card.input_size != current.card.input_size:

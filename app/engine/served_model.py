@@ -33,26 +33,27 @@ class ServedModel:
     backend: str = "eager"  # model.inference backend; on CUDA always eager
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: torch.device,
-             backend: str = DEFAULT_CPU_BACKEND) -> ServedModel:
+    def load(cls, path: str | os.PathLike[str], device: torch.device, backend: str = DEFAULT_CPU_BACKEND,
+             calibration: np.ndarray | None = None) -> ServedModel:
+        """``calibration``: uint8 HWC training images, for the int8 backend only."""
         checkpoint = load_checkpoint(path, device)
-        # oneDNN and cuDNN both run convolutions natively in NHWC; NCHW costs a layout reorder per layer.
-        # On the CPU the backend also folds BatchNorm into the convolutions (README "Benchmarks").
-        network = prepare_for_inference(checkpoint.model, device, backend).requires_grad_(False)
         card = checkpoint.card
         shape = (1, 3, 1, 1)
-        return cls(
-            card=card,
-            network=network,
-            device=device,
-            mean=torch.tensor(card.mean, dtype=torch.float32, device=device).view(shape),
-            std=torch.tensor(card.std, dtype=torch.float32, device=device).view(shape),
-            backend=backend if device.type == "cpu" else "eager",
-        )
+        mean = torch.tensor(card.mean, dtype=torch.float32, device=device).view(shape)
+        std = torch.tensor(card.std, dtype=torch.float32, device=device).view(shape)
+        if calibration is not None:
+            calibration = (torch.from_numpy(calibration).permute(0, 3, 1, 2).float().div(255.0) - mean) / std
+        # oneDNN and cuDNN both run convolutions natively in NHWC; NCHW costs a layout reorder per layer.
+        # On the CPU the backend also folds BatchNorm into the convolutions (README "Benchmarks").
+        network = prepare_for_inference(checkpoint.model, device, backend, calibration).requires_grad_(False)
+        return cls(card=card, network=network, device=device, mean=mean, std=std,
+                   backend=backend if device.type == "cpu" else "eager")
 
     @property
     def dtype(self) -> str:
-        return "bfloat16 (autocast)" if self.device.type == "cuda" else "float32"
+        if self.device.type == "cuda":
+            return "bfloat16 (autocast)"
+        return {"bf16": "bfloat16", "int8": "int8 (static quantization)"}.get(self.backend, "float32")
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC pixels -> float NCHW normalised with this model's card; the permuted view of an NHWC

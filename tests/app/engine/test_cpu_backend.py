@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from app.config import Settings
+from app.engine.calibration import CalibrationUnavailable, calibration_pixels
 from app.engine.engine import InferenceEngine
 from app.engine.served_model import ServedModel
 
@@ -20,26 +21,53 @@ def batchnorms(model: ServedModel) -> int:
 def test_the_setting_defaults_to_fused_and_refuses_unknown_backends(monkeypatch):
     monkeypatch.delenv("APP_CPU_BACKEND", raising=False)
     assert Settings().cpu_backend == "fused"
-    monkeypatch.setenv("APP_CPU_BACKEND", "eager")
-    assert Settings().cpu_backend == "eager"
+    for backend in ("eager", "bf16", "int8"):
+        monkeypatch.setenv("APP_CPU_BACKEND", backend)
+        assert Settings().cpu_backend == backend
     monkeypatch.setenv("APP_CPU_BACKEND", "tensorrt")
     with pytest.raises(ValidationError, match="cpu_backend"):
         Settings()
 
 
-def test_fused_and_eager_models_give_the_same_probabilities(tiny_checkpoint):
+@pytest.fixture
+def one_thread():
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        fused = ServedModel.load(tiny_checkpoint, torch.device("cpu"))
-        eager = ServedModel.load(tiny_checkpoint, torch.device("cpu"), backend="eager")
-        pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
-        assert (fused.backend, batchnorms(fused)) == ("fused", 0)
-        assert eager.backend == "eager" and batchnorms(eager) > 0
-        assert torch.allclose(fused.probabilities(fused.normalise(pixels)),
-                              eager.probabilities(eager.normalise(pixels)), atol=1e-5)
-    finally:
-        torch.set_num_threads(previous)
+    yield
+    torch.set_num_threads(previous)
+
+
+def pixels(count: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8))
+
+
+def test_fused_and_eager_models_give_the_same_probabilities(tiny_checkpoint, one_thread):
+    fused = ServedModel.load(tiny_checkpoint, torch.device("cpu"))
+    eager = ServedModel.load(tiny_checkpoint, torch.device("cpu"), backend="eager")
+    batch = pixels(4)
+    assert (fused.backend, batchnorms(fused)) == ("fused", 0)
+    assert eager.backend == "eager" and batchnorms(eager) > 0
+    assert torch.allclose(fused.probabilities(fused.normalise(batch)),
+                          eager.probabilities(eager.normalise(batch)), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["bf16", "int8"])
+def test_opt_in_backends_serve_close_to_fused(tiny_checkpoint, synthetic_cifar10, one_thread, backend):
+    calibration = calibration_pixels(synthetic_cifar10) if backend == "int8" else None
+    served = ServedModel.load(tiny_checkpoint, torch.device("cpu"), backend, calibration)
+    fused = ServedModel.load(tiny_checkpoint, torch.device("cpu"))
+    batch = pixels(8)
+    result = served.probabilities(served.normalise(batch))
+    assert served.backend == backend and served.dtype.startswith({"bf16": "bfloat16", "int8": "int8"}[backend])
+    assert result.dtype == torch.float32 and torch.allclose(result.sum(dim=1), torch.ones(8), atol=1e-4)
+    assert (result - fused.probabilities(fused.normalise(batch))).abs().max() < 0.1
+
+
+def test_calibration_images_come_from_the_training_set_in_the_data_dir(synthetic_cifar10, tmp_path):
+    images = calibration_pixels(synthetic_cifar10, count=16)
+    assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8
+    with pytest.raises(CalibrationUnavailable, match="APP_DATA_DIR"):
+        calibration_pixels(tmp_path)
 
 
 async def test_the_engine_prepares_every_model_it_swaps_in_with_its_backend(tiny_checkpoint):
