@@ -82,25 +82,31 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await engine.start()
     app.state.training = training = await open_training_jobs(settings, engine)
     weights = initial_weights(training.registry, settings.weights)
-    loading = asyncio.create_task(load_initial_model(engine, weights), name="initial-model")
+    loading = start_loading(engine, weights)
     training.follow_registry(engine, settings.registry_poll_s)
     try:
         yield
     finally:
-        loading.cancel()
+        if loading is not None:
+            loading.cancel()
         await training.close()  # a running training job is stopped and marked interrupted, never orphaned
         await engine.stop(timeout=settings.request_timeout_s)
         preprocessor.close()
 
 
-async def load_initial_model(engine: InferenceEngine, weights: Path) -> None:
-    """Serve ``weights`` if there is a checkpoint there; otherwise say, on every request, how to get one."""
+def start_loading(engine: InferenceEngine, weights: Path) -> asyncio.Task[None] | None:
+    """Load ``weights`` in the background if there is a checkpoint there; otherwise say, on every request
+    from the first one on, how to get one."""
     _, card = checkpoint_files(weights)
     if not card.is_file():
         engine.unavailable_reason = f"no model is loaded: there is no checkpoint at {weights}; {HOW_TO_GET_A_MODEL}"
         logger.warning(engine.unavailable_reason)
-        return
+        return None
     engine.unavailable_reason = f"the model at {weights} is loading and warming up; retry in a few seconds"
+    return asyncio.create_task(_load_initial_model(engine, weights), name="initial-model")
+
+
+async def _load_initial_model(engine: InferenceEngine, weights: Path) -> None:
     try:
         await engine.swap(weights)
     except Exception as error:  # a bad checkpoint must not stop the service: /admin/reload can still fix it
