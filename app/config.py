@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -66,18 +66,12 @@ class Settings(BaseSettings):
     registry_poll_s: float = Field(5.0, ge=0, description="how often to check the registry's current version "
                                    "and serve one another replica promoted; 0 = never")
 
-    @field_validator("device")
+    @field_validator("device", "training_device")
     @classmethod
-    def _known_device(cls, value: str) -> str:
+    def _known_device(cls, value: str, info: ValidationInfo) -> str:
         if not _DEVICE.match(value):
-            raise ValueError(f"APP_DEVICE={value!r} is not a device: use auto, cpu, cuda or cuda:N")
-        return value
-
-    @field_validator("training_device")
-    @classmethod
-    def _known_training_device(cls, value: str) -> str:
-        if not _DEVICE.match(value):
-            raise ValueError(f"APP_TRAINING_DEVICE={value!r} is not a device: use auto, cpu, cuda or cuda:N")
+            setting = f"APP_{info.field_name.upper()}"
+            raise ValueError(f"{setting}={value!r} is not a device: use auto, cpu, cuda or cuda:N")
         return value
 
     @property

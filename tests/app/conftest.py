@@ -105,13 +105,15 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(tmp_path: Path, environment: dict[str, str], wait_ready: bool = True) -> Iterator[LiveServer]:
-    """``python -m app`` in a subprocess on a free port, with ``APP_*`` from ``environment`` only."""
+def live_server(tmp_path: Path, environment: dict[str, str], wait_ready: bool = True,
+                command: tuple[str, ...] = ("-m", "app")) -> Iterator[LiveServer]:
+    """``python -m app`` (or ``python <command>``) in a subprocess on a free port, with ``APP_*`` from
+    ``environment`` only."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("APP_")} | environment
     log = tmp_path / f"server-{port}.log"
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=REPO_ROOT, env=env,
+        process = subprocess.Popen([sys.executable, *command, "--port", str(port)], cwd=REPO_ROOT, env=env,
                                    stdout=sink, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", process, log)
     try:

@@ -6,8 +6,6 @@ import asyncio
 import json
 import re
 import signal
-import subprocess
-import sys
 
 import httpx
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 
 from app import __main__ as entry_point
 from tests.app import images
-from tests.app.conftest import ADMIN_TOKEN, REPO_ROOT, live_environment, live_server
+from tests.app.conftest import ADMIN_TOKEN, live_environment, live_server
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -165,27 +163,7 @@ def test_sigterm_finishes_the_requests_in_flight(tmp_path, tiny_checkpoint):
 
 
 def test_uvicorn_app_main_app_starts_the_same_service(tmp_path, tiny_checkpoint):
-    from tests.app.conftest import free_port
-
-    port = free_port()
-    environment = {key: value for key, value in __import__("os").environ.items() if not key.startswith("APP_")}
-    environment |= live_environment(tiny_checkpoint)
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)],
-                               cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import time
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        response = httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("a.png", images.png())})
+    command = ("-m", "uvicorn", "app.main:app")
+    with live_server(tmp_path, live_environment(tiny_checkpoint), command=command) as server:
+        response = httpx.post(f"{server.url}/predict", files={"file": ("a.png", images.png())})
         assert response.status_code == 200 and response.json()["model_version"].startswith("resnet18-")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
