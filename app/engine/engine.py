@@ -217,6 +217,8 @@ class InferenceEngine:
         if self._active is None:
             raise NoModelLoaded(self.unavailable_reason)
         count = len(inputs)
+        if count == 0:
+            return Prediction(np.empty((0, len(self._active.card.class_names)), np.float32), self._active.card)
         if self._queued + count > self.max_queue:
             if self._observer:
                 self._observer.images_dropped(count, "queue_full")

@@ -265,6 +265,13 @@ async def test_stopping_finishes_queued_requests_then_refuses_new_ones(tiny_chec
             await engine.predict(images(1), timeout=30)
 
 
+async def test_an_empty_request_is_answered_without_a_forward_pass(tiny_checkpoint):
+    async with started_engine(tiny_checkpoint) as engine:
+        engine._observer.batches.clear()
+        result = await engine.predict([], timeout=30)
+    assert result.probabilities.shape == (0, 10) and engine._observer.batches == []
+
+
 async def test_without_a_model_requests_are_told_why():
     async with started_engine(None) as engine:
         engine.unavailable_reason = "no model: train one"
