@@ -99,6 +99,15 @@ def test_int8_agrees_with_fp32_within_its_tolerance():
     assert any(type(module).__module__.startswith("torch.ao.nn.quantized") for module in quantized.modules())
 
 
+def test_onnx_matches_fp32():
+    pytest.importorskip("onnxruntime", reason="the onnx backend is opt-in: pip install -e '.[onnx]'")
+    model = trained_like()
+    batch = images(3, seed=9)
+    reference = logits(model, batch)
+    result = logits(prepare_for_inference(model, "cpu", "onnx"), batch)
+    assert (result - reference).abs().max() <= FUSED_RELATIVE_TOLERANCE * reference.abs().max()
+
+
 def test_bf16_agrees_with_fp32_within_its_tolerance():
     model = trained_like()
     batch = images(16, seed=8)
