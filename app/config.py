@@ -42,10 +42,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height), from its header")
     max_batch_files: int = Field(64, ge=1, description="most images in one /predict/batch or v2 infer request")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*; unset disables them")
-    cpu_backend: Literal["fused", "eager", "bf16", "int8"] = Field(
+    cpu_backend: Literal["fused", "eager", "onnx", "bf16", "int8"] = Field(
         "fused", description="how the model runs on the CPU (model/inference.py): fused = BatchNorm folded into "
-        "the convolutions, exact and faster; eager = as trained; bf16 and int8 = much faster but not exact, "
-        "opt-in until a trained model's accuracy with them is checked (int8 calibrates on APP_DATA_DIR)")
+        "the convolutions, exact and faster; eager = as trained; onnx = ONNX Runtime, exact, needs the [onnx] "
+        "extra; bf16 and int8 = much faster but not exact, opt-in until a trained model's accuracy with them "
+        "is checked (int8 calibrates on APP_DATA_DIR)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of each forward pass; 0 = automatic")
     parallel_batches: int = Field(0, ge=0, description="forward passes run at once; 0 = automatic")
     decode_threads: int = Field(0, ge=0, description="threads decoding images; 0 = automatic")

@@ -51,14 +51,16 @@ def test_fused_and_eager_models_give_the_same_probabilities(tiny_checkpoint, one
                           eager.probabilities(eager.normalise(batch)), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["bf16", "int8"])
+@pytest.mark.parametrize("backend", ["onnx", "bf16", "int8"])
 def test_opt_in_backends_serve_close_to_fused(tiny_checkpoint, synthetic_cifar10, one_thread, backend):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime", reason="the onnx backend is opt-in: pip install -e '.[onnx]'")
     calibration = calibration_pixels(synthetic_cifar10) if backend == "int8" else None
     served = ServedModel.load(tiny_checkpoint, torch.device("cpu"), backend, calibration)
     fused = ServedModel.load(tiny_checkpoint, torch.device("cpu"))
     batch = pixels(8)
     result = served.probabilities(served.normalise(batch))
-    assert served.backend == backend and served.dtype.startswith({"bf16": "bfloat16", "int8": "int8"}[backend])
+    assert served.backend == backend and served.dtype.startswith({"onnx": "float32", "bf16": "bfloat16", "int8": "int8"}[backend])
     assert result.dtype == torch.float32 and torch.allclose(result.sum(dim=1), torch.ones(8), atol=1e-4)
     assert (result - fused.probabilities(fused.normalise(batch))).abs().max() < 0.1
 
