@@ -1,6 +1,6 @@
 """Serving throughput and latency under load, against the offline limit of the same model on the same machine.
 
-    .venv/bin/python -m benchmarks.serve_load                       # ~10 min: 2 rounds x 2 servers x 4 levels
+    .venv/bin/python -m benchmarks.serve_load --max-wait 1800       # ~10 min: 2 rounds x 2 servers x 4 levels
     .venv/bin/python -m benchmarks.serve_load --duration 5 --rounds 1 --concurrency 1 64   # a quick look
 
 What it does, in one run:
@@ -17,7 +17,8 @@ What it does, in one run:
 The load generator runs on the same machine as the server, so it competes with it for the CPU: the served
 figures are a lower bound, and the CPU time each side used is recorded. Steps 2 and 3 are repeated
 ``--rounds`` times and each figure keeps its best round, since load from other processes on a shared machine
-only ever lowers throughput; the 1-minute load average is saved too. Writes
+only ever lowers throughput; ``--max-wait`` holds the offline runs and each server start until the CPUs are
+idle, and the 1-minute load average is saved too. Writes
 ``benchmarks/results/serve_load_<device>.json``, which holds the printed table.
 """
 
@@ -121,19 +122,22 @@ def images_until(model: ServedModel, pixels: torch.Tensor, until: float) -> int:
 
 
 @contextmanager
-def service(checkpoint: Path, environment: dict[str, str]):
+def service(checkpoint: Path, environment: dict[str, str], workers: int = 1):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {key: value for key, value in os.environ.items() if not key.startswith("APP_")}
-    env |= {"APP_WEIGHTS": str(checkpoint), "APP_LOG_LEVEL": "warning"} | environment
-    process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=REPO_ROOT, env=env)
+    env |= {"APP_WEIGHTS": str(checkpoint)} | environment
+    # Logs stay at the default level (one JSON line per request, as in production), written to a file.
+    with tempfile.NamedTemporaryFile(prefix=f"serve_load-{port}-", suffix=".log", delete=False) as log:
+        process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--workers", str(workers)],
+                                   cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the service exited with {process.returncode}")
+                raise RuntimeError(f"the service exited with {process.returncode}; its log: {log.name}")
             try:
                 if httpx.get(f"{url}/readyz").status_code == 200:
                     break
@@ -205,13 +209,15 @@ def process_cpu_seconds(pid: int) -> float:
 def table(result: dict) -> str:
     offline = result["offline_images_per_s"]
     best = max(offline.values())
-    lines = ["| server | concurrency | requests/s | p50 ms | p90 ms | p99 ms | errors | vs offline best |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| server | concurrency | requests/s | p50 ms | p90 ms | p99 ms | errors | vs offline best "
+             "| CPU cores: server, load generator |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, levels in result["served"].items():
         for level in levels:
             lines.append(f"| {name} | {level['concurrency']} | {level['requests_per_s']:.1f} | {level['p50_ms']:.0f} "
                          f"| {level['p90_ms']:.0f} | {level['p99_ms']:.0f} | {level['errors']} "
-                         f"| {level['requests_per_s'] / best:.2f} |")
+                         f"| {level['requests_per_s'] / best:.2f} "
+                         f"| {level['server_cpu_cores']:.2f}, {level['load_generator_cpu_cores']:.2f} |")
     lines.append("")
     lines.append("| offline batch size | " + " | ".join(str(b) for b in offline) + " |")
     lines.append("|---|" + "---:|" * len(offline))
@@ -231,6 +237,9 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=0, help="APP_TORCH_THREADS (0: the service's plan)")
     parser.add_argument("--parallel-batches", type=int, default=0, help="APP_PARALLEL_BATCHES (0: the plan)")
     parser.add_argument("--offline-seconds", type=float, default=8.0)
+    parser.add_argument("--max-wait", type=float, default=0.0,
+                        help="before the offline runs and each server, wait up to this many seconds for the CPUs "
+                             "to be 90%% idle")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
@@ -248,11 +257,13 @@ def main() -> None:
         # Offline and served figures alternate round by round, so load from other processes on a shared
         # machine falls on both; each figure keeps its best round (load only ever lowers throughput).
         for number in range(1, args.rounds + 1):
+            wait_until_idle(args.max_wait)
             print(f"round {number}: offline {args.architecture} on {device}", flush=True)
             offline = offline_throughput(checkpoint, device, sorted({1, 8, 32, 64, batch_size}),
                                          args.offline_seconds, args.torch_threads, args.parallel_batches)
             served: dict[str, list[dict]] = {}
             for name, environment in servers.items():
+                wait_until_idle(args.max_wait)
                 with service(checkpoint, environment | threads) as (url, pid):
                     served[name] = [run_level(name, url, image, concurrency, args, pid)
                                     for concurrency in args.concurrency]
@@ -285,6 +296,26 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {output}")
+
+
+def wait_until_idle(max_wait: float, idle: float = 0.9) -> None:
+    """Wait (up to ``max_wait`` s) until the machine's CPUs were ``idle`` idle over a 3-second sample."""
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        before = cpu_times()
+        time.sleep(3)
+        after = cpu_times()
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total and 1 - busy / total >= idle:
+            return
+        print(f"  waiting for a quiet machine ({1 - busy / total:.0%} idle)", flush=True)
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
 
 
 def run_level(name: str, url: str, image: bytes, concurrency: int, args: argparse.Namespace, pid: int) -> dict:
