@@ -160,19 +160,10 @@ def build_int8_pt2e(model: nn.Module, calibration: torch.Tensor) -> Predict:
 
 def build_onnx(model: nn.Module, calibration: torch.Tensor) -> Predict:
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401
     except ImportError:
-        raise BackendUnavailable("needs onnxruntime, onnx and onnxscript (pip install -e '.[bench]')") from None
-    path = Path(tempfile.mkdtemp(prefix="cpu_backends_")) / "model.onnx"
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(model, (calibration[:8],), path, dynamo=True, dynamic_shapes=({0: batch},),
-                      input_names=["images"], output_names=["logits"], verbose=False)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda batch: torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
+        raise BackendUnavailable("needs onnxruntime, onnx and onnxscript (pip install -e '.[onnx]')") from None
+    return prepare_for_inference(model, "cpu", "onnx")
 
 
 BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor], Predict]] = {
@@ -193,7 +184,7 @@ NOTES = {
     "bf16": "fused, channels_last, bfloat16 weights and activations (model.inference)",
     "int8-fx": "fused, FX graph mode static int8, x86 engine (model.inference)",
     "int8-pt2e": "fused, PT2E X86InductorQuantizer static int8, then inductor",
-    "onnx": "ONNX Runtime CPU provider, dynamo export, all graph optimisations",
+    "onnx": "ONNX Runtime CPU provider, dynamo export, all graph optimisations (model.inference)",
 }
 
 
