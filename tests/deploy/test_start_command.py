@@ -59,6 +59,7 @@ def readme_curl_examples() -> list[str]:
     """The curl lines of the README's Docker section that need neither a GPU nor a token."""
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Deploy with Docker"):]
+    section = section[: section.find("\n## ", 3)] if "\n## " in section[3:] else section
     return [line for line in section.splitlines()
             if line.startswith("curl ") and re.search(r"/(readyz|predict)\b", line)]
 
