@@ -118,10 +118,10 @@ class Preprocessor:
     def __init__(self, threads: int, max_pixels: int) -> None:
         self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
-        # Pillow's own decompression-bomb guard, as a second line behind the header check above: it refuses
-        # images of more than twice this many pixels while opening them. Its warning for images between
-        # one and two times the limit is noise here: the header check refuses those with a 413.
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        # Pillow's own decompression-bomb guard stays at its default: setting its module-global limit here
+        # made every decoder in the process follow the last Preprocessor built (one test's limit changed
+        # another's messages). The header check in decode_image refuses anything over max_pixels first;
+        # Pillow's warning for images between its limits is noise, since that check decides.
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     async def decode(self, uploads: Sequence[bytes], size: int) -> list[np.ndarray]:
