@@ -25,7 +25,7 @@ from app.config import Settings
 from app.engine.calibration import calibration_pixels
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
-from app.engine.preprocessing import Preprocessor
+from app.engine.preprocessing import Preprocessor, pillow_pixel_limit
 from app.jobs.service import initial_weights, open_training_jobs
 from app.logging import configure_logging
 from app.metrics import ServiceMetrics
@@ -85,7 +85,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     loading = start_loading(engine, weights)
     training.follow_registry(engine, settings.registry_poll_s)
     try:
-        yield
+        with pillow_pixel_limit(settings.max_image_pixels):
+            yield
     finally:
         if loading is not None:
             loading.cancel()

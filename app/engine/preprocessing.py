@@ -16,8 +16,9 @@ import asyncio
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -44,8 +45,9 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
         raise EmptyImage("the uploaded file is empty: send the image's bytes")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError as error:
-        raise ImageTooLarge(f"{error}; send a smaller image") from None
+    except Image.DecompressionBombError as error:  # Pillow's own guard (see pillow_pixel_limit)
+        raise ImageTooLarge(f"the image has more pixels than APP_MAX_IMAGE_PIXELS={max_pixels} allows ({error}); "
+                            "downscale it first: the model sees 32x32 pixels anyway") from None
     except Exception:
         raise UnsupportedImage(
             f"the upload is not a supported image: send {SUPPORTED} (a PDF, text or a truncated file is not one)"
@@ -112,16 +114,26 @@ def _square_resize(image: Image.Image, size: int) -> Image.Image:
                         reducing_gap=3.0)
 
 
+@contextmanager
+def pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own decompression-bomb guard, as a second line behind decode_image's header check: while
+    this is entered, Pillow refuses to open images of more than twice ``max_pixels``. The limit is a
+    module global of Pillow's, so the app sets it for its lifespan only and puts the old one back after
+    (a Preprocessor setting it for good made one test's limit change another's decoding)."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 class Preprocessor:
     """Decodes uploads on a thread pool; Pillow releases the GIL while it decodes."""
 
     def __init__(self, threads: int, max_pixels: int) -> None:
         self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
-        # Pillow's own decompression-bomb guard stays at its default: setting its module-global limit here
-        # made every decoder in the process follow the last Preprocessor built (one test's limit changed
-        # another's messages). The header check in decode_image refuses anything over max_pixels first;
-        # Pillow's warning for images between its limits is noise, since that check decides.
+        # Pillow's warning for images between its limits is noise: the header check in decode_image decides.
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     async def decode(self, uploads: Sequence[bytes], size: int) -> list[np.ndarray]:

@@ -120,6 +120,20 @@ def test_a_one_pixel_image_is_scaled_up():
     assert np.all(decoded == (10, 200, 30))
 
 
+def test_pillows_own_guard_follows_the_limit_only_while_set():
+    from PIL import Image as PillowImage
+
+    from app.engine.preprocessing import pillow_pixel_limit
+
+    default = PillowImage.MAX_IMAGE_PIXELS
+    with pillow_pixel_limit(1_000_000):
+        assert PillowImage.MAX_IMAGE_PIXELS == 1_000_000
+        # Over twice Pillow's limit, Pillow refuses while opening, before the header check could run.
+        with pytest.raises(ImageTooLarge, match="APP_MAX_IMAGE_PIXELS=1000000"):
+            decode_image(images.bomb_png(2000, 2000), SIZE, max_pixels=1_000_000)
+    assert PillowImage.MAX_IMAGE_PIXELS == default
+
+
 def test_the_pixel_limit_is_checked_from_the_header_before_decoding():
     started = time.perf_counter()
     with pytest.raises(ImageTooLarge, match="10000x10000"):
