@@ -41,6 +41,7 @@ def test_the_section_documents_every_service_setting():
 
 
 def test_the_curl_examples_run_against_a_live_server(tmp_path, tiny_checkpoint, other_checkpoint):
+    assert shutil.which("curl"), "the README's examples use curl: install it (apt-get install -y curl)"
     blocks = curl_blocks()
     assert len(blocks) >= 4
     workdir = tmp_path / "examples"
