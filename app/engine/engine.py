@@ -33,10 +33,12 @@ import asyncio
 import functools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -116,6 +118,7 @@ class InferenceEngine:
         self._staged: ServedModel | None = None
         self._installed: asyncio.Future[None] | None = None
         self._swap_lock = asyncio.Lock()
+        self._preparation_gate = _PreparationGate()
         self._wakeup: asyncio.Future[None] | None = None
         self._serving: asyncio.Task[None] | None = None
         self._stopping = False
@@ -188,7 +191,8 @@ class InferenceEngine:
 
     def _prepare(self, checkpoint: Path, current: ServedModel | None) -> ServedModel:
         try:
-            served = ServedModel.load(checkpoint, self.device, self.cpu_backend, self.calibration)
+            with self._preparation_gate.exclusive():
+                served = ServedModel.load(checkpoint, self.device, self.cpu_backend, self.calibration)
         except OSError as error:  # unreadable files; CheckpointError covers the rest
             raise CheckpointError(f"cannot read the checkpoint at {checkpoint}: {error}") from None
         if current is not None and served.card.input_size != current.card.input_size:
@@ -331,7 +335,8 @@ class InferenceEngine:
     def _compute(self, model: ServedModel, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
         """On a device thread: the probabilities of ``inputs`` and the seconds the forward pass took."""
         started = time.perf_counter()
-        probabilities = self._forward(model, inputs)
+        with self._preparation_gate.shared():
+            probabilities = self._forward(model, inputs)
         return probabilities.numpy(), time.perf_counter() - started
 
     def _forward(self, model: ServedModel, inputs: list[np.ndarray]) -> torch.Tensor:
@@ -383,3 +388,44 @@ class InferenceEngine:
             work.delivered += stop - start
             if work.delivered == len(work.inputs):
                 work.future.set_result(Prediction(work.probabilities, model.card))
+
+
+class _PreparationGate:
+    """Forward passes share the device; preparing a model excludes them.
+
+    The CPU backends fold BatchNorm (and int8 prepares its graph) with torch.fx, whose tracer patches
+    ``nn.Module.__call__`` for the whole process while it runs: a forward pass on another thread at that
+    moment is routed into the tracer and fails ("module is not installed as a submodule"), which made a hot
+    swap under load fail a batch. So loading a model waits for running passes and holds new ones back
+    for its duration (a fraction of a second for the default backend; int8's calibration takes longer).
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._passes = 0
+        self._preparing = False
+
+    @contextmanager
+    def shared(self):
+        with self._condition:
+            self._condition.wait_for(lambda: not self._preparing)
+            self._passes += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._passes -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._condition:
+            self._condition.wait_for(lambda: not self._preparing)
+            self._preparing = True
+            self._condition.wait_for(lambda: self._passes == 0)
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._preparing = False
+                self._condition.notify_all()

@@ -1,6 +1,7 @@
 import asyncio
 import json
 import shutil
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -278,3 +279,41 @@ async def test_without_a_model_requests_are_told_why():
         assert not engine.ready and engine.card is None and engine.version is None
         with pytest.raises(NoModelLoaded, match="train one"):
             await engine.predict(images(1), timeout=30)
+
+
+def test_preparing_a_model_waits_for_running_passes_and_holds_new_ones_back():
+    """torch.fx tracing (the CPU backends' BatchNorm fold) patches nn.Module.__call__ process-wide, so no
+    forward pass may run while a model is prepared."""
+    from app.engine.engine import _PreparationGate
+
+    gate, events = _PreparationGate(), []
+    pass_running, release_pass = threading.Event(), threading.Event()
+
+    def forward_pass(name: str, hold: threading.Event | None = None) -> None:
+        with gate.shared():
+            events.append(f"{name} start")
+            if hold is not None:
+                pass_running.set()
+                hold.wait(5)
+            events.append(f"{name} end")
+
+    def prepare() -> None:
+        with gate.exclusive():
+            events.append("prepare start")
+            time.sleep(0.2)
+            events.append("prepare end")
+
+    first = threading.Thread(target=forward_pass, args=("first", release_pass))
+    first.start()
+    pass_running.wait(5)
+    preparing = threading.Thread(target=prepare)
+    preparing.start()
+    time.sleep(0.1)
+    late = threading.Thread(target=forward_pass, args=("late",))
+    late.start()
+    time.sleep(0.1)
+    assert events == ["first start"]  # the preparation waits for the running pass; the late pass waits too
+    release_pass.set()
+    for thread in (first, preparing, late):
+        thread.join(5)
+    assert events == ["first start", "first end", "prepare start", "prepare end", "late start", "late end"]
