@@ -40,7 +40,7 @@ from torch import nn
 from model.checkpoint import load_checkpoint
 from model.inference import fold_batchnorm, prepare_for_inference
 from model.labels import CIFAR10_MEAN, CIFAR10_STD
-from model.resnet import build_model
+from model.architectures import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"

@@ -53,7 +53,7 @@ from PIL import Image
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size
 from app.engine.served_model import ServedModel
 from model.checkpoint import save_checkpoint
-from model.resnet import build_model
+from model.architectures import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"

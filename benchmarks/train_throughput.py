@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.resnet import ARCHITECTURES
+from model.architectures import ARCHITECTURES
 from training.config import TrainingConfig
 from training.distributed import Worker, resolve_device
 from training.loop import build_learner, smoothed_cross_entropy, synchronize, train_step

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.labels import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, INPUT_SIZE
-from model.resnet import ARCHITECTURES, build_model, parameter_count
+from model.architectures import ARCHITECTURES, build_model, parameter_count
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -52,6 +52,7 @@ class ModelCard(BaseModel):
     epochs: int | None = None
     train_seconds: float | None = None
     device: str | None = None
+    precision: Literal["bf16", "fp32"] | None = Field(default=None, description="number format of training")
     torch_version: str = torch.__version__
     git_commit: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

@@ -116,28 +116,15 @@ class ResNet(nn.Module):
         # flatten(1), not view(batch_size, -1): any batch size works, including the last partial batch.
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
-_ARCHITECTURES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+BLOCKS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
     "resnet101": (Bottleneck, (3, 4, 23, 3)),
     "resnet152": (Bottleneck, (3, 8, 36, 3)),
 }
-ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
-DEFAULT_ARCHITECTURE = "resnet50"
 
-def build_model(
-    architecture: str = DEFAULT_ARCHITECTURE,
-    num_classes: int = NUM_CLASSES,
-    zero_init_residual: bool = False,
-) -> ResNet:
-    if architecture not in _ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}"
-        )
-    block, stages = _ARCHITECTURES[architecture]
+
+def build_resnet(architecture: str, num_classes: int = NUM_CLASSES, zero_init_residual: bool = False) -> ResNet:
+    block, stages = BLOCKS[architecture]
     return ResNet(block, stages, num_classes=num_classes, zero_init_residual=zero_init_residual)
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.checkpoint import save_checkpoint
-from model.resnet import build_model
+from model.architectures import build_model
 from tests.support.cifar10 import write_cifar10
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

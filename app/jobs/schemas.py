@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from model.resnet import ARCHITECTURES
+from model.architectures import ARCHITECTURES
 
 
 class JobStatus(StrEnum):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.resnet import build_model
+from model.architectures import build_model
 from training.metrics import read_metrics
 
 # Dense bf16 tensor-core peak of an H100 SXM (NVIDIA's datasheet, without sparsity); MFU is against it.

@@ -8,7 +8,7 @@ from model.checkpoint import (
     CARD_FILE, WEIGHTS_FILE, CheckpointError, file_sha256, load_checkpoint, read_card, save_checkpoint,
 )
 from model.labels import CLASS_NAMES
-from model.resnet import build_model
+from model.architectures import build_model
 from tests.conftest import make_checkpoint
 
 

@@ -15,7 +15,7 @@ from model.inference import (
     prepare_for_inference,
     quantize_int8,
 )
-from model.resnet import build_model
+from model.architectures import build_model
 
 # Folding reorders float32 arithmetic; measured differences are ~1e-7 of the logits' scale.
 FUSED_RELATIVE_TOLERANCE = 1e-4

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from model.checkpoint import save_checkpoint
-from model.resnet import build_model
+from model.architectures import build_model
 
 TOKEN = "training-jobs-test-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.resnet import build_model
+from model.architectures import build_model
 from training.config import TrainingConfig
 from training.optimizer import build_optimizer, build_scheduler, lr_factor
 
