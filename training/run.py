@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -19,6 +18,7 @@ from training.distributed import Worker, main_first, resolve_device, start_distr
 from training.evaluate import Evaluation, evaluate, predict
 from training.interrupt import Interrupted
 from training.loop import Learner, build_learner, train_one_epoch
+from training.precision import autocast_for, resolve_precision
 from training.metrics import METRICS_FILE, MetricsLog, epoch_log_line, read_metrics
 from training.plots import (
     CONFUSION_FILE, CURVES_FILE, GRID_IMAGES, PREDICTIONS_FILE, plot_confusion_matrix, plot_curves,
@@ -32,13 +32,6 @@ CHECKPOINT_DIR = "checkpoint"
 
 class TrainingError(RuntimeError):
     """The configuration does not fit the data or the saved state; the message says what to change."""
-
-
-def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager]:
-    """bf16 autocast on CUDA: tensor-core speed without fp16's loss scaling. Off on the CPU, where it would
-    be slower and the tests want float32."""
-    return functools.partial(torch.amp.autocast, device_type=device.type, dtype=torch.bfloat16,
-                             enabled=device.type == "cuda")
 
 
 def configure_backends(config: TrainingConfig) -> None:
@@ -65,7 +58,8 @@ class TrainingRun:
     def __init__(self, command: Command, worker: Worker) -> None:
         assert command.run_dir is not None  # parse_command requires it for training
         self.config, self.run_dir, self.resume, self.worker = command.config, command.run_dir, command.resume, worker
-        self.autocast = autocast_for(worker.device)
+        self.precision = resolve_precision(command.config.precision, worker.device)
+        self.autocast = autocast_for(worker.device, self.precision)
         self.git_commit = git_commit()
         self.finished_epochs = 0
         self.train_seconds = 0.0
@@ -83,12 +77,12 @@ class TrainingRun:
         train = data.train.to(worker.device)
         test = worker.shard(data.test).to(worker.device)
         holdout = worker.shard(data.holdout).to(worker.device) if data.holdout else None
-        learner = build_learner(config, worker, steps_per_epoch)
+        learner = build_learner(config, worker, steps_per_epoch, data.train.images)
         log = self._open_log(learner)
         log.write("resumed" if self.resume else "start", epoch=self.finished_epochs, epochs=config.epochs,
                   steps_per_epoch=steps_per_epoch, train_images=len(data.train),
                   holdout_images=len(data.holdout) if data.holdout else 0, test_images=len(data.test),
-                  world_size=worker.world_size, device=device_name(worker.device))
+                  world_size=worker.world_size, device=device_name(worker.device), precision=self.precision)
         if not self.resume:
             self._save_state(learner, log)  # epoch 0, so that --resume always has something to continue
         try:
@@ -137,7 +131,8 @@ class TrainingRun:
         test_result = holdout_result = None
         for epoch in range(first, config.epochs):
             result = train_one_epoch(learner, train, config=config, epoch=epoch, worker=self.worker,
-                                     autocast=self.autocast)
+                                     autocast=self.autocast,
+                                     announce_speed=epoch == first and self.worker.device.type == "cpu")
             self.finished_epochs, self.train_seconds = epoch + 1, self.train_seconds + result.seconds
             last = self.finished_epochs == config.epochs
             test_result = holdout_result = None
@@ -176,7 +171,8 @@ class TrainingRun:
             save_checkpoint(
                 learner.evaluated_model, checkpoint, architecture=config.arch, dtype=config.weights_dtype,
                 training=config.to_dict(), **accuracies, epochs=config.epochs,
-                train_seconds=round(self.train_seconds, 3), device=device, git_commit=self.git_commit,
+                train_seconds=round(self.train_seconds, 3), device=device, precision=self.precision,
+                git_commit=self.git_commit,
                 data_provenance=data.provenance,
             )
             if config.plots:
@@ -233,7 +229,7 @@ def run_evaluation(command: Command) -> dict[str, Any]:
     model = checkpoint.model.to(memory_format=torch.channels_last)
     test = load_split(config.data_dir, train=False, download=config.download,
                       skip_integrity_check=config.skip_integrity_check).take(0, config.test_limit)
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, resolve_precision(config.precision, device))
     result = evaluate(model, test.to(device), tta=config.tta, autocast=autocast)
     log_path = None
     if command.run_dir is not None:

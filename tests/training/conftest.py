@@ -10,9 +10,10 @@ from tests.conftest import REPO_ROOT
 from training.__main__ import main
 
 # ResNet-18 on 64 of the synthetic images, batch 16: 4 steps per epoch, under 2 s an epoch on 2 CPU cores.
+# float32, since the tests compare numbers exactly (a resumed run against an uninterrupted one).
 TINY_RUN = ["--arch", "resnet18", "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--warmup-epochs", "0.5",
             "--skip-integrity-check", "--device", "cpu", "--checkpoint-every", "1", "--train-limit", "64",
-            "--test-limit", "20"]
+            "--test-limit", "20", "--precision", "fp32"]
 
 
 def tiny_run_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -52,6 +52,7 @@ def test_two_epochs_lower_the_loss_and_write_every_artefact(trained_run):
     assert card.per_class_accuracy == final["per_class_accuracy"]
     assert card.training["batch_size"] == 16 and card.train_seconds > 0
     assert card.device.startswith("CPU") and "MD5 check skipped" in card.data_provenance
+    assert card.precision == "fp32" and card.training["precision"] == "fp32"
 
     for plot in ("curves.png", "confusion_matrix.png", "test_predictions.png"):
         assert (trained_run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
