@@ -16,8 +16,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from model.resnet import build_model
-from training.augment import training_batch
+from model.architectures import build_model
+from training.augment import normalize, training_batch
 from training.config import TrainingConfig
 from training.data import ImageSet
 from training.distributed import Worker
@@ -25,6 +25,9 @@ from training.optimizer import build_optimizer, build_scheduler
 from training.sampling import epoch_batches, seeded_generator
 
 PROGRESS_EVERY = 25  # steps between loss read-outs on the progress bar; each one waits for the GPU
+# On a CPU an epoch can take many minutes (ResNet-50: about half an hour): after this many steps, timed from
+# the second step on so the first step's one-off set-up is left out, the run says how long it will take.
+ESTIMATE_AFTER_STEPS = 6
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,19 @@ class Learner:
             self.ema.load_state_dict(state["ema"])
 
 
-def build_learner(config: TrainingConfig, worker: Worker, steps_per_epoch: int) -> Learner:
-    """Seeded, so every rank (and a resumed run, before its state is loaded) builds the same network."""
+# Training images a network with a data-dependent initialisation (model.fastcnn's whitening) looks at.
+INIT_IMAGES = 5000
+
+
+def build_learner(config: TrainingConfig, worker: Worker, steps_per_epoch: int,
+                  train_images: torch.Tensor | None = None) -> Learner:
+    """Seeded, so every rank (and a resumed run, before its state is loaded) builds the same network.
+    ``train_images`` (uint8) feed a data-dependent initialisation where the network has one."""
     torch.manual_seed(config.seed)
     model = build_model(config.arch, zero_init_residual=config.zero_init_residual)
+    initialize = getattr(model, "initialize_from_data", None)
+    if initialize is not None and train_images is not None:
+        initialize(normalize(train_images[:INIT_IMAGES].cpu()))
     model = model.to(worker.device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
@@ -117,6 +129,21 @@ class EpochResult:
     seconds: float
 
 
+def speed_estimate(seconds_per_step: float, steps_per_epoch: int, batch_size: int, epochs_left: int) -> str:
+    epoch_seconds = seconds_per_step * steps_per_epoch
+    return (f"measured {batch_size / seconds_per_step:.0f} images/s over the first steps: about "
+            f"{_duration(epoch_seconds)} per epoch, {_duration(epoch_seconds * epochs_left)} for the "
+            f"{epochs_left} epoch(s) left")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,8 +157,10 @@ def train_one_epoch(
     epoch: int,
     worker: Worker,
     autocast: Callable[[], AbstractContextManager],
+    announce_speed: bool = False,
 ) -> EpochResult:
-    """Train on one epoch (0-based ``epoch``) of this rank's shard of the data, already on the device."""
+    """Train on one epoch (0-based ``epoch``) of this rank's shard of the data, already on the device.
+    ``announce_speed``: print the expected time per epoch and for the rest of the run from the first steps."""
     device = worker.device
     synchronize(device)
     start = time.perf_counter()
@@ -144,12 +173,21 @@ def train_one_epoch(
     correct = torch.zeros((), device=device)
     progress = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False,
                     disable=None if worker.is_main else True)
+    timed_from = start
     for step, indices in enumerate(batches):
         labels = data.labels[indices]
         loss, logits = train_step(learner, data.images[indices], labels, generator, config, autocast)
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         progress.update()
+        if announce_speed and worker.is_main and step in (0, ESTIMATE_AFTER_STEPS):
+            synchronize(device)
+            if step == 0:
+                timed_from = time.perf_counter()
+            else:
+                seconds_per_step = (time.perf_counter() - timed_from) / ESTIMATE_AFTER_STEPS
+                tqdm.write(speed_estimate(seconds_per_step, len(batches), config.batch_size,
+                                          config.epochs - epoch))
         if not progress.disable and step % PROGRESS_EVERY == 0:
             progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{learner.scheduler.get_last_lr()[0]:.4f}")
     progress.close()

@@ -12,23 +12,25 @@ from torch.optim.lr_scheduler import LambdaLR
 from training.config import TrainingConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float, norm_lr_scale: float = 1.0) -> list[dict]:
     """Conv and linear weights get weight decay; BatchNorm scales/shifts and biases (every tensor of rank <= 1)
     get none: decaying them only fights the normalisation (Goyal et al. 2017; "bag of tricks", He et al.
-    2019, arXiv:1812.01187, section 3.1)."""
+    2019, arXiv:1812.01187, section 3.1). Those small tensors may also learn at a multiple of the rate
+    (``norm_lr_scale``): a network whose BatchNorms learn only a shift (model.fastcnn) needs it."""
     decayed, undecayed = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decayed if parameter.ndim > 1 else undecayed).append(parameter)
     return [
-        {"params": decayed, "weight_decay": weight_decay, "name": "weights"},
-        {"params": undecayed, "weight_decay": 0.0, "name": "norms_and_biases"},
+        {"params": decayed, "weight_decay": weight_decay, "lr": lr, "name": "weights"},
+        {"params": undecayed, "weight_decay": 0.0, "lr": lr * norm_lr_scale, "name": "norms_and_biases"},
     ]
 
 
 def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.SGD:
     return torch.optim.SGD(
-        parameter_groups(model, config.weight_decay), lr=config.peak_lr, momentum=config.momentum, nesterov=True,
+        parameter_groups(model, config.weight_decay, config.peak_lr, config.norm_lr_scale),
+        lr=config.peak_lr, momentum=config.momentum, nesterov=True,
     )
 
 
