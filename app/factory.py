@@ -1,4 +1,4 @@
-"""``create_app(settings)`` builds the service; its lifespan owns the engine, the decoders and the model.
+"""``create_app(settings)`` builds the service; its lifespan owns the engine, the classifier and the model.
 
 Start-up does not wait for the model: the process answers ``/healthz`` at once, loads and warms up
 ``APP_WEIGHTS`` in the background, and reports ready on ``/readyz`` only after that. Without a checkpoint
@@ -22,10 +22,11 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import admin, health, model, models, predict, train, v2, web
 from app.config import Settings
+from app.classification.classifier import Classifier
+from app.classification.images import pillow_pixel_limit
 from app.engine.calibration import calibration_pixels
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
-from app.engine.preprocessing import Preprocessor, pillow_pixel_limit
 from app.jobs.service import initial_weights, open_training_jobs
 from app.logging import configure_logging
 from app.metrics import ServiceMetrics
@@ -66,7 +67,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     device = resolve_device(settings.device)
     plan = plan_threads(device, settings.torch_threads, settings.parallel_batches, settings.decode_threads)
     apply_thread_plan(plan)
-    preprocessor = Preprocessor(plan.decode_threads, settings.max_image_pixels)
     engine = InferenceEngine(
         device,
         max_batch_size=resolve_batch_size(device, settings.max_batch_size),
@@ -78,7 +78,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         observer=app.state.metrics,
     )
     app.state.metrics.track_queue(lambda: engine.queued_images)
-    app.state.engine, app.state.preprocessor = engine, preprocessor
+    classifier = Classifier(engine, decode_threads=plan.decode_threads, max_image_pixels=settings.max_image_pixels)
+    app.state.engine, app.state.classifier = engine, classifier
     await engine.start()
     app.state.training = training = await open_training_jobs(settings, engine)
     weights = initial_weights(training.registry, settings.weights)
@@ -92,7 +93,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             loading.cancel()
         await training.close()  # a running training job is stopped and marked interrupted, never orphaned
         await engine.stop(timeout=settings.request_timeout_s)
-        preprocessor.close()
+        classifier.close()
 
 
 def start_loading(engine: InferenceEngine, weights: Path) -> asyncio.Task[None] | None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import CARD_FILE, save_checkpoint
 from model.architectures import build_model
 from tests.support.cifar10 import write_cifar10
 
@@ -39,6 +41,15 @@ def make_checkpoint(directory: Path, seed: int = 0, architecture: str = "resnet1
     torch.manual_seed(seed)
     model = build_model(architecture)
     save_checkpoint(model, directory, architecture=architecture, test_accuracy=0.1 + seed / 100)
+    return directory
+
+
+def with_input_size(checkpoint: Path, directory: Path, input_size: int) -> Path:
+    """A copy of ``checkpoint`` whose card says it takes ``input_size`` pixels (the CIFAR networks pool
+    adaptively, so they run at any size)."""
+    shutil.copytree(checkpoint, directory)
+    card = json.loads((directory / CARD_FILE).read_text())
+    (directory / CARD_FILE).write_text(json.dumps(card | {"input_size": input_size}))
     return directory
 
 

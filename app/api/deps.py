@@ -10,9 +10,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.classification.classifier import Classifier
 from app.config import Settings
 from app.engine.engine import InferenceEngine
-from app.engine.preprocessing import Preprocessor
 from app.metrics import ServiceMetrics
 
 
@@ -24,8 +24,8 @@ async def _engine(request: Request) -> InferenceEngine:
     return request.app.state.engine
 
 
-async def _preprocessor(request: Request) -> Preprocessor:
-    return request.app.state.preprocessor
+async def _classifier(request: Request) -> Classifier:
+    return request.app.state.classifier
 
 
 async def _metrics(request: Request) -> ServiceMetrics:
@@ -34,5 +34,5 @@ async def _metrics(request: Request) -> ServiceMetrics:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[InferenceEngine, Depends(_engine)]
-PreprocessorDep = Annotated[Preprocessor, Depends(_preprocessor)]
+ClassifierDep = Annotated[Classifier, Depends(_classifier)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.engine.errors import (
-    DeadlineExceeded, EmptyImage, ImageTooLarge, InferenceFailed, NoModelLoaded, QueueFull, ServiceStopping,
-    SwapRefused, UnsupportedImage,
+    DeadlineExceeded, EmptyImage, ImageTooLarge, InferenceFailed, InputSizeChanged, NoModelLoaded, QueueFull,
+    ServiceStopping, UnsupportedImage,
 )
 from model.checkpoint import CheckpointError
 
@@ -40,7 +40,6 @@ STATUS: dict[type[Exception], int] = {
     EmptyImage: 400,
     CheckpointError: 400,
     NotFound: 404,
-    SwapRefused: 409,
     PayloadTooLarge: 413,
     ImageTooLarge: 413,
     UnsupportedMediaType: 415,
@@ -49,6 +48,7 @@ STATUS: dict[type[Exception], int] = {
     NoModelLoaded: 503,
     QueueFull: 503,
     ServiceStopping: 503,
+    InputSizeChanged: 503,
     DeadlineExceeded: 504,
 }
 
@@ -63,7 +63,7 @@ async def _expected(request: Request, error: Exception) -> JSONResponse:
     headers = None
     if isinstance(error, QueueFull):
         headers = {"Retry-After": str(error.retry_after_s)}
-    elif isinstance(error, (NoModelLoaded, ServiceStopping)):
+    elif isinstance(error, (NoModelLoaded, ServiceStopping, InputSizeChanged)):
         headers = {"Retry-After": "5"}
     return error_response(request, status, str(error), headers)
 

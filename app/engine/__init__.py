@@ -1,1 +1,1 @@
-"""The inference engine: preprocessing, the served model and the dynamic-batching loop (see engine.py)."""
+"""The inference engine: the served model on its device, and the dynamic-batching loop (see engine.py)."""

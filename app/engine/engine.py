@@ -5,19 +5,23 @@ Public API (everything else is private)::
     engine = InferenceEngine(torch.device("cpu"), max_batch_size=32, max_batch_delay_s=0.005, max_queue=256)
     await engine.start()                         # starts the batching loop; no model yet
     card = await engine.swap("weights/resnet50")  # load + verify + warm up, then swap in between batches
-    result = await engine.predict([pixels], timeout=30.0)   # -> Prediction(probabilities, card)
-    engine.card, engine.version, engine.model, engine.ready, engine.queued_images
+    result = await engine.predict([pixels], timeout=30.0)   # -> ModelOutput(probabilities, card)
+    engine.input_size, engine.card, engine.version, engine.model, engine.ready, engine.queued_images
     await engine.stop(timeout=30.0)              # refuses new work, finishes what is queued and running
 
-``predict`` takes a list of inputs, each uint8 HWC pixels (``input_size`` square, RGB) or a float32 CHW
-tensor already normalised; it raises ``QueueFull`` at once when ``max_queue`` images are waiting,
+``predict`` takes a list of inputs, each uint8 HWC pixels (``engine.input_size`` square, RGB) or a float32
+CHW tensor already normalised; it raises ``QueueFull`` at once when ``max_queue`` images are waiting,
 ``DeadlineExceeded`` after ``timeout`` seconds (its images are dropped if not yet computed), ``NoModelLoaded``
-(with ``engine.unavailable_reason``) before the first ``swap``, ``InferenceFailed`` when its batch raised.
+(with ``engine.unavailable_reason``) before the first ``swap``, ``InferenceFailed`` when its batch raised, and
+``InputSizeChanged`` when a model of another input size took over before any of its images was computed
+(the classification pipeline then fits the images again; ``app/classification/classifier.py``).
 
 ``swap(path) -> ModelCard`` is how a job system promotes a model: it loads and verifies the checkpoint and
 warms it up off the batching loop, while the old model keeps serving; the new one is installed between
 two batches, and never while a request split over several batches is half computed, so no response mixes
-models. Every ``Prediction`` carries the card of the model that computed it. Swaps are serialised.
+models. Every ``ModelOutput`` carries the card of the model that computed it. Swaps are serialised. The engine
+owns the input size: the new model may take another one, and the waiting requests fitted to the old size
+are handed back (``InputSizeChanged``) the moment it is installed.
 
 Batching: the images of all waiting requests are coalesced into forward passes of up to ``max_batch_size``
 images. A batch is dispatched when it is full, or when ``max_batch_delay_s`` has passed since its oldest
@@ -47,7 +51,7 @@ import numpy as np
 import torch
 
 from app.engine.errors import (
-    DeadlineExceeded, InferenceFailed, NoModelLoaded, QueueFull, ServiceStopping, SwapRefused,
+    DeadlineExceeded, InferenceFailed, InputSizeChanged, NoModelLoaded, QueueFull, ServiceStopping,
 )
 from app.engine.served_model import BatchStager, ServedModel
 from model.checkpoint import CheckpointError, ModelCard
@@ -66,7 +70,7 @@ class EngineObserver(Protocol):
 
 
 @dataclass(frozen=True)
-class Prediction:
+class ModelOutput:
     probabilities: np.ndarray  # (images, classes), float32, rows in input order
     card: ModelCard  # of the model that computed every row
 
@@ -76,7 +80,8 @@ class _Work:
     """One request's images; it may span several batches, all computed by the same model."""
 
     inputs: Sequence[np.ndarray]
-    future: asyncio.Future[Prediction]
+    size: int  # the side of every input's square
+    future: asyncio.Future[ModelOutput]
     enqueued_at: float
     tag: str | None
     taken: int = 0  # images handed to a forward pass
@@ -131,6 +136,13 @@ class InferenceEngine:
         return self._active
 
     @property
+    def input_size(self) -> int:
+        """The side of the square inputs the serving model takes; ``NoModelLoaded`` before the first swap."""
+        if self._active is None:
+            raise NoModelLoaded(self.unavailable_reason)
+        return self._active.card.input_size
+
+    @property
     def card(self) -> ModelCard | None:
         return self._active.card if self._active else None
 
@@ -172,14 +184,14 @@ class InferenceEngine:
     async def swap(self, checkpoint: str | Path) -> ModelCard:
         """Load, verify and warm up ``checkpoint``, then serve it from the next batch on; returns its card.
 
-        Raises ``CheckpointError`` (unreadable or unverifiable checkpoint) or ``SwapRefused``; in both
-        cases the serving model stays in place."""
+        Raises ``CheckpointError`` (unreadable or unverifiable checkpoint); the serving model then stays in
+        place."""
         async with self._swap_lock:
             if self._stopping:
                 raise ServiceStopping("the service is shutting down; no model can be swapped in now")
             started = time.perf_counter()
             current = self._active
-            candidate = await asyncio.to_thread(self._prepare, Path(checkpoint), current)
+            candidate = await asyncio.to_thread(self._prepare, Path(checkpoint))
             self._staged = candidate
             self._installed = asyncio.get_running_loop().create_future()
             self._install_if_safe()
@@ -189,16 +201,12 @@ class InferenceEngine:
                                                    "seconds": round(time.perf_counter() - started, 3)})
             return candidate.card
 
-    def _prepare(self, checkpoint: Path, current: ServedModel | None) -> ServedModel:
+    def _prepare(self, checkpoint: Path) -> ServedModel:
         try:
             with self._preparation_gate.exclusive():
                 served = ServedModel.load(checkpoint, self.device, self.cpu_backend, self.calibration)
         except OSError as error:  # unreadable files; CheckpointError covers the rest
             raise CheckpointError(f"cannot read the checkpoint at {checkpoint}: {error}") from None
-        if current is not None and served.card.input_size != current.card.input_size:
-            raise SwapRefused(f"{checkpoint} takes {served.card.input_size}px inputs, the serving model "
-                              f"{current.card.input_size}px; restart the service with APP_WEIGHTS={checkpoint} "
-                              "instead")
         served.warm_up(sorted({1, self.max_batch_size}))
         return served
 
@@ -208,21 +216,35 @@ class InferenceEngine:
         if self._pending and self._pending[0].taken:
             return  # a request split over batches is half computed by the old model: finish it first
         self._active, self._staged = self._staged, None
+        self._hand_back_other_sizes(self._active.card.input_size)
         if self._observer:
             self._observer.model_installed(self._active)
         if self._installed is not None and not self._installed.done():
             self._installed.set_result(None)
 
+    def _hand_back_other_sizes(self, size: int) -> None:
+        """Return the waiting requests fitted to another input size to their callers, none of them computed
+        (``_install_if_safe`` never installs while a request is half computed)."""
+        for work in [work for work in self._pending if work.size != size]:
+            work.queued = False
+            self._pending.remove(work)
+            self._queued -= len(work.inputs)
+            if not work.future.done():
+                work.future.set_exception(_other_size(work.size, size))
+
     # -- requests --------------------------------------------------------------------------------------
 
-    async def predict(self, inputs: Sequence[np.ndarray], *, timeout: float, tag: str | None = None) -> Prediction:
+    async def predict(self, inputs: Sequence[np.ndarray], *, timeout: float, tag: str | None = None) -> ModelOutput:
         if self._stopping:
             raise ServiceStopping("the service is shutting down: retry in a moment (another replica may answer)")
         if self._active is None:
             raise NoModelLoaded(self.unavailable_reason)
         count = len(inputs)
         if count == 0:
-            return Prediction(np.empty((0, len(self._active.card.class_names)), np.float32), self._active.card)
+            return ModelOutput(np.empty((0, len(self._active.card.class_names)), np.float32), self._active.card)
+        size = _side(inputs[0])
+        if size != self._active.card.input_size:
+            raise _other_size(size, self._active.card.input_size)
         if self._queued + count > self.max_queue:
             if self._observer:
                 self._observer.images_dropped(count, "queue_full")
@@ -231,7 +253,7 @@ class InferenceEngine:
                 f"the inference queue is full ({self._queued} images waiting, APP_MAX_QUEUE={self.max_queue}); "
                 f"retry after {retry_after} s", retry_after)
         loop = asyncio.get_running_loop()
-        work = _Work(inputs=inputs, future=loop.create_future(), enqueued_at=time.monotonic(), tag=tag)
+        work = _Work(inputs=inputs, size=size, future=loop.create_future(), enqueued_at=time.monotonic(), tag=tag)
         self._pending.append(work)
         self._queued += count
         self._notify()
@@ -380,14 +402,24 @@ class InferenceEngine:
             if work.future.done():
                 continue  # its deadline passed, or its client went away
             if start == 0 and stop == len(work.inputs):
-                work.future.set_result(Prediction(rows, model.card))
+                work.future.set_result(ModelOutput(rows, model.card))
                 continue
             if work.probabilities is None:
                 work.probabilities = np.empty((len(work.inputs), rows.shape[1]), dtype=np.float32)
             work.probabilities[start:stop] = rows
             work.delivered += stop - start
             if work.delivered == len(work.inputs):
-                work.future.set_result(Prediction(work.probabilities, model.card))
+                work.future.set_result(ModelOutput(work.probabilities, model.card))
+
+
+def _side(item: np.ndarray) -> int:
+    """The side of an input's square: uint8 pixels are HWC, normalised float tensors CHW."""
+    return item.shape[0] if item.dtype == np.uint8 else item.shape[1]
+
+
+def _other_size(size: int, serving: int) -> InputSizeChanged:
+    return InputSizeChanged(f"the model now serving takes {serving}x{serving} inputs, not {size}x{size}: fit "
+                            f"the images to {serving}x{serving} and send them again", serving)
 
 
 class _PreparationGate:

@@ -48,5 +48,10 @@ class InferenceFailed(ServingError):
     """A forward pass raised; only the requests of that batch fail."""
 
 
-class SwapRefused(ServingError):
-    """A checkpoint that loads but cannot replace the serving model (for example, another input size)."""
+class InputSizeChanged(ServingError):
+    """A model of another input size took over before any of the request's images was computed; ``size`` is
+    the new one. The classification pipeline fits the images again; a v2 client must resend."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size

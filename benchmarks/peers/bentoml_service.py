@@ -44,10 +44,10 @@ class CifarFront:
     model = bentoml.depends(CifarModel)
 
     def __init__(self) -> None:
-        from app.engine.preprocessing import decode_image
+        from app.classification.images import image_pixels
 
         self.card = read_card(SETTINGS.weights)
-        self.decode = lambda data: decode_image(data, self.card.input_size, MAX_IMAGE_PIXELS)
+        self.decode = lambda data: image_pixels(data, self.card.input_size, MAX_IMAGE_PIXELS)
 
     @bentoml.api(route="/predict")
     async def predict(self, file: Path) -> dict:

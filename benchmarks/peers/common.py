@@ -1,7 +1,7 @@
 """What every peer server shares with ours, so that ``benchmarks/compare.py`` measures serving, not the model.
 
 The same checkpoint, loaded and prepared by the service's own ``ServedModel`` with the same CPU inference
-backend (``model.inference``); the same image decoding (``app.engine.preprocessing.decode_image``); the
+backend (``model.inference``); the same image decoding (``app.classification.images.image_pixels``); the
 same JSON answer (``app.schemas.Prediction``, top 3). Only the HTTP layer and the batching differ.
 
 Each peer reads its settings from the environment, so compare.py can start it with each knob setting:
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.engine.preprocessing import decode_image
+from app.classification.images import image_pixels
 from app.engine.served_model import ServedModel
 from app.schemas import Prediction
 from model.inference import DEFAULT_CPU_BACKEND
@@ -75,7 +75,7 @@ class Classifier:
         self.input_size = self.model.card.input_size
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.input_size, MAX_IMAGE_PIXELS)
+        return image_pixels(data, self.input_size, MAX_IMAGE_PIXELS)
 
     def probabilities(self, pixels: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """(N, classes) float32 probabilities of N uint8 HWC images."""

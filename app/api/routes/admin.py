@@ -17,7 +17,6 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[RequireAdmin])
     400: {"model": ErrorResponse, "description": "the checkpoint cannot be loaded or verified"},
     401: {"model": ErrorResponse, "description": "no Bearer token"},
     403: {"model": ErrorResponse, "description": "wrong token, or admin routes disabled"},
-    409: {"model": ErrorResponse, "description": "the checkpoint cannot replace the serving model"},
 })
 async def reload(engine: EngineDep, settings: SettingsDep, body: ReloadRequest | None = None) -> ReloadResponse:
     """Load, verify and warm up a checkpoint (the given one, else ``APP_WEIGHTS``), then swap it in between

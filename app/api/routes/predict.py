@@ -1,4 +1,5 @@
-"""``POST /predict`` (one image) and ``POST /predict/batch`` (several): read -> decode -> batch -> answer."""
+"""``POST /predict`` (one image) and ``POST /predict/batch`` (several): read the upload, hand its bytes to the
+classification pipeline (``app/classification/classifier.py``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from app.api.deps import EngineDep, PreprocessorDep, SettingsDep
+from app.api.deps import ClassifierDep, SettingsDep
 from app.api.errors import BadRequest, PayloadTooLarge
-from app.api.uploads import Upload, read_images
-from app.engine.errors import NoModelLoaded
-from app.logging import request_id
+from app.api.uploads import read_images
 from app.schemas import BatchPrediction, ErrorResponse, Prediction
 
 router = APIRouter(tags=["predict"])
@@ -47,33 +46,21 @@ def _too_many_files(limit: int) -> Exception:
 
 
 @router.post("/predict", responses=ERRORS, openapi_extra=_SINGLE_BODY)
-async def predict(request: Request, engine: EngineDep, preprocessor: PreprocessorDep, settings: SettingsDep,
-                  top_k: TopK = 3) -> Prediction:
+async def predict(request: Request, classifier: ClassifierDep, settings: SettingsDep, top_k: TopK = 3) -> Prediction:
     """Classify one image, sent as multipart field ``file`` or as a raw body with an ``image/*`` Content-Type."""
-    started = time.monotonic()
+    deadline = time.monotonic() + settings.request_timeout_s
     uploads = await read_images(request, field="file", max_files=1, limit=settings.max_upload_bytes,
                                 allow_raw=True, too_many=_one_file_only)
-    predictions = await classify(uploads, engine, preprocessor, started + settings.request_timeout_s, top_k)
-    return predictions[0]
+    (prediction,) = await classifier.classify([upload.data for upload in uploads], deadline=deadline, top_k=top_k)
+    return prediction
 
 
 @router.post("/predict/batch", responses=ERRORS, openapi_extra=_BATCH_BODY)
-async def predict_batch(request: Request, engine: EngineDep, preprocessor: PreprocessorDep,
-                        settings: SettingsDep, top_k: TopK = 3) -> BatchPrediction:
+async def predict_batch(request: Request, classifier: ClassifierDep, settings: SettingsDep,
+                        top_k: TopK = 3) -> BatchPrediction:
     """Classify up to ``APP_MAX_BATCH_FILES`` images sent in the repeated multipart field ``files``."""
-    started = time.monotonic()
+    deadline = time.monotonic() + settings.request_timeout_s
     uploads = await read_images(request, field="files", max_files=settings.max_batch_files,
                                 limit=settings.max_upload_bytes, allow_raw=False, too_many=_too_many_files)
-    predictions = await classify(uploads, engine, preprocessor, started + settings.request_timeout_s, top_k)
+    predictions = await classifier.classify([upload.data for upload in uploads], deadline=deadline, top_k=top_k)
     return BatchPrediction(predictions=predictions)
-
-
-async def classify(uploads: list[Upload], engine: EngineDep, preprocessor: PreprocessorDep, deadline: float,
-                   top_k: int) -> list[Prediction]:
-    model = engine.model
-    if model is None:
-        raise NoModelLoaded(engine.unavailable_reason)  # before decoding: no work for a request that must fail
-    pixels = await preprocessor.decode([upload.data for upload in uploads], model.card.input_size)
-    result = await engine.predict(pixels, timeout=deadline - time.monotonic(), tag=request_id.get())
-    k = min(top_k, len(result.card.class_names))
-    return [Prediction.from_probabilities(row, result.card, k) for row in result.probabilities]

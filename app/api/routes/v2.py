@@ -14,6 +14,7 @@ in tritonclient). Errors are ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
 
 from app import __version__
-from app.api.deps import EngineDep, PreprocessorDep, SettingsDep
+from app.api.deps import ClassifierDep, EngineDep, SettingsDep
 from app.api.errors import BadRequest, NotFound, PayloadTooLarge
 from app.api.uploads import read_body
+from app.engine.engine import ModelOutput
 from app.engine.errors import NoModelLoaded
-from app.logging import request_id
 
 MODEL_NAME = "resnet50"
 OUTPUT_NAME = "probabilities"
@@ -157,20 +158,25 @@ async def model_ready(engine: EngineDep, model_name: str, model_version: str | N
 
 @router.post("/models/{model_name}/infer", responses=ERRORS, openapi_extra=_INFER_BODY)
 @router.post("/models/{model_name}/versions/{model_version}/infer", responses=ERRORS, openapi_extra=_INFER_BODY)
-async def infer(request: Request, engine: EngineDep, preprocessor: PreprocessorDep, settings: SettingsDep,
+async def infer(request: Request, engine: EngineDep, classifier: ClassifierDep, settings: SettingsDep,
                 model_name: str, model_version: str | None = None) -> InferenceResponse:
-    started = time.monotonic()
+    """The classification pipeline (``app/classification/classifier.py``), with this protocol's own decode
+    stage (JSON tensors, ``_parse``) and response (``_encode``)."""
+    deadline = time.monotonic() + settings.request_timeout_s
     served = _served(engine, model_name, model_version)
     if "inference-header-content-length" in request.headers:
         raise BadRequest("binary tensor data is not supported: send the tensors as JSON (binary_data=False)")
     body = await read_body(request, settings.max_upload_bytes)
-    parsed: _ParsedRequest = await preprocessor.run(_parse, body, served.card.input_size, settings.max_batch_files,
-                                                   len(served.card.class_names))
-    result = await engine.predict(parsed.inputs, timeout=started + settings.request_timeout_s - time.monotonic(),
-                                  tag=request_id.get())
+    decode = functools.partial(_parse, body, max_images=settings.max_batch_files,
+                               classes=len(served.card.class_names))
+    parsed, result = await classifier.classify_tensors(decode, deadline=deadline)
     if model_version is not None and result.card.version != model_version:
         raise NotFound(f"version {model_version} was swapped out while this request waited; "
-                           f"the model now serving is {result.card.version}")
+                       f"the model now serving is {result.card.version}")
+    return _encode(parsed, result)
+
+
+def _encode(parsed: _ParsedRequest, result: ModelOutput) -> InferenceResponse:
     probabilities = result.probabilities
     if parsed.classification:
         names = result.card.class_names
@@ -202,8 +208,9 @@ class _ParsedRequest:
     classification: int | None
 
 
-def _parse(body: bytes, size: int, max_images: int, classes: int) -> _ParsedRequest:
-    """Validate an inference request and turn its tensor into per-image arrays (runs off the event loop)."""
+def _parse(body: bytes, size: int, *, max_images: int, classes: int) -> _ParsedRequest:
+    """Validate an inference request and turn its tensor into per-image arrays of side ``size`` (the decode
+    stage of this protocol; the classifier runs it on its decode threads)."""
     try:
         request = InferenceRequest.model_validate_json(body)
     except ValidationError as error:

@@ -1,5 +1,4 @@
 import asyncio
-import json
 import shutil
 import threading
 import time
@@ -12,10 +11,11 @@ import torch
 
 from app.engine.engine import InferenceEngine
 from app.engine.errors import (
-    DeadlineExceeded, InferenceFailed, NoModelLoaded, QueueFull, ServiceStopping, SwapRefused,
+    DeadlineExceeded, InferenceFailed, InputSizeChanged, NoModelLoaded, QueueFull, ServiceStopping,
 )
 from app.engine.served_model import ServedModel
-from model.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, read_card
+from model.checkpoint import WEIGHTS_FILE, CheckpointError, read_card
+from tests.conftest import with_input_size
 
 pytestmark = pytest.mark.anyio
 TOLERANCE = 1e-5
@@ -243,14 +243,24 @@ async def test_a_checkpoint_that_fails_verification_is_refused_and_the_old_model
         assert (await engine.predict(images(1), timeout=30)).card.version == version
 
 
-async def test_a_model_with_another_input_size_cannot_be_swapped_in(tiny_checkpoint, tmp_path):
-    other = tmp_path / "other-size"
-    shutil.copytree(tiny_checkpoint, other)
-    card = json.loads((other / CARD_FILE).read_text())
-    (other / CARD_FILE).write_text(json.dumps(card | {"input_size": 64}))
-    async with started_engine(tiny_checkpoint) as engine:
-        with pytest.raises(SwapRefused, match="64px"):
-            await engine.swap(other)
+async def test_a_model_with_another_input_size_takes_over_and_hands_back_the_waiting_requests(
+        tiny_checkpoint, tmp_path):
+    larger = with_input_size(tiny_checkpoint, tmp_path / "64px", 64)
+    # A request that waits for company for up to 30 s: far longer than the swap takes.
+    async with started_engine(tiny_checkpoint, max_batch_delay_s=30.0) as engine:
+        waiting = asyncio.ensure_future(engine.predict(images(1), timeout=60))
+        await asyncio.sleep(0)
+        assert engine.queued_images == 1
+        await engine.swap(larger)
+        with pytest.raises(InputSizeChanged, match="64x64") as handed_back:
+            await waiting
+        assert handed_back.value.size == engine.input_size == 64 and engine.queued_images == 0
+        with pytest.raises(InputSizeChanged, match="not 32x32"):
+            await engine.predict(images(1), timeout=30)
+        engine.max_batch_delay_s = 0.0
+        result = await engine.predict([np.zeros((64, 64, 3), np.uint8)], timeout=30)
+    assert result.card.input_size == 64 and result.probabilities.shape == (1, 10)
+    assert engine._observer.dropped == {}, "handed-back images are not dropped: they are sent again"
 
 
 async def test_stopping_finishes_queued_requests_then_refuses_new_ones(tiny_checkpoint, slow_forward):

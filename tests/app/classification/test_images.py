@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.classification.images import image_pixels
 from app.engine.errors import EmptyImage, ImageTooLarge, UnsupportedImage
-from app.engine.preprocessing import Preprocessor, decode_image
 from tests.app import images
 
 SIZE = 32
@@ -14,7 +14,7 @@ LIMIT = 40_000_000
 
 
 def decode(data: bytes) -> np.ndarray:
-    return decode_image(data, SIZE, LIMIT)
+    return image_pixels(data, SIZE, LIMIT)
 
 
 def test_a_32x32_png_comes_back_pixel_exact():
@@ -126,14 +126,14 @@ def test_a_one_pixel_image_is_scaled_up():
 def test_pillows_own_guard_follows_the_limit_only_while_set():
     from PIL import Image as PillowImage
 
-    from app.engine.preprocessing import pillow_pixel_limit
+    from app.classification.images import pillow_pixel_limit
 
     default = PillowImage.MAX_IMAGE_PIXELS
     with pillow_pixel_limit(1_000_000):
         assert PillowImage.MAX_IMAGE_PIXELS == 1_000_000
         # Over twice Pillow's limit, Pillow refuses while opening, before the header check could run.
         with pytest.raises(ImageTooLarge, match="APP_MAX_IMAGE_PIXELS=1000000"):
-            decode_image(images.bomb_png(2000, 2000), SIZE, max_pixels=1_000_000)
+            image_pixels(images.bomb_png(2000, 2000), SIZE, max_pixels=1_000_000)
     assert PillowImage.MAX_IMAGE_PIXELS == default
 
 
@@ -143,7 +143,7 @@ def test_the_pixel_limit_is_checked_from_the_header_before_decoding():
         decode(images.bomb_png())
     assert time.thread_time() - started < 0.05
     with pytest.raises(ImageTooLarge):
-        decode_image(images.png(100, 100), SIZE, max_pixels=99 * 100)
+        image_pixels(images.png(100, 100), SIZE, max_pixels=99 * 100)
 
 
 @pytest.mark.parametrize("data", [
@@ -158,15 +158,3 @@ def test_what_is_not_a_decodable_image_is_unsupported(data):
 def test_an_empty_upload_is_empty():
     with pytest.raises(EmptyImage):
         decode(b"")
-
-
-@pytest.mark.anyio
-async def test_the_preprocessor_decodes_in_parallel_and_names_the_bad_file():
-    preprocessor = Preprocessor(threads=2, max_pixels=LIMIT)
-    try:
-        decoded = await preprocessor.decode([images.png(seed=1), images.png(seed=2)], SIZE)
-        assert len(decoded) == 2 and not np.array_equal(decoded[0], decoded[1])
-        with pytest.raises(UnsupportedImage, match="^file 2 of 3: "):
-            await preprocessor.decode([images.png(), images.TEXT, images.png()], SIZE)
-    finally:
-        preprocessor.close()

@@ -1,0 +1,85 @@
+"""The classification pipeline end to end, without HTTP: uploads in, answers out."""
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.classification import classifier as classifier_module
+from app.classification.classifier import Classifier
+from app.engine.engine import InferenceEngine
+from app.engine.errors import NoModelLoaded, UnsupportedImage
+from tests.app import images
+from tests.conftest import with_input_size
+
+pytestmark = pytest.mark.anyio
+LIMIT = 40_000_000
+
+
+@asynccontextmanager
+async def pipeline(checkpoint: Path | None, **engine_options):
+    options = dict(max_batch_size=8, max_batch_delay_s=0.0, max_queue=64) | engine_options
+    engine = InferenceEngine(torch.device("cpu"), **options)
+    await engine.start()
+    classifier = Classifier(engine, decode_threads=2, max_image_pixels=LIMIT)
+    try:
+        if checkpoint is not None:
+            await engine.swap(checkpoint)
+        yield classifier
+    finally:
+        classifier.close()
+        await engine.stop(timeout=30)
+
+
+def deadline() -> float:
+    return time.monotonic() + 30
+
+
+async def test_uploads_are_answered_in_order_with_the_single_upload_answers(tiny_checkpoint):
+    uploads = [images.png(seed=seed) for seed in range(3)]
+    async with pipeline(tiny_checkpoint) as classifier:
+        singles = [(await classifier.classify([data], deadline=deadline(), top_k=3))[0] for data in uploads]
+        together = await classifier.classify(uploads, deadline=deadline(), top_k=2)
+    assert len(together) == 3
+    for single, batched in zip(singles, together):
+        assert batched.probabilities == pytest.approx(single.probabilities, abs=1e-5)
+        assert len(batched.top_k) == 2 and batched.model_version == single.model_version
+
+
+async def test_the_first_bad_upload_is_named_by_its_place(tiny_checkpoint):
+    async with pipeline(tiny_checkpoint) as classifier:
+        with pytest.raises(UnsupportedImage, match="^file 2 of 3: "):
+            await classifier.classify([images.png(), images.TEXT, images.png()], deadline=deadline(), top_k=3)
+
+
+async def test_without_a_model_nothing_is_decoded(monkeypatch):
+    decoded = []
+    monkeypatch.setattr(classifier_module, "image_pixels", lambda *args: decoded.append(args))
+    async with pipeline(None) as classifier:
+        classifier.engine.unavailable_reason = "no model: train one"
+        with pytest.raises(NoModelLoaded, match="train one"):
+            await classifier.classify([images.png()], deadline=deadline(), top_k=3)
+    assert decoded == []
+
+
+async def test_a_request_waiting_while_a_model_of_another_input_size_takes_over_is_fitted_again(
+        tiny_checkpoint, tmp_path):
+    larger = with_input_size(tiny_checkpoint, tmp_path / "64px", 64)
+    upload = images.png(96, 96)
+    # The request waits up to 30 s for company, so the swap lands while it is queued, before it is computed.
+    async with pipeline(tiny_checkpoint, max_batch_delay_s=30.0) as classifier:
+        engine = classifier.engine
+        request = asyncio.ensure_future(classifier.classify([upload], deadline=deadline(), top_k=3))
+        give_up = time.monotonic() + 30
+        while engine.queued_images == 0:
+            assert time.monotonic() < give_up, "the request never reached the queue"
+            await asyncio.sleep(0.01)
+        engine.max_batch_delay_s = 0.0  # the request fitted again goes at once
+        await engine.swap(larger)
+        (answer,) = await request
+        (fitted_to_64,) = await classifier.classify([upload], deadline=deadline(), top_k=3)
+        assert engine.input_size == 64
+    assert answer.probabilities == pytest.approx(fitted_to_64.probabilities, abs=1e-5)
