@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     data_skip_integrity_check: bool = Field(False, description="pass --skip-integrity-check to training: "
                                             "needed for rebuilt copies such as ../shared/cifar10")
     promote: Literal["if-better", "always", "never"] = Field("if-better", description="what a successful "
-                                                             "job does with its model (app/promotion.py)")
+                                                             "job does with its model (app/control/promotion.py)")
     training_device: str = Field("auto", description="--device of training jobs: auto, cpu, cuda or cuda:N")
     run_jobs: bool = Field(True, description="whether this replica runs training jobs; exactly one should")
     jobs_url: str | None = Field(None, description="where the replica that runs jobs is reached; named in "

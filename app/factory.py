@@ -20,16 +20,16 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import admin, health, model, models, predict, train, v2, web
+from app.api.routes import admin, health, model_info, predict, registry, train, v2, web
 from app.config import Settings
 from app.classification.classifier import Classifier
 from app.classification.images import pillow_pixel_limit
 from app.engine.calibration import calibration_pixels
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
-from app.jobs.service import initial_weights, open_training_jobs
+from app.control.plane import initial_weights, open_control_plane
 from app.logging import configure_logging
-from app.metrics import ServiceMetrics
+from app.service_metrics import ServiceMetrics
 from model.checkpoint import checkpoint_files
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
-    for routes in (predict, health, model, admin, v2, web, train, models):
+    for routes in (predict, health, model_info, admin, v2, web, train, registry):
         app.include_router(routes.router)
     return app
 
@@ -81,17 +81,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     classifier = Classifier(engine, decode_threads=plan.decode_threads, max_image_pixels=settings.max_image_pixels)
     app.state.engine, app.state.classifier = engine, classifier
     await engine.start()
-    app.state.training = training = await open_training_jobs(settings, engine)
-    weights = initial_weights(training.registry, settings.weights)
+    app.state.control_plane = control_plane = await open_control_plane(settings, engine)
+    weights = initial_weights(control_plane.registry, settings.weights)
     loading = start_loading(engine, weights)
-    training.follow_registry(engine, settings.registry_poll_s)
+    control_plane.follow_registry(engine, settings.registry_poll_s)
     try:
         with pillow_pixel_limit(settings.max_image_pixels):
             yield
     finally:
         if loading is not None:
             loading.cancel()
-        await training.close()  # a running training job is stopped and marked interrupted, never orphaned
+        await control_plane.close()  # a running training job is stopped and marked interrupted, never orphaned
         await engine.stop(timeout=settings.request_timeout_s)
         classifier.close()
 

@@ -1,19 +1,29 @@
-"""Shared route dependencies as ``Annotated`` aliases, so endpoint signatures stay short.
+"""Shared route dependencies as ``Annotated`` aliases, so endpoint signatures stay short, and the admin guard.
 
 They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, which on the
 hot path costs a thread hop per dependency per request for what is an attribute lookup.
+
+``RequireAdmin`` guards ``/admin/*`` and the job API (``dependencies=[RequireAdmin]``). Without
+``APP_ADMIN_TOKEN`` those routes are disabled (403 saying how to enable them); there is no default token. A
+missing or non-Bearer ``Authorization`` header gets 401, a wrong token 403. The comparison is constant-time
+(``hmac.compare_digest``), so response timing does not leak the token.
 """
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.api.errors import AdminDisabled, NotAuthenticated, WrongToken
 from app.classification.classifier import Classifier
 from app.config import Settings
+from app.control.jobs.runner import JobRunner
+from app.control.plane import ControlPlane
 from app.engine.engine import InferenceEngine
-from app.metrics import ServiceMetrics
+from app.service_metrics import ServiceMetrics
 
 
 async def _settings(request: Request) -> Settings:
@@ -32,7 +42,36 @@ async def _metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
+async def _control_plane(request: Request) -> ControlPlane:
+    return request.app.state.control_plane
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[InferenceEngine, Depends(_engine)]
 ClassifierDep = Annotated[Classifier, Depends(_classifier)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
+ControlPlaneDep = Annotated[ControlPlane, Depends(_control_plane)]
+
+
+async def _job_runner(control_plane: ControlPlaneDep) -> JobRunner:
+    return control_plane.require_runner()  # JobsNotRunHere (503) on a replica with APP_RUN_JOBS=false
+
+
+JobRunnerDep = Annotated[JobRunner, Depends(_job_runner)]
+
+_bearer = HTTPBearer(auto_error=False, description="APP_ADMIN_TOKEN")
+
+
+async def require_admin(settings: SettingsDep,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    if settings.admin_token is None:
+        raise AdminDisabled("admin routes are disabled: set APP_ADMIN_TOKEN to a secret of at least 16 "
+                            "characters and restart the service to enable them")
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise NotAuthenticated("send the admin token as 'Authorization: Bearer <APP_ADMIN_TOKEN>'")
+    expected = settings.admin_token.get_secret_value().encode()
+    if not hmac.compare_digest(credentials.credentials.encode(), expected):
+        raise WrongToken("the admin token is wrong")
+
+
+RequireAdmin = Depends(require_admin)

@@ -1,8 +1,10 @@
-"""The one place that decides which HTTP status each expected failure gets.
+"""The one place that decides which HTTP status each expected failure gets (``STATUS``).
 
-Errors are JSON ``{"detail": "<what is wrong and what to do>"}``; under ``/v2/`` they are ``{"error": ...}``,
-the KServe v2 protocol's error object, so Triton and KServe clients can read them. Anything unexpected is
-answered by the request middleware as a plain 500 and logged with its traceback.
+Routes and dependencies raise domain errors (the engine's, the pipeline's, the control plane's, or the few
+HTTP-only ones defined here); none of them raises ``HTTPException``. Errors are JSON
+``{"detail": "<what is wrong and what to do>"}``; under ``/v2/`` they are ``{"error": ...}``, the KServe v2
+protocol's error object, so Triton and KServe clients can read them. Anything unexpected is answered by
+the request middleware as a plain 500 and logged with its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.control.jobs.runner import JobStateError
+from app.control.jobs.store import JobConflict, UnknownJob
+from app.control.plane import JobsNotRunHere
+from app.control.registry import UnknownVersion
 from app.engine.errors import (
     DeadlineExceeded, EmptyImage, ImageTooLarge, InferenceFailed, InputSizeChanged, NoModelLoaded, QueueFull,
     ServiceStopping, UnsupportedImage,
@@ -35,11 +41,30 @@ class UnsupportedMediaType(Exception):
     pass
 
 
+class NotAuthenticated(Exception):
+    """No Bearer token where the admin token is required."""
+
+
+class WrongToken(Exception):
+    pass
+
+
+class AdminDisabled(Exception):
+    """The admin routes are off: no APP_ADMIN_TOKEN is configured."""
+
+
 STATUS: dict[type[Exception], int] = {
     BadRequest: 400,
     EmptyImage: 400,
     CheckpointError: 400,
+    NotAuthenticated: 401,
+    WrongToken: 403,
+    AdminDisabled: 403,
     NotFound: 404,
+    UnknownJob: 404,
+    UnknownVersion: 404,
+    JobConflict: 409,
+    JobStateError: 409,
     PayloadTooLarge: 413,
     ImageTooLarge: 413,
     UnsupportedMediaType: 415,
@@ -49,6 +74,7 @@ STATUS: dict[type[Exception], int] = {
     QueueFull: 503,
     ServiceStopping: 503,
     InputSizeChanged: 503,
+    JobsNotRunHere: 503,
     DeadlineExceeded: 504,
 }
 
@@ -65,6 +91,8 @@ async def _expected(request: Request, error: Exception) -> JSONResponse:
         headers = {"Retry-After": str(error.retry_after_s)}
     elif isinstance(error, (NoModelLoaded, ServiceStopping, InputSizeChanged)):
         headers = {"Retry-After": "5"}
+    elif isinstance(error, NotAuthenticated):
+        headers = {"WWW-Authenticate": "Bearer"}
     return error_response(request, status, str(error), headers)
 
 

@@ -18,7 +18,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logging import request_id
-from app.metrics import ServiceMetrics
+from app.service_metrics import ServiceMetrics
 
 logger = logging.getLogger("app.access")
 error_logger = logging.getLogger("app.errors")

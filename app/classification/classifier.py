@@ -39,7 +39,7 @@ from app.classification.images import image_pixels
 from app.engine.engine import InferenceEngine, ModelOutput
 from app.engine.errors import ImageError, InputSizeChanged
 from app.logging import request_id
-from app.schemas import Prediction
+from app.classification.answers import Prediction
 
 # A request is fitted again when a model of another input size takes over while it waits; two swaps of
 # input size within one request's deadline are already unusual, so the third attempt is the last.

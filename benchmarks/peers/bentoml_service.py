@@ -17,7 +17,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from app.schemas import Prediction
+from app.classification.answers import Prediction
 from benchmarks.peers.common import MAX_IMAGE_PIXELS, TOP_K, Classifier, PeerSettings
 from model.checkpoint import read_card
 

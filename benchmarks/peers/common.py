@@ -2,7 +2,7 @@
 
 The same checkpoint, loaded and prepared by the service's own ``ServedModel`` with the same CPU inference
 backend (``model.inference``); the same image decoding (``app.classification.images.image_pixels``); the
-same JSON answer (``app.schemas.Prediction``, top 3). Only the HTTP layer and the batching differ.
+same JSON answer (``app.classification.answers.Prediction``, top 3). Only the HTTP layer and the batching differ.
 
 Each peer reads its settings from the environment, so compare.py can start it with each knob setting:
 
@@ -29,7 +29,7 @@ import torch
 
 from app.classification.images import image_pixels
 from app.engine.served_model import ServedModel
-from app.schemas import Prediction
+from app.classification.answers import Prediction
 from model.inference import DEFAULT_CPU_BACKEND
 
 MAX_IMAGE_PIXELS = 40_000_000  # the service's default APP_MAX_IMAGE_PIXELS

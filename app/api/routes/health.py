@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import EngineDep, MetricsDep
 from app.engine.errors import NoModelLoaded
-from app.schemas import ErrorResponse, Readiness
+from app.api.schemas import ErrorResponse, Readiness
 
 router = APIRouter(tags=["health"])
 

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Query, Request
 from app.api.deps import ClassifierDep, SettingsDep
 from app.api.errors import BadRequest, PayloadTooLarge
 from app.api.uploads import read_images
-from app.schemas import BatchPrediction, ErrorResponse, Prediction
+from app.api.schemas import BatchPrediction, ErrorResponse
+from app.classification.answers import Prediction
 
 router = APIRouter(tags=["predict"])
 

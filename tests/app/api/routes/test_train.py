@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.factory import create_app
-from app.jobs import processes
-from app.jobs.store import JobStore
+from app.control.jobs import processes
+from app.control.jobs.store import JobStore
 from tests.support.training_api import (
     ADMIN, TINY_JOB, TOKEN, job, job_settings, serving_checkpoint, wait_for_status, wait_ready, wait_until,
 )

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from app.registry import ModelRegistry, UnknownVersion
+from app.control.registry import ModelRegistry, UnknownVersion
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_card
 from tests.conftest import make_checkpoint
 

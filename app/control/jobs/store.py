@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from app.jobs.schemas import ACTIVE_STATUSES, Job, JobProgress, JobResult, JobStatus, TrainParams
+from app.control.jobs.schemas import ACTIVE_STATUSES, Job, JobProgress, JobResult, JobStatus, TrainParams
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -37,6 +37,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_active_job
     ON jobs ((status IN ('queued', 'running'))) WHERE status IN ('queued', 'running');
 """
 _ACTIVE_SQL = "('queued', 'running')"
+
+
+class UnknownJob(LookupError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no training job {job_id!r}; GET /train lists the jobs")
+        self.job_id = job_id
 
 
 class JobConflict(Exception):

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from app.jobs.schemas import Job, JobStatus, TrainParams
-from app.promotion import ModelPromoter, PromotionError, should_promote
-from app.registry import ModelRegistry, UnknownVersion
+from app.control.jobs.schemas import Job, JobStatus, TrainParams
+from app.control.promotion import ModelPromoter, should_promote
+from app.control.registry import ModelRegistry, UnknownVersion
 from model.checkpoint import ModelCard, read_card
 from tests.conftest import make_checkpoint
 
@@ -57,9 +57,9 @@ def test_if_better_promotes_a_better_run_and_registers_a_worse_one(tmp_path: Pat
         registry = ModelRegistry(tmp_path / "registry")
         engine = FakeEngine(read_card(checkpoints[0]))
         promoter = ModelPromoter(registry, engine, "if-better")
-        better = await promoter.register_run(job(), checkpoints[1], {"test_accuracy": 0.15})
+        better = (await promoter.register_run(job(), checkpoints[1], {"test_accuracy": 0.15})).result
         assert better.promoted and registry.current() == better.model_version == engine.card.version
-        worse = await promoter.register_run(job(), checkpoints[0], {"test_accuracy": 0.10})
+        worse = (await promoter.register_run(job(), checkpoints[0], {"test_accuracy": 0.10})).result
         assert not worse.promoted and registry.current() == better.model_version
         assert {m.version for m in registry.versions()} == {better.model_version, worse.model_version}
         # By hand, an operator rolls back to the worse one.
@@ -75,9 +75,9 @@ def test_a_failed_swap_leaves_the_pointer_alone(tmp_path: Path, checkpoints: lis
     async def scenario() -> None:
         registry = ModelRegistry(tmp_path / "registry")
         promoter = ModelPromoter(registry, FakeEngine(None, fail=True), "always")
-        with pytest.raises(PromotionError, match="out of memory") as failure:
-            await promoter.register_run(job(), checkpoints[0], {"test_accuracy": 0.1})
-        assert not failure.value.result.promoted and registry.current() is None
-        assert registry.versions()[0].version == failure.value.result.model_version
+        conclusion = await promoter.register_run(job(), checkpoints[0], {"test_accuracy": 0.1})
+        assert "out of memory" in conclusion.error and "POST /admin/promote/" in conclusion.error
+        assert not conclusion.result.promoted and registry.current() is None
+        assert registry.versions()[0].version == conclusion.result.model_version
 
     asyncio.run(scenario())

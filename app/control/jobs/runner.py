@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.jobs import processes
-from app.jobs.metrics import MetricsFollower, tail_lines
-from app.jobs.schemas import (ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobProgress, JobResult, JobStatus,
+from app.control.jobs import processes
+from app.control.jobs.progress import MetricsFollower, tail_lines
+from app.control.jobs.schemas import (ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobProgress, JobResult, JobStatus,
                               TrainParams)
-from app.jobs.store import JobStore
-from app.promotion import PromotionError
+from app.control.jobs.store import JobStore, UnknownJob
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +31,18 @@ LOG_FILE = "train.log"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.pt"
 
+@dataclass(frozen=True)
+class Conclusion:
+    """What the success handler made of a finished run: the job's result, and ``error`` when a step after
+    training failed (the model was registered but could not be served); the job succeeded either way."""
+
+    result: JobResult
+    error: str | None = None
+
+
 # Called with the finished job, its checkpoint directory and the run's "final" metrics event; registers
 # the checkpoint (and promotes it, by policy) and says what came of it.
-SuccessHandler = Callable[[Job, Path, dict[str, Any]], Awaitable[JobResult]]
+SuccessHandler = Callable[[Job, Path, dict[str, Any]], Awaitable[Conclusion]]
 
 
 class JobStateError(Exception):
@@ -169,7 +177,7 @@ class JobRunner:
     def _get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job is None:
-            raise KeyError(job_id)
+            raise UnknownJob(job_id)
         return job
 
     def _start(self, job: Job, *, resume: bool) -> None:
@@ -224,17 +232,14 @@ class JobRunner:
         checkpoint = Path(final.get("checkpoint") or "checkpoint")
         checkpoint = checkpoint if checkpoint.is_absolute() else self.run_dir(job.id) / checkpoint
         try:
-            result = await self.on_success(job, checkpoint, final)
-        except PromotionError as error:
-            self.store.finish(job.id, JobStatus.SUCCEEDED, result=error.result, error=str(error),
-                              only_from=(JobStatus.RUNNING,))
-            return
+            conclusion = await self.on_success(job, checkpoint, final)
         except Exception as error:
             logger.exception("registering job %s's checkpoint failed", job.id)
             self.store.finish(job.id, JobStatus.FAILED, only_from=(JobStatus.RUNNING,),
                               error=f"training finished, but registering its checkpoint {checkpoint} failed: {error}")
             return
-        self.store.finish(job.id, JobStatus.SUCCEEDED, result=result, only_from=(JobStatus.RUNNING,))
+        self.store.finish(job.id, JobStatus.SUCCEEDED, result=conclusion.result, error=conclusion.error,
+                          only_from=(JobStatus.RUNNING,))
 
     def _failure(self, job_id: str, returncode: int) -> str:
         """The training module's own ``error:`` line when it wrote one (it does for usage and data problems)."""

@@ -14,12 +14,16 @@ serves, so the pointer never names a model that failed to load.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from app.jobs.schemas import Job, JobResult
-from app.registry import ModelRegistry, RegisteredModel
+from app.control.jobs.runner import Conclusion
+from app.control.jobs.schemas import Job, JobResult
+from app.control.registry import ModelRegistry, RegisteredModel
 from model.checkpoint import ModelCard
+
+logger = logging.getLogger(__name__)
 
 PromotePolicy = Literal["if-better", "always", "never"]
 
@@ -31,14 +35,6 @@ class HotSwappable(Protocol):
     def card(self) -> ModelCard | None: ...
 
     async def swap(self, checkpoint: Path) -> ModelCard: ...
-
-
-class PromotionError(Exception):
-    """The run's model was registered, but swapping it in failed; ``result`` says what was registered."""
-
-    def __init__(self, result: JobResult, message: str) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 def should_promote(policy: PromotePolicy, candidate: float | None, serving: ModelCard | None) -> bool:
@@ -67,18 +63,19 @@ class ModelPromoter:
             self.registry.set_current(version)
         return registered
 
-    async def register_run(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> JobResult:
-        """The runner's success handler: register the run's checkpoint, then promote it by policy."""
+    async def register_run(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> Conclusion:
+        """The runner's success handler: register the run's checkpoint, then promote it by policy. A failed
+        swap leaves the model registered and the pointer alone, and says so in the conclusion's error."""
         registered = await asyncio.to_thread(self.registry.register, checkpoint, source_job=job.id)
         accuracy = final.get("test_accuracy", registered.card.test_accuracy)
         promote = should_promote(self.policy, accuracy, self.engine.card)
         result = JobResult(model_version=registered.version, test_accuracy=accuracy, promoted=False)
-        if promote:
-            try:
-                await self.promote(registered.version)
-            except Exception as error:
-                raise PromotionError(result, f"model {registered.version} was trained and registered, but "
-                                     f"serving it failed: {error}; POST /admin/promote/{registered.version} "
-                                     "retries") from error
-            result = result.model_copy(update={"promoted": True})
-        return result
+        if not promote:
+            return Conclusion(result)
+        try:
+            await self.promote(registered.version)
+        except Exception as error:
+            logger.exception("serving the newly registered %s failed", registered.version)
+            return Conclusion(result, f"model {registered.version} was trained and registered, but serving it "
+                                      f"failed: {error}; POST /admin/promote/{registered.version} retries")
+        return Conclusion(result.model_copy(update={"promoted": True}))

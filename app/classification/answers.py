@@ -1,17 +1,11 @@
-"""Request and response bodies of the JSON API (the KServe v2 ones are in ``app/api/routes/v2.py``)."""
+"""Stage 7 of the classification pipeline: the answer for one image, as the JSON API returns it."""
 
 from __future__ import annotations
-
-from datetime import datetime
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from model.checkpoint import ModelCard
-
-
-class ErrorResponse(BaseModel):
-    detail: str = Field(description="what is wrong and what to do about it")
 
 
 class ClassProbability(BaseModel):
@@ -42,46 +36,3 @@ class Prediction(BaseModel):
             top_k=[ClassProbability(label=names[i], probability=values[i]) for i in order],
             model_version=card.version,
         )
-
-
-class BatchPrediction(BaseModel):
-    predictions: list[Prediction] = Field(description="one per uploaded file, in upload order")
-
-
-class BatchingSettings(BaseModel):
-    max_batch_size: int
-    max_batch_delay_ms: float
-    max_queue: int
-    parallel_batches: int
-    request_timeout_s: float
-
-
-class ModelInfo(BaseModel):
-    version: str
-    architecture: str
-    class_names: list[str]
-    parameter_count: int
-    test_accuracy: float | None = Field(description="final-epoch top-1 on the CIFAR-10 test set, from the card")
-    trained_at: datetime = Field(description="when the checkpoint was written")
-    input_size: int
-    mean: list[float]
-    std: list[float]
-    device: str
-    dtype: str
-    batching: BatchingSettings
-
-
-class ReloadRequest(BaseModel):
-    weights: str | None = Field(None, description="checkpoint directory to load; default: APP_WEIGHTS")
-
-
-class ReloadResponse(BaseModel):
-    model_version: str
-    previous_version: str | None
-    weights: str
-    seconds: float
-
-
-class Readiness(BaseModel):
-    status: str
-    model_version: str | None = None

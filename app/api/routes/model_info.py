@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import EngineDep, SettingsDep
+from app.api.schemas import BatchingSettings, ErrorResponse, ModelInfo
 from app.engine.errors import NoModelLoaded
-from app.schemas import BatchingSettings, ErrorResponse, ModelInfo
 
 router = APIRouter(tags=["model"])
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from app.jobs.schemas import JobProgress, JobResult, JobStatus, TrainParams
-from app.jobs.store import JobConflict, JobStore
+from app.control.jobs.schemas import JobProgress, JobResult, JobStatus, TrainParams
+from app.control.jobs.store import JobConflict, JobStore
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from app.jobs import processes
-from app.jobs.runner import JobRunner, JobStateError, TrainingCommand
-from app.jobs.schemas import Job, JobResult, JobStatus, TrainParams
-from app.jobs.store import JobConflict, JobStore
+from app.control.jobs import processes
+from app.control.jobs.runner import Conclusion, JobRunner, JobStateError, TrainingCommand
+from app.control.jobs.schemas import Job, JobResult, JobStatus, TrainParams
+from app.control.jobs.store import JobConflict, JobStore
 
 FAKE_TRAINING = str(Path(__file__).with_name("fake_training.py"))
 
@@ -33,9 +33,9 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Path, dict[str, Any]]] = []
 
-    async def __call__(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> JobResult:
+    async def __call__(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> Conclusion:
         self.calls.append((job.id, checkpoint, final))
-        return JobResult(model_version="resnet18-abc", test_accuracy=final["test_accuracy"], promoted=True)
+        return Conclusion(JobResult(model_version="resnet18-abc", test_accuracy=final["test_accuracy"], promoted=True))
 
 
 def make_runner(tmp_path: Path, *options: str, stop_timeout_s: float = 5.0) -> tuple[JobRunner, Recorder]:

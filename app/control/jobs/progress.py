@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from app.jobs.schemas import JobProgress
+from app.control.jobs.schemas import JobProgress
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from app.jobs.metrics import MetricsFollower, tail_lines
+from app.control.jobs.progress import MetricsFollower, tail_lines
 
 
 def test_follower_reads_complete_lines_only_and_keeps_the_latest_epoch(tmp_path: Path) -> None:

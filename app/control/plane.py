@@ -1,7 +1,8 @@
-"""The training-job system as the service holds it for one lifespan: job store, registry, promoter, runner.
+"""The control plane as the service holds it for one lifespan: job store, registry, promoter and runner.
 
-Built in the app's lifespan (``open_training_jobs``) and closed there (``close``); the routes reach it as
-``request.app.state.training``.
+Built in the app's lifespan (``open_control_plane``) and closed there (``close``); the routes reach it
+through ``app/api/deps.py``. This module wires the others together and is the only one that imports all
+of them (``app/control/__init__.py`` draws the arrows).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.config import Settings
-from app.jobs.metrics import tail_lines
-from app.jobs.runner import LOG_FILE, JobRunner, TrainingCommand
-from app.jobs.store import JobStore
-from app.promotion import HotSwappable, ModelPromoter
-from app.registry import ModelRegistry, UnknownVersion
+from app.control.jobs.progress import tail_lines
+from app.control.jobs.runner import LOG_FILE, JobRunner, TrainingCommand
+from app.control.jobs.schemas import Job
+from app.control.jobs.store import JobStore, UnknownJob
+from app.control.promotion import HotSwappable, ModelPromoter
+from app.control.registry import ModelRegistry, UnknownVersion
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ class JobsNotRunHere(Exception):
 
 
 @dataclass
-class TrainingJobs:
+class ControlPlane:
     store: JobStore
     registry: ModelRegistry
     promoter: ModelPromoter
@@ -38,8 +40,16 @@ class TrainingJobs:
     jobs_url: str | None = None
     _follower: asyncio.Task[None] | None = None
 
+    def job(self, job_id: str) -> Job:
+        """The job's record, from the shared database, so any replica can show it; raises ``UnknownJob``."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        return job
+
     def logs(self, job_id: str, tail: int | None = None) -> str:
         """The job's log; read from the shared state directory, so any replica can show it."""
+        self.job(job_id)
         return tail_lines(self.runs_dir / job_id / LOG_FILE, tail)
 
     def require_runner(self) -> JobRunner:
@@ -63,7 +73,7 @@ class TrainingJobs:
             await self.runner.shutdown()
 
 
-async def open_training_jobs(settings: Settings, engine: HotSwappable) -> TrainingJobs:
+async def open_control_plane(settings: Settings, engine: HotSwappable) -> ControlPlane:
     """Open the job store and the registry; on the replica that runs jobs, first stop and mark ``interrupted``
     any job an earlier API process left queued or running."""
     store = JobStore(settings.state_dir / JOBS_DATABASE)
@@ -76,7 +86,7 @@ async def open_training_jobs(settings: Settings, engine: HotSwappable) -> Traini
                                   skip_integrity_check=settings.data_skip_integrity_check)
         runner = JobRunner(store, runs_dir.resolve(), command, promoter.register_run)
         await asyncio.to_thread(runner.recover)
-    return TrainingJobs(store=store, registry=registry, promoter=promoter, runner=runner, runs_dir=runs_dir,
+    return ControlPlane(store=store, registry=registry, promoter=promoter, runner=runner, runs_dir=runs_dir,
                         jobs_url=settings.jobs_url)
 
 

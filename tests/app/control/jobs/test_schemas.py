@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.jobs.runner import TrainingCommand
-from app.jobs.schemas import TrainParams
+from app.control.jobs.runner import TrainingCommand
+from app.control.jobs.schemas import TrainParams
 from training.config import DEFAULTS, TrainingConfig, parse_command
 
 

@@ -1,0 +1,90 @@
+"""Request and response bodies of the JSON API. The answer for one image, ``Prediction``, is the classification
+pipeline's own (``app/classification/answers.py``); the KServe v2 bodies are in ``app/api/routes/v2.py``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from app.classification.answers import Prediction
+from app.control.registry import RegisteredModel
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what is wrong and what to do about it")
+
+
+class BatchPrediction(BaseModel):
+    predictions: list[Prediction] = Field(description="one per uploaded file, in upload order")
+
+
+class BatchingSettings(BaseModel):
+    max_batch_size: int
+    max_batch_delay_ms: float
+    max_queue: int
+    parallel_batches: int
+    request_timeout_s: float
+
+
+class ModelInfo(BaseModel):
+    version: str
+    architecture: str
+    class_names: list[str]
+    parameter_count: int
+    test_accuracy: float | None = Field(description="final-epoch top-1 on the CIFAR-10 test set, from the card")
+    trained_at: datetime = Field(description="when the checkpoint was written")
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    device: str
+    dtype: str
+    batching: BatchingSettings
+
+
+class ReloadRequest(BaseModel):
+    weights: str | None = Field(None, description="checkpoint directory to load; default: APP_WEIGHTS")
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_version: str | None
+    weights: str
+    seconds: float
+
+
+class Readiness(BaseModel):
+    status: str
+    model_version: str | None = None
+
+
+class ModelVersion(BaseModel):
+    version: str
+    architecture: str
+    test_accuracy: float | None
+    test_accuracy_tta: float | None
+    epochs: int | None
+    weights_sha256: str
+    created_at: datetime
+    registered_at: datetime
+    source_job: str | None
+    current: bool
+
+    @classmethod
+    def of(cls, model: RegisteredModel, current: str | None) -> ModelVersion:
+        card = model.card
+        return cls(version=model.version, architecture=card.architecture, test_accuracy=card.test_accuracy,
+                   test_accuracy_tta=card.test_accuracy_tta, epochs=card.epochs, weights_sha256=card.weights_sha256,
+                   created_at=card.created_at, registered_at=model.registered_at, source_job=model.source_job,
+                   current=model.version == current)
+
+
+class ModelListing(BaseModel):
+    current: str | None
+    serving: str | None
+    versions: list[ModelVersion]
+
+
+class Promotion(BaseModel):
+    version: str
+    previous_version: str | None

@@ -1,1 +1,0 @@
-"""Training jobs: records (store), processes (runner) and what the API shows of them (schemas)."""
