@@ -1,9 +1,8 @@
 """The README's first screen is what a new user and CI run; keep it executable and in step with CI."""
 
 import re
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.support import REPO_ROOT
 
 
 def readme_commands() -> list[str]:

@@ -6,15 +6,15 @@ import asyncio
 import json
 import re
 import signal
-import time
 
 import httpx
 import numpy as np
 import pytest
 
 from app import __main__ as entry_point
-from tests.app import images
-from tests.app.conftest import ADMIN_TOKEN, live_environment, live_server
+from tests.support import images
+from tests.support.service import ADMIN_TOKEN, live_environment, live_server
+from tests.support.waiting import eventually, wait_until
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -43,6 +43,7 @@ def test_the_wrapper_defaults_to_localhost_port_8000(capsys):
     assert "127.0.0.1" in text and "8000" in text and "--workers" in text
 
 
+@pytest.mark.server
 def test_64_concurrent_requests_are_batched_and_answered_as_one_by_one(server):
     uploads = [images.png(32, 32, seed) for seed in range(64)]
     with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -65,21 +66,22 @@ def test_64_concurrent_requests_are_batched_and_answered_as_one_by_one(server):
         assert np.allclose(probabilities(response.json()), probabilities(single), atol=1e-5)
 
 
+@pytest.mark.server
 def test_logs_are_json_lines_that_name_the_request(server):
     httpx.post(f"{server.url}/predict", content=images.TEXT,
                headers={"content-type": "image/png", "x-request-id": "live-log-check"})
     # The access line is written once the response has gone out, so it may land a moment after the answer.
-    deadline = time.monotonic() + 10
-    while True:
+    def logged() -> list[dict]:
         complete = server.log.read_text().rpartition("\n")[0].splitlines()
         lines = [json.loads(line) for line in complete if line.strip()]
-        if any(line.get("request_id") == "live-log-check" and line.get("status") == 415 for line in lines):
-            break
-        assert time.monotonic() < deadline, "no access-log line names the request"
-        time.sleep(0.05)
+        found = any(line.get("request_id") == "live-log-check" and line.get("status") == 415 for line in lines)
+        return lines if found else []
+
+    lines = wait_until(logged, 30, "an access-log line that names the request")
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
 
 
+@pytest.mark.server
 def test_a_hot_swap_under_sustained_load_fails_nothing_and_never_mixes_models(server, other_checkpoint,
                                                                               tiny_checkpoint):
     batch_files = [("files", (f"{n}.png", images.png(16, 16, n), "image/png")) for n in range(12)]
@@ -109,11 +111,11 @@ def test_a_hot_swap_under_sustained_load_fails_nothing_and_never_mixes_models(se
             tasks = [asyncio.create_task(single_client(seen)) for seen in singles]
             tasks += [asyncio.create_task(batch_client(seen)) for seen in batches]
             everyone = singles + batches
-            await until(lambda: all(everyone), "every client has an answer before the swap")
+            await eventually(lambda: all(everyone), 60, "every client's answer before the swap")
             reload = await client.post("/admin/reload", headers=AUTH, json={"weights": str(other_checkpoint)})
             assert reload.status_code == 200, reload.text
             new = reload.json()["model_version"]
-            await until(lambda: all(new in seen for seen in everyone), "every client has an answer after it")
+            await eventually(lambda: all(new in seen for seen in everyone), 60, "every client's answer after it")
             stop.set()
             await asyncio.gather(*tasks)
             await client.post("/admin/reload", headers=AUTH, json={"weights": str(tiny_checkpoint)})
@@ -127,14 +129,7 @@ def test_a_hot_swap_under_sustained_load_fails_nothing_and_never_mixes_models(se
         assert set(seen[:switch]) == {old} and set(seen[switch:]) == {new}, "a client went back to the old model"
 
 
-async def until(condition, what: str, seconds: float = 60) -> None:
-    """Wait for ``condition()``: load on a shared machine makes fixed sleeps too short or too long."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.05)
-
-
+@pytest.mark.server
 def test_a_burst_past_a_tiny_queue_gets_503_with_retry_after_and_nothing_else_breaks(tmp_path, tiny_checkpoint):
     environment = live_environment(tiny_checkpoint, APP_MAX_QUEUE="4", APP_MAX_BATCH_FILES="4",
                                    APP_MAX_BATCH_SIZE="2")
@@ -159,6 +154,7 @@ def test_a_burst_past_a_tiny_queue_gets_503_with_retry_after_and_nothing_else_br
         assert f'inference_dropped_images_total{{reason="queue_full"}} {float(statuses.count(503))}' in metrics
 
 
+@pytest.mark.server
 def test_sigterm_finishes_the_requests_in_flight(tmp_path, tiny_checkpoint):
     environment = live_environment(tiny_checkpoint, APP_MAX_BATCH_SIZE="1", APP_MAX_BATCH_FILES="32")
     files = [("files", (f"{n}.png", images.png(32, 32, n), "image/png")) for n in range(32)]
@@ -166,7 +162,12 @@ def test_sigterm_finishes_the_requests_in_flight(tmp_path, tiny_checkpoint):
         async def in_flight() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=stopping.url, timeout=60) as client:
                 requests = [asyncio.create_task(client.post("/predict/batch", files=files)) for _ in range(6)]
-                await asyncio.sleep(0.5)  # 192 one-image passes: seconds of work queued
+
+                async def queued() -> bool:  # 192 one-image passes: seconds of work once queued
+                    metrics = (await client.get("/metrics")).text
+                    return float(re.search(r"^inference_queue_images (\S+)$", metrics, re.MULTILINE).group(1)) > 0
+
+                await eventually(queued, 60, "images of the requests in flight to queue", every_s=0.05)
                 stopping.process.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*requests)
 
@@ -180,6 +181,7 @@ def test_sigterm_finishes_the_requests_in_flight(tmp_path, tiny_checkpoint):
             httpx.get(f"{stopping.url}/healthz")
 
 
+@pytest.mark.server
 def test_uvicorn_app_main_app_starts_the_same_service(tmp_path, tiny_checkpoint):
     command = ("-m", "uvicorn", "app.main:app")
     with live_server(tmp_path, live_environment(tiny_checkpoint), command=command) as server:

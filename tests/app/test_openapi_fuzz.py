@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.app.conftest import live_environment, live_server
+from tests.support.service import live_environment, live_server
+
+pytestmark = pytest.mark.server
 
 EXAMPLES = 10  # per operation and mode: ~20 operations x 2 modes, well under a minute here
 

@@ -7,10 +7,12 @@ import re
 import shutil
 import subprocess
 
+import pytest
 from PIL import Image
 
-from tests.app import images
-from tests.app.conftest import ADMIN_TOKEN, REPO_ROOT, live_environment, live_server
+from tests.support import images
+from tests.support import REPO_ROOT
+from tests.support.service import ADMIN_TOKEN, live_environment, live_server
 
 # Inside the examples, make every curl fail on an HTTP error status, showing the body.
 FAIL_ON_HTTP_ERRORS = 'curl() { command curl --fail-with-body "$@"; }\n'
@@ -40,6 +42,7 @@ def test_the_section_documents_every_service_setting():
         assert f"`APP_{name.upper()}`" in section, f"APP_{name.upper()} is not in the README's Service section"
 
 
+@pytest.mark.server
 def test_the_curl_examples_run_against_a_live_server(tmp_path, tiny_checkpoint, other_checkpoint):
     assert shutil.which("curl"), "the README's examples use curl: install it (apt-get install -y curl)"
     blocks = curl_blocks()

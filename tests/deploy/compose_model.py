@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT
+
 SCHEMA_PATH = Path(__file__).parent / "data" / "compose-spec.json"
 COMPOSE_FILES = sorted(REPO_ROOT.glob("docker-compose*.yml"))
 

@@ -10,19 +10,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 from tests.deploy.compose_model import REPO_ROOT
 from tests.deploy.dockerfile_model import container_command, final_stage
 from tests.deploy.dockerfile_model import env as dockerfile_env
-from tests.deploy.net import free_port
+from tests.support.net import free_port, wait_for_http
 
 READY_TIMEOUT_S = 180
 VOLUME_SETTINGS = ("APP_STATE_DIR", "APP_REGISTRY_DIR", "APP_DATA_DIR")
@@ -73,16 +71,7 @@ def running(environment: dict[str, str], workdir: Path) -> Iterator[RunningServi
                                    stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"the service exited with {process.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"/readyz not 200 in {READY_TIMEOUT_S} s:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_for_http(f"{url}/readyz", process, log, READY_TIMEOUT_S)
         yield RunningService(url, port, process, log)
     finally:
         if process.poll() is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from tests.deploy.compose_model import REPO_ROOT
-from tests.deploy.net import free_port
+from tests.support.net import free_port
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
 

@@ -1,12 +1,5 @@
-"""Loopback helpers for the tests that start servers."""
+"""Kept so that branches written against it still import: the helper is ``tests.support.net.free_port``."""
 
-from __future__ import annotations
+from tests.support.net import free_port
 
-import socket
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+__all__ = ["free_port"]

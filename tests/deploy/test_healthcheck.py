@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.deploy.dockerfile_model import run_healthcheck
-from tests.deploy.net import free_port
+from tests.support.net import free_port
 
 
 @pytest.fixture
@@ -33,11 +33,13 @@ def server(request: pytest.FixtureRequest) -> Iterator[int]:
     httpd.server_close()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("server", [{"/healthz": 200}], indirect=True)
 def test_passes_when_healthz_answers_200(server: int) -> None:
     assert run_healthcheck(server) == 0
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("server", [{"/healthz": 503}, {"/healthz": 500}, {"/": 200}], indirect=True)
 def test_fails_when_healthz_does_not_answer_200(server: int) -> None:
     assert run_healthcheck(server) != 0

@@ -14,7 +14,8 @@ import pytest
 
 from tests.deploy.load_balancer import NGINX, running_nginx
 
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+pytestmark = [pytest.mark.server,
+              pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")]
 
 
 class StandInServer:

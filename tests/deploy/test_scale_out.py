@@ -2,29 +2,26 @@
 (tests/deploy/container.py) with their compose settings and one shared state and registry folder, as the
 shared volumes give them; then, where nginx is installed, deploy/nginx.conf in front of both.
 
-Nothing here starts a training run: POST /train carries an invalid body, so the job runner answers 422
-(it would accept a valid one), while a replica refuses any POST /train with 503."""
+Nothing here trains: the runner's data volume holds no CIFAR-10, so a job created through it fails at once,
+before any process starts (it is still a job in the shared database, which is what the replica must see),
+and a POST /train with an invalid body gets 422. A replica refuses any POST /train with 503."""
 
 from __future__ import annotations
 
-import io
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
-from tests.conftest import make_checkpoint
-from tests.deploy.compose_model import REPO_ROOT, project
+from tests.support import images
+from tests.support.checkpoints import make_checkpoint
+from tests.deploy.compose_model import project
 from tests.deploy.container import RunningService, container_environment, running
 from tests.deploy.load_balancer import NGINX, running_nginx
 
-pytestmark = pytest.mark.skipif(
-    not (REPO_ROOT / "app" / "__main__.py").is_file(),
-    reason="app/__main__.py (the `python -m app` wrapper) does not exist yet",
-)
+pytestmark = pytest.mark.server
 TOKEN = secrets.token_urlsafe(32)
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 INVALID_JOB = {"epochs": 0}
@@ -51,17 +48,19 @@ def test_only_the_runner_accepts_training_jobs(cluster: tuple[RunningService, Ru
     assert validated.status_code == 422, validated.text
 
 
-def test_both_read_the_same_job_database(cluster: tuple[RunningService, RunningService, Path]) -> None:
+def test_a_job_created_through_the_runner_is_seen_through_the_replica(
+    cluster: tuple[RunningService, RunningService, Path],
+) -> None:
     runner, replica, _ = cluster
-    answers = [httpx.get(f"{service.url}/train", headers=ADMIN, timeout=30) for service in (runner, replica)]
-    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
-    assert answers[0].json() == answers[1].json()
-
-
-def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (30, 30, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    created = httpx.post(f"{runner.url}/train", json={}, headers=ADMIN, timeout=30)
+    assert created.status_code == 202, created.text
+    job = created.json()
+    assert job["status"] == "failed" and "APP_DATA_DIR" in job["error"], job  # no data: no process started
+    seen = httpx.get(f"{replica.url}/train/{job['id']}", headers=ADMIN, timeout=30)
+    assert seen.status_code == 200, seen.text
+    assert seen.json() == job
+    listings = [httpx.get(f"{service.url}/train", headers=ADMIN, timeout=30).json() for service in (runner, replica)]
+    assert job["id"] in [listed["id"] for listed in listings[0]] and listings[0] == listings[1]
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
@@ -74,7 +73,7 @@ def test_behind_nginx_training_reaches_the_runner_and_predictions_reach_both(
         statuses = {client.post("/train", json=INVALID_JOB, headers=ADMIN).status_code for _ in range(6)}
         assert statuses == {422}, "a POST /train reached a replica"
         for _ in range(10):
-            response = client.post("/predict", files={"file": ("blue.png", _png(), "image/png")})
+            response = client.post("/predict", files={"file": ("image.png", images.png(), "image/png")})
             assert response.status_code == 200, response.text
     for service in (runner, replica):
         assert '"path": "/predict"' in service.log.read_text(), f"no prediction reached {service.url}"

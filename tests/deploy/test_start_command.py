@@ -19,15 +19,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from tests.deploy.compose_model import REPO_ROOT, project
 from tests.deploy.container import container_environment, running
 from tests.deploy.dockerfile_model import run_healthcheck
 
-pytestmark = pytest.mark.skipif(
-    not (REPO_ROOT / "app" / "__main__.py").is_file(),
-    reason="app/__main__.py (the `python -m app` wrapper) does not exist yet",
-)
+pytestmark = pytest.mark.server
 # docker compose's stop_grace_period: what the server gets between SIGTERM and SIGKILL.
 STOP_GRACE_S = int(project("docker-compose.yml")["services"]["api"]["stop_grace_period"].removesuffix("s"))
 

@@ -9,7 +9,7 @@ from model.checkpoint import (
 )
 from model.labels import CLASS_NAMES
 from model.architectures import build_model
-from tests.conftest import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):

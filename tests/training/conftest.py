@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT
 from training.__main__ import main
 
 # ResNet-18 on 64 of the synthetic images, batch 16: 4 steps per epoch, under 2 s an epoch on 2 CPU cores.

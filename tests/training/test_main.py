@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT
 from tests.training.conftest import run_cli, tiny_run_args
 
 

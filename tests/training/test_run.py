@@ -12,7 +12,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.labels import CLASS_NAMES
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT
 from tests.training.conftest import tiny_run_args
 from training.__main__ import main
 from training.metrics import read_metrics

@@ -4,7 +4,7 @@ import logging
 import pytest
 from fastapi import APIRouter
 
-from tests.app import images
+from tests.support import images
 
 pytestmark = pytest.mark.anyio
 

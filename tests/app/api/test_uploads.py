@@ -2,8 +2,8 @@
 
 import pytest
 
-from tests.app import images
-from tests.app.conftest import UPLOAD_LIMIT
+from tests.support import images
+from tests.support.service import UPLOAD_LIMIT
 
 pytestmark = pytest.mark.anyio
 CHUNK = 256 * 1024

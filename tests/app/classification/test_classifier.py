@@ -12,8 +12,8 @@ from app.classification import classifier as classifier_module
 from app.classification.classifier import Classifier
 from app.engine.engine import InferenceEngine
 from app.engine.errors import NoModelLoaded, UnsupportedImage
-from tests.app import images
-from tests.conftest import with_input_size
+from tests.support import images
+from tests.support.checkpoints import with_input_size
 
 pytestmark = pytest.mark.anyio
 LIMIT = 40_000_000

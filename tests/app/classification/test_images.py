@@ -7,7 +7,7 @@ from PIL import Image
 
 from app.classification.images import image_pixels
 from app.engine.errors import EmptyImage, ImageTooLarge, UnsupportedImage
-from tests.app import images
+from tests.support import images
 
 SIZE = 32
 LIMIT = 40_000_000

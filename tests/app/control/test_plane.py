@@ -5,7 +5,7 @@ from fastapi.testclient import TestClient
 from app.factory import create_app
 from app.control.plane import initial_weights
 from app.control.registry import ModelRegistry
-from tests.conftest import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from tests.support.training_api import ADMIN, job_settings, wait_ready, wait_until
 
 

@@ -8,7 +8,7 @@ from app.control.jobs.schemas import Job, JobStatus, TrainParams
 from app.control.promotion import ModelPromoter, should_promote
 from app.control.registry import ModelRegistry, UnknownVersion
 from model.checkpoint import ModelCard, read_card
-from tests.conftest import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 
 
 class FakeEngine:

@@ -5,7 +5,7 @@ import pytest
 
 from app.control.registry import ModelRegistry, UnknownVersion
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_card
-from tests.conftest import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from app.engine.errors import (
 )
 from app.engine.served_model import ServedModel
 from model.checkpoint import WEIGHTS_FILE, CheckpointError, read_card
-from tests.conftest import with_input_size
+from tests.support.checkpoints import with_input_size
+from tests.support.waiting import eventually, wait_until
 
 pytestmark = pytest.mark.anyio
 TOLERANCE = 1e-5
@@ -127,9 +128,9 @@ async def test_pixels_and_prenormalised_tensors_share_a_batch(tiny_checkpoint):
 
 async def test_a_full_queue_refuses_new_work_at_once_and_serves_the_rest(tiny_checkpoint, slow_forward):
     async with started_engine(tiny_checkpoint, max_batch_size=1, max_batch_delay_s=0.0, max_queue=4) as engine:
-        slow_forward(0.2)
+        started = slow_forward(0.2)
         first = asyncio.ensure_future(engine.predict(images(1), timeout=30))
-        await asyncio.sleep(0.05)  # the first is on the device now; four more fill the queue
+        await eventually(lambda: started, what="the first image's pass")  # four more now fill the queue
         queued = [asyncio.ensure_future(engine.predict(images(1), timeout=30)) for _ in range(4)]
         await asyncio.sleep(0)
         # At once: the refusal comes before the coroutine first suspends, without waiting for the device.
@@ -146,7 +147,7 @@ async def test_a_request_past_its_deadline_fails_and_its_queued_images_are_never
     async with started_engine(tiny_checkpoint, max_batch_size=4, max_batch_delay_s=0.0) as engine:
         sizes = slow_forward(0.3)
         busy = asyncio.ensure_future(engine.predict(images(1), timeout=30))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: sizes, what="the busy request's pass")
         with pytest.raises(DeadlineExceeded, match="APP_REQUEST_TIMEOUT_S"):
             await engine.predict(images(3), timeout=0.05)
         assert engine.queued_images == 0
@@ -159,10 +160,12 @@ async def test_a_request_past_its_deadline_fails_and_its_queued_images_are_never
 
 async def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint, monkeypatch):
     original = ServedModel.probabilities
+    poisoned_pass, healthy_queued = threading.Event(), threading.Event()
 
     def poisoned(self, batch):
-        time.sleep(0.1)
         if (batch[:, 0, 0, 0] > 2.0).any():  # a red 255 in the first pixel, normalised
+            poisoned_pass.set()
+            healthy_queued.wait(30)  # so that the healthy requests queue for another batch
             raise RuntimeError("simulated kernel failure")
         return original(self, batch)
 
@@ -171,8 +174,11 @@ async def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint, monk
     async with started_engine(tiny_checkpoint, max_batch_delay_s=0.0) as engine:
         monkeypatch.setattr(ServedModel, "probabilities", poisoned)
         failing = asyncio.ensure_future(engine.predict([poison], timeout=30))
-        await asyncio.sleep(0.03)  # the poisoned batch is computing; these queue for the next one
-        healthy = await asyncio.gather(*(engine.predict(images(1, seed=s), timeout=30) for s in range(5)))
+        await eventually(poisoned_pass.is_set, what="the poisoned pass")
+        healthy = [asyncio.ensure_future(engine.predict(images(1, seed=s), timeout=30)) for s in range(5)]
+        await eventually(lambda: engine.queued_images == 5, what="the healthy requests to queue")
+        healthy_queued.set()
+        healthy = await asyncio.gather(*healthy)
         with pytest.raises(InferenceFailed, match="simulated kernel failure"):
             await failing
         assert len(healthy) == 5
@@ -213,9 +219,9 @@ async def test_a_swap_waits_for_a_split_request_so_no_answer_mixes_models(tiny_c
     async with started_engine(tiny_checkpoint, max_batch_size=4, max_batch_delay_s=0.0) as engine:
         old_version = engine.version
         expected_old = (await engine.predict(inputs, timeout=30)).probabilities
-        slow_forward(0.15)
+        sizes = slow_forward(0.15)
         split = asyncio.ensure_future(engine.predict(inputs, timeout=30))  # three passes of four
-        await asyncio.sleep(0.05)
+        await eventually(lambda: sizes, what="the split request's first pass")
         card = await engine.swap(other_checkpoint)
         result = await split
         after = await engine.predict(inputs, timeout=30)
@@ -265,9 +271,9 @@ async def test_a_model_with_another_input_size_takes_over_and_hands_back_the_wai
 
 async def test_stopping_finishes_queued_requests_then_refuses_new_ones(tiny_checkpoint, slow_forward):
     async with started_engine(tiny_checkpoint, max_batch_size=2, max_batch_delay_s=0.0) as engine:
-        slow_forward(0.1)
+        sizes = slow_forward(0.1)
         pending = [asyncio.ensure_future(engine.predict(images(1, seed=s), timeout=30)) for s in range(5)]
-        await asyncio.sleep(0.02)
+        await eventually(lambda: sizes, what="the first pass")  # the other requests are queued by then
         await engine.stop(timeout=30)
         results = await asyncio.gather(*pending)
         assert all(result.probabilities.shape == (1, 10) for result in results)
@@ -304,26 +310,28 @@ def test_preparing_a_model_waits_for_running_passes_and_holds_new_ones_back():
             events.append(f"{name} start")
             if hold is not None:
                 pass_running.set()
-                hold.wait(5)
+                hold.wait(30)
             events.append(f"{name} end")
 
     def prepare() -> None:
         with gate.exclusive():
             events.append("prepare start")
-            time.sleep(0.2)
             events.append("prepare end")
+
+    def waiting_threads() -> int:
+        return len(gate._condition._waiters)  # threads blocked in the gate's condition (CPython's Condition)
 
     first = threading.Thread(target=forward_pass, args=("first", release_pass))
     first.start()
-    pass_running.wait(5)
+    pass_running.wait(30)
     preparing = threading.Thread(target=prepare)
     preparing.start()
-    time.sleep(0.1)
+    wait_until(lambda: waiting_threads() == 1, 30, "the preparation to wait for the running pass")
     late = threading.Thread(target=forward_pass, args=("late",))
     late.start()
-    time.sleep(0.1)
-    assert events == ["first start"]  # the preparation waits for the running pass; the late pass waits too
+    wait_until(lambda: waiting_threads() == 2, 30, "the late pass to wait for the preparation")
+    assert events == ["first start"]
     release_pass.set()
     for thread in (first, preparing, late):
-        thread.join(5)
+        thread.join(30)
     assert events == ["first start", "first end", "prepare start", "prepare end", "late start", "late end"]

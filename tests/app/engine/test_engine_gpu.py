@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.engine.engine import InferenceEngine
-from tests.conftest import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,8 +1,9 @@
 import anyio
 import pytest
 
-from tests.app import images
-from tests.app.conftest import ADMIN_TOKEN, running_app, service_settings
+from tests.support import images
+from tests.support.service import ADMIN_TOKEN, running_app, service_settings
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -79,7 +80,7 @@ async def test_reload_under_concurrent_requests_fails_none_and_never_goes_back(s
     async with anyio.create_task_group() as group:
         for _ in range(4):
             group.start_soon(keep_predicting)
-        await anyio.sleep(0.2)
+        await eventually(lambda: len(sequences) == 4 and all(sequences), what="every client's first answer")
         reload = await client.post("/admin/reload", headers=AUTH, json={"weights": str(other_checkpoint)})
         swapped.set()
     new = reload.json()["model_version"]

@@ -2,8 +2,9 @@ import re
 
 import pytest
 
-from tests.app import images
-from tests.app.conftest import running_app, service_settings
+from tests.support import images
+from tests.support.service import running_app, service_settings
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -34,9 +35,9 @@ async def test_a_broken_checkpoint_leaves_the_service_up_and_says_what_is_wrong(
     broken.mkdir()
     (broken / "card.json").write_text("{not json")
     async with running_app(service_settings(broken), wait_ready=False) as (app, client):
-        while "loading" in app.state.engine.unavailable_reason or "yet" in app.state.engine.unavailable_reason:
-            import anyio
-            await anyio.sleep(0.05)
+        engine = app.state.engine
+        await eventually(lambda: "loading" not in engine.unavailable_reason and "yet" not in engine.unavailable_reason,
+                         what="the broken checkpoint to be tried")
         response = await client.get("/readyz")
         assert response.status_code == 503
         assert "card" in response.json()["detail"] and "not valid" in response.json()["detail"]

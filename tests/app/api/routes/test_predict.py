@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from model.labels import CLASS_NAMES
-from tests.app import images
-from tests.app.conftest import UPLOAD_LIMIT
+from tests.support import images
+from tests.support.service import UPLOAD_LIMIT
 
 pytestmark = pytest.mark.anyio
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,22 +16,16 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
-from app.factory import create_app
 from app.control.jobs import processes
 from app.control.jobs.store import JobStore
-from tests.support.training_api import (
-    ADMIN, TINY_JOB, TOKEN, job, job_settings, serving_checkpoint, wait_for_status, wait_ready, wait_until,
-)
-
-FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
-
-
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
+from app.factory import create_app
+from tests.support import images
+from tests.support.checkpoints import make_checkpoint
+from tests.support.net import free_port
+from tests.support.service import ADMIN, ADMIN_TOKEN
+from tests.support.training_api import FINISHED, TINY_JOB, job, job_settings, wait_for_status, wait_ready
+from tests.support.waiting import wait_until
 
 
 @contextmanager
@@ -41,7 +33,7 @@ def predicting(client: TestClient) -> Iterator[list[tuple[int, str | None]]]:
     """Send predictions back to back from another thread; yields the (status, model_version) answers."""
     answers: list[tuple[int, str | None]] = []
     stop = threading.Event()
-    image = png()
+    image = images.png(32, 32)
 
     def loop() -> None:
         while not stop.is_set():
@@ -61,7 +53,7 @@ def predicting(client: TestClient) -> Iterator[list[tuple[int, str | None]]]:
 def test_a_job_trains_registers_and_is_promoted_while_predictions_keep_flowing(
     tmp_path: Path, synthetic_cifar10: Path
 ) -> None:
-    settings = job_settings(tmp_path / "state", synthetic_cifar10, serving_checkpoint(tmp_path / "serving", 0.0))
+    settings = job_settings(tmp_path / "state", synthetic_cifar10, make_checkpoint(tmp_path / "serving", test_accuracy=0.0))
     with TestClient(create_app(settings)) as client:
         before = wait_ready(client)
         with predicting(client) as answers:
@@ -75,10 +67,14 @@ def test_a_job_trains_registers_and_is_promoted_while_predictions_keep_flowing(
             second = client.post("/train", headers=ADMIN)
             assert second.status_code == 409 and created["id"] in second.json()["detail"]
 
-            epochs_seen = []
-            while (current := job(client, created["id"]))["status"] not in FINISHED:
+            epochs_seen: list[int] = []
+
+            def finished() -> dict | None:
+                current = job(client, created["id"])
                 epochs_seen.append(current["progress"]["epoch"])
-                time.sleep(0.1)
+                return current if current["status"] in FINISHED else None
+
+            current = wait_until(finished, 120, "the job to finish")
             wait_until(lambda: answers and answers[-1][1] != before, 30, "a prediction from the new model")
 
         assert current["status"] == "succeeded", current
@@ -110,7 +106,7 @@ def test_a_job_trains_registers_and_is_promoted_while_predictions_keep_flowing(
 
 
 def test_never_only_registers_and_an_operator_promotes_by_hand(tmp_path: Path, synthetic_cifar10: Path) -> None:
-    settings = job_settings(tmp_path / "state", synthetic_cifar10, serving_checkpoint(tmp_path / "serving", 0.0),
+    settings = job_settings(tmp_path / "state", synthetic_cifar10, make_checkpoint(tmp_path / "serving", test_accuracy=0.0),
                             promote="never")
     with TestClient(create_app(settings)) as client:
         before = wait_ready(client)
@@ -132,7 +128,7 @@ def test_never_only_registers_and_an_operator_promotes_by_hand(tmp_path: Path, s
 
 
 def test_if_better_keeps_a_serving_model_that_scored_higher(tmp_path: Path, synthetic_cifar10: Path) -> None:
-    settings = job_settings(tmp_path / "state", synthetic_cifar10, serving_checkpoint(tmp_path / "serving", 1.0))
+    settings = job_settings(tmp_path / "state", synthetic_cifar10, make_checkpoint(tmp_path / "serving", test_accuracy=1.0))
     with TestClient(create_app(settings)) as client:
         before = wait_ready(client)
         job_id = client.post("/train", json=TINY_JOB | {"epochs": 1}, headers=ADMIN).json()["id"]
@@ -172,17 +168,12 @@ def test_a_missing_dataset_fails_the_job_with_what_to_do(tmp_path: Path) -> None
         assert client.post("/train", headers=ADMIN).status_code == 202
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
+@pytest.mark.server
 def test_an_api_crash_interrupts_the_job_and_resume_finishes_it(tmp_path: Path, synthetic_cifar10: Path) -> None:
     settings = job_settings(tmp_path / "state", synthetic_cifar10, tmp_path / "no-weights")
     env = os.environ | {f"APP_{name.upper()}": str(value) for name, value in settings.model_dump().items()
-                        if value is not None and name != "admin_token"} | {"APP_ADMIN_TOKEN": TOKEN}
-    port = _free_port()
+                        if value is not None and name != "admin_token"} | {"APP_ADMIN_TOKEN": ADMIN_TOKEN}
+    port = free_port()
     api = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

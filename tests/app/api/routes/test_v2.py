@@ -5,7 +5,7 @@ import pytest
 
 from model.checkpoint import read_card
 from model.labels import CLASS_NAMES
-from tests.app import images
+from tests.support import images
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/resnet50/infer"

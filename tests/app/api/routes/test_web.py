@@ -8,26 +8,21 @@ internet, which this project's machines do not have.
 
 from __future__ import annotations
 
-import io
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from app.api.routes.web import router
 from model.labels import CLASS_NAMES
-from tests.conftest import REPO_ROOT, make_checkpoint
+from tests.support import images
+from tests.support.checkpoints import make_checkpoint
+from tests.support.service import live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -35,7 +30,6 @@ CHROMIUM_ARGS = [
     "--disable-sync", "--no-first-run",
 ]
 PHONE = {"width": 390, "height": 844}  # CSS pixels of a common phone in portrait
-STARTUP_TIMEOUT_S = 120.0  # importing torch and loading the model on a busy 2-core CI machine
 PAGE_TIMEOUT_MS = 30_000
 PAGE_IDS = ("file", "drop", "error", "model-version", "result-label", "result-confidence", "bars",
             "result-model-version", "busy", "preview")
@@ -50,16 +44,6 @@ new MutationObserver(() => {
                         ariaBusy: document.getElementById("output").getAttribute("aria-busy")});
 }).observe(document, {subtree: true, attributes: true, attributeFilter: ["data-state"]});
 """
-
-
-def png_bytes(width: int = 48, height: int = 40) -> bytes:
-    """A colourful gradient with a little fixed noise: deterministic, and not a single flat colour."""
-    y, x = np.mgrid[0:height, 0:width]
-    noise = np.random.default_rng(0).integers(0, 40, size=(height, width))
-    rgb = np.stack([x * 255 // width, y * 255 // height, (noise + 100) % 256], axis=-1).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_page_is_served_self_contained() -> None:
@@ -77,49 +61,15 @@ def test_page_is_served_self_contained() -> None:
     assert "http://" not in response.text and "https://" not in response.text
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_ready(base_url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the service exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"/readyz was not 200 within {STARTUP_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a live ``uvicorn app.main:app`` serving a random-init resnet18 on the CPU."""
     weights = make_checkpoint(tmp_path_factory.mktemp("web-checkpoint"))
-    log_path = tmp_path_factory.mktemp("web-service") / "uvicorn.log"
-    port = free_port()
     # Only the settings named here: an APP_* left in the caller's shell must not change what is tested.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("APP_")}
-    env |= {"APP_WEIGHTS": str(weights), "APP_DEVICE": "cpu"}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base_url, process, log_path)
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    environment = {"APP_WEIGHTS": str(weights), "APP_DEVICE": "cpu"}
+    command = ("-m", "uvicorn", "app.main:app", "--host", "127.0.0.1")
+    with live_server(tmp_path_factory.mktemp("web-service"), environment, command=command) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +120,11 @@ def open_page(page: Page, service: str) -> dict:
     return model
 
 
+@pytest.mark.server
 def test_page_classifies_a_chosen_image_as_the_api_does(
     page: Page, service: str, page_errors: list[str], tmp_path: Path
 ) -> None:
-    image = png_bytes()
+    image = images.png()
     answer = httpx.post(f"{service}/predict", files={"file": ("gradient.png", image, "image/png")}, timeout=30)
     assert answer.status_code == 200, answer.text
     prediction = answer.json()
@@ -212,6 +163,7 @@ def test_page_classifies_a_chosen_image_as_the_api_does(
     page.screenshot(path=tmp_path / "result-desktop.png", full_page=True)
 
 
+@pytest.mark.server
 def test_page_shows_the_services_detail_for_a_file_that_is_not_an_image(
     page: Page, service: str, page_errors: list[str], tmp_path: Path
 ) -> None:
@@ -233,8 +185,9 @@ def test_page_shows_the_services_detail_for_a_file_that_is_not_an_image(
     page.screenshot(path=tmp_path / "error-phone.png", full_page=True)
 
 
+@pytest.mark.server
 def test_a_dropped_image_is_classified(page: Page, service: str) -> None:
-    image = png_bytes(32, 32)
+    image = images.png(32, 32)
     prediction = httpx.post(
         f"{service}/predict", files={"file": ("dropped.png", image, "image/png")}, timeout=30
     ).json()
@@ -254,6 +207,7 @@ def test_a_dropped_image_is_classified(page: Page, service: str) -> None:
     expect(page.locator("#result-label")).to_have_text(prediction["label"])
 
 
+@pytest.mark.server
 def test_the_picker_is_labelled_and_reached_by_keyboard(page: Page, service: str) -> None:
     open_page(page, service)
     # The accessible name a screen reader announces for the picker (Chromium exposes a file input as a button).
@@ -262,6 +216,7 @@ def test_the_picker_is_labelled_and_reached_by_keyboard(page: Page, service: str
     assert page.evaluate("document.activeElement.id") == "file"
 
 
+@pytest.mark.server
 def test_the_header_shows_why_no_model_answers(page: Page) -> None:
     detail = "No model is loaded: set APP_WEIGHTS to a checkpoint directory and restart."
     page.route("**/model", lambda route: route.fulfill(status=503, json={"detail": detail}))

@@ -11,6 +11,7 @@ from app.control.jobs import processes
 from app.control.jobs.runner import Conclusion, JobRunner, JobStateError, TrainingCommand
 from app.control.jobs.schemas import Job, JobResult, JobStatus, TrainParams
 from app.control.jobs.store import JobConflict, JobStore
+from tests.support.waiting import eventually
 
 FAKE_TRAINING = str(Path(__file__).with_name("fake_training.py"))
 
@@ -45,14 +46,9 @@ def make_runner(tmp_path: Path, *options: str, stop_timeout_s: float = 5.0) -> t
     return runner, recorder
 
 
-async def wait_for(runner: JobRunner, job_id: str, condition, timeout_s: float = 20.0) -> Job:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = runner.store.get(job_id)
-        if condition(job):
-            return job
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out; job is {runner.store.get(job_id)}")
+async def wait_for(runner: JobRunner, job_id: str, condition, timeout_s: float = 60.0) -> Job:
+    return await eventually(lambda: job if condition(job := runner.store.get(job_id)) else None, timeout_s,
+                            f"job {job_id} to reach the expected state")
 
 
 def finished(job: Job) -> bool:
@@ -68,10 +64,13 @@ def test_a_job_runs_to_success_with_advancing_progress(tmp_path: Path) -> None:
             await runner.submit(TrainParams())
         assert conflict.value.active_id == job.id
         seen = set()
-        while not finished(current := runner.store.get(job.id)):
-            seen.add(current.progress.epoch)
-            await asyncio.sleep(0.02)
-        assert {1, 2, 3} <= seen | {current.progress.epoch}
+
+        def progress(job: Job) -> bool:
+            seen.add(job.progress.epoch)
+            return finished(job)
+
+        current = await wait_for(runner, job.id, progress)
+        assert {1, 2, 3} <= seen
         assert current.status == JobStatus.SUCCEEDED and current.error is None
         assert current.result == JobResult(model_version="resnet18-abc", test_accuracy=0.75, promoted=True)
         assert current.progress.epoch == 3 and current.progress.train_loss == pytest.approx(2 / 3)
@@ -134,8 +133,7 @@ def test_restart_interrupts_an_orphaned_job_and_resume_continues_it(tmp_path: Pa
         argv = FakeCommand(("--epoch-seconds", "0.1")).start(job.params, run_dir)
         orphan = processes.launch(argv, run_dir / "train.log")
         earlier.store.mark_running(job.id, orphan.pid, processes.start_time(orphan.pid))
-        while not (run_dir / "state.pt").exists():
-            await asyncio.sleep(0.02)
+        await eventually((run_dir / "state.pt").exists, what="the orphan's first training state")
 
         runner, recorder = make_runner(tmp_path, "--epoch-seconds", "0.01")
         assert runner.recover() == [job.id]
