@@ -81,7 +81,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine, app.state.preprocessor = engine, preprocessor
     await engine.start()
     app.state.training = training = await open_training_jobs(settings, engine)
-    app.state.initial_model = choice = initial_model(training.registry, settings.weights)
+    app.state.initial_model = choice = initial_model(training.registry, settings.weights, settings.shipped_weights)
     loading = start_loading(engine, choice)
     training.follow_registry(engine, settings.registry_poll_s)
     try:
