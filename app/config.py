@@ -15,7 +15,9 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "resnet50"
+# The checkpoints that ship with the repository, one directory each; unless APP_WEIGHTS names another, the
+# service serves the one whose card reports the highest test accuracy (app.control.plane.initial_model).
+SHIPPED_WEIGHTS = REPO_ROOT / "weights"
 
 # Tokens that appear in templates and tutorials; a deployment that kept one has no secret at all.
 PLACEHOLDER_TOKENS = frozenset({
@@ -29,8 +31,12 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="APP_", extra="ignore", frozen=True)
 
-    weights: Path = Field(DEFAULT_WEIGHTS, description="checkpoint directory (model.safetensors + card.json) "
-                          "served at start-up; when it does not exist the service starts without a model")
+    weights: Path | None = Field(None, description="checkpoint directory (model.safetensors + card.json) served "
+                                 "at start-up; unset = the shipped checkpoint under weights/ with the highest "
+                                 "test accuracy. The registry's current version, when there is one, wins over "
+                                 "both. When it does not exist the service starts without a model")
+    shipped_weights: Path = Field(SHIPPED_WEIGHTS, description="the folder of shipped checkpoints (one "
+                                  "directory each) that the default is chosen from when APP_WEIGHTS is unset")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     max_batch_size: int = Field(0, ge=0, le=4096, description="most images in one forward pass; 0 = automatic "
                                 "(16 on the CPU, 128 on CUDA)")

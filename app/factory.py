@@ -27,7 +27,7 @@ from app.classification.images import pillow_pixel_limit
 from app.engine.calibration import calibration_pixels
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
-from app.control.plane import initial_weights, open_control_plane
+from app.control.plane import InitialModel, initial_model, open_control_plane
 from app.logging import configure_logging
 from app.service_metrics import ServiceMetrics
 from model.checkpoint import checkpoint_files
@@ -82,8 +82,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine, app.state.classifier = engine, classifier
     await engine.start()
     app.state.control_plane = control_plane = await open_control_plane(settings, engine)
-    weights = initial_weights(control_plane.registry, settings.weights)
-    loading = start_loading(engine, weights)
+    app.state.initial_model = choice = initial_model(control_plane.registry, settings.weights,
+                                                     settings.shipped_weights)
+    loading = start_loading(engine, choice)
     control_plane.follow_registry(engine, settings.registry_poll_s)
     try:
         with pillow_pixel_limit(settings.max_image_pixels):
@@ -96,21 +97,23 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         classifier.close()
 
 
-def start_loading(engine: InferenceEngine, weights: Path) -> asyncio.Task[None] | None:
-    """Load ``weights`` in the background if there is a checkpoint there; otherwise say, on every request
-    from the first one on, how to get one."""
-    _, card = checkpoint_files(weights)
-    if not card.is_file():
-        engine.unavailable_reason = f"no model is loaded: there is no checkpoint at {weights}; {HOW_TO_GET_A_MODEL}"
+def start_loading(engine: InferenceEngine, choice: InitialModel) -> asyncio.Task[None] | None:
+    """Load the chosen checkpoint in the background if there is one; otherwise say, on every request from
+    the first one on, how to get one."""
+    weights = choice.path
+    if weights is None or not checkpoint_files(weights)[1].is_file():
+        where = choice.origin if weights is None else f"there is no checkpoint at {weights} ({choice.origin})"
+        engine.unavailable_reason = f"no model is loaded: {where}; {HOW_TO_GET_A_MODEL}"
         logger.warning(engine.unavailable_reason)
         return None
+    logger.info("serving %s: %s", weights, choice.origin)
     engine.unavailable_reason = f"the model at {weights} is loading and warming up; retry in a few seconds"
-    return asyncio.create_task(_load_initial_model(engine, weights), name="initial-model")
+    return asyncio.create_task(_load_initial_model(engine, weights, choice.origin), name="initial-model")
 
 
-async def _load_initial_model(engine: InferenceEngine, weights: Path) -> None:
+async def _load_initial_model(engine: InferenceEngine, weights: Path, origin: str) -> None:
     try:
-        await engine.swap(weights)
+        await engine.swap(weights, origin=origin)
     except Exception as error:  # a bad checkpoint must not stop the service: /admin/reload can still fix it
         engine.unavailable_reason = (f"no model is loaded: the checkpoint at {weights} could not be served "
                                      f"({error}); {HOW_TO_GET_A_MODEL}")

@@ -1,10 +1,13 @@
-"""Training throughput of the real training step: images/s and achieved TFLOP/s on whatever device is here.
+"""Training throughput of the real training step: images/s and achieved TFLOP/s on whatever device is here,
+for each architecture and precision asked for, measured one after another in the same run.
 
     .venv/bin/python -m benchmarks.train_throughput                                  # GPU: resnet50, batch 512
-    .venv/bin/python -m benchmarks.train_throughput --batch-size 32 --steps 3        # what the CPU can afford
+    .venv/bin/python -m benchmarks.train_throughput --device cpu --arch resnet20 resnet50 fastcnn \
+        --precision fp32 bf16 --batch-size 128 --steps 8                             # CPU: fp32 against bf16
 
 Each step is `training.loop.train_step`, the one the trainer runs: on-device augmentation of a uint8 batch,
-bf16 autocast on CUDA, channels_last, label-smoothed loss, SGD+Nesterov and the LR schedule. FLOPs are
+autocast in the precision measured, channels_last, label-smoothed loss, SGD+Nesterov and the LR schedule.
+FLOPs are
 counted once with torch.utils.flop_counter.FlopCounterMode on one forward+backward of the same model
 (convolutions and matmuls; the optimizer's elementwise work is left out, as is usual for MFU), and the
 achieved TFLOP/s is that count times the measured steps per second. The seconds per 50,000-image epoch and
@@ -34,7 +37,8 @@ from training.config import TrainingConfig
 from training.distributed import Worker, resolve_device
 from training.loop import build_learner, smoothed_cross_entropy, synchronize, train_step
 from training.provenance import git_commit, machine_description
-from training.run import autocast_for, configure_backends
+from training.precision import PRECISIONS, autocast_for, resolve_precision
+from training.run import configure_backends
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPOCH_IMAGES = 50_000
@@ -53,15 +57,16 @@ def count_step_flops(learner, images: torch.Tensor, labels: torch.Tensor, config
 
 
 def measure(arch: str, batch_size: int, steps: int, warmup_steps: int, device: torch.device,
-            compile_model: bool) -> dict:
+            compile_model: bool, precision: str) -> dict:
     config = TrainingConfig(data_dir="", arch=arch, batch_size=batch_size, epochs=1, warmup_epochs=0,
-                            compile=compile_model)
+                            compile=compile_model, precision=precision)
     configure_backends(config)
     worker = Worker(rank=0, local_rank=0, world_size=1, device=device)
-    learner = build_learner(config, worker, steps_per_epoch=warmup_steps + steps + 1)
-    autocast = autocast_for(device)
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device, generator=generator)
+    learner = build_learner(config, worker, steps_per_epoch=warmup_steps + steps + 1, train_images=images)
+    resolved = resolve_precision(precision, device)
+    autocast = autocast_for(device, resolved)
     labels = torch.randint(0, 10, (batch_size,), device=device, generator=generator)
     flops_per_step = count_step_flops(learner, images, labels, config, autocast)
 
@@ -82,7 +87,7 @@ def measure(arch: str, batch_size: int, steps: int, warmup_steps: int, device: t
     epoch_seconds = EPOCH_IMAGES / images_per_s
     return {
         "arch": arch, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup_steps,
-        "compile": compile_model, "bf16_autocast": device.type == "cuda",
+        "compile": compile_model, "precision": resolved,
         "warmup_seconds": round(warmup_seconds, 3), "step_ms": round(1000 * seconds / steps, 2),
         "images_per_s": round(images_per_s, 1),
         "gflop_per_image": round(flops_per_step / batch_size / 1e9, 3),
@@ -92,29 +97,45 @@ def measure(arch: str, batch_size: int, steps: int, warmup_steps: int, device: t
     }
 
 
-def print_table(machine: dict, result: dict) -> None:
+COLUMNS = (("arch", "arch", "{}"), ("precision", "precision", "{}"), ("batch", "batch_size", "{}"),
+           ("step ms", "step_ms", "{:.1f}"), ("images/s", "images_per_s", "{:,.1f}"),
+           ("vs fp32", "speedup_over_fp32", "{:.2f}x"), ("GFLOP/img", "gflop_per_image", "{:.3f}"),
+           ("TFLOP/s", "achieved_tflop_per_s", "{:.4f}"), ("s/epoch", "seconds_per_epoch", "{:,.1f}"),
+           (f"epochs in {BUDGET_SECONDS} s", "epochs_in_150_s", "{:.2f}"))
+
+
+def add_speedups(results: list[dict]) -> None:
+    """Each result's images/s over the fp32 result of the same architecture and batch, where one was measured."""
+    fp32 = {(r["arch"], r["batch_size"]): r["images_per_s"] for r in results if r["precision"] == "fp32"}
+    for result in results:
+        baseline = fp32.get((result["arch"], result["batch_size"]))
+        result["speedup_over_fp32"] = round(result["images_per_s"] / baseline, 3) if baseline else None
+
+
+def print_table(machine: dict, results: list[dict]) -> None:
     print(f"device: {machine['device']}  (torch {machine['torch_version']}, {machine['cpu_cores']} CPU cores)")
-    rows = [("arch", result["arch"]), ("batch size", result["batch_size"]),
-            ("timed steps", f"{result['steps']} (after {result['warmup_steps']} warm-up, "
-                            f"{result['warmup_seconds']} s)"),
-            ("step", f"{result['step_ms']} ms"), ("images/s", f"{result['images_per_s']:,.1f}"),
-            ("GFLOP per image (fwd+bwd)", result["gflop_per_image"]),
-            ("achieved TFLOP/s", result["achieved_tflop_per_s"]),
-            ("s per 50,000-image epoch", result["seconds_per_epoch"]),
-            (f"epochs in {BUDGET_SECONDS} s", result["epochs_in_150_s"])]
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    cells = [[name for name, _, _ in COLUMNS]]
+    for result in results:
+        cells.append([("-" if result[key] is None else form.format(result[key])) for _, key, form in COLUMNS])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    for row in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
 
 
-def result_path(machine: dict, result: dict) -> Path:
+def result_path(machine: dict, results: list[dict]) -> Path:
     device = re.sub(r"[^a-z0-9]+", "-", machine["device"].split("(")[0].lower()).strip("-")
-    compiled = "_compiled" if result["compile"] else ""
-    return RESULTS / f"train_throughput_{device}_{result['arch']}_b{result['batch_size']}{compiled}.json"
+    archs = "-".join(dict.fromkeys(r["arch"] for r in results))
+    precisions = "-".join(dict.fromkeys(r["precision"] for r in results))
+    compiled = "_compiled" if results[0]["compile"] else ""
+    return RESULTS / f"train_throughput_{device}_{archs}_{precisions}_b{results[0]['batch_size']}{compiled}.json"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=ARCHITECTURES, default="resnet50")
+    parser.add_argument("--arch", choices=ARCHITECTURES, nargs="+", default=["resnet50"],
+                        help="one or more networks (default %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, nargs="+", default=["auto"],
+                        help="one or more of auto, bf16, fp32, each measured in turn (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=512, help="default %(default)s (the training default)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (default %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (default %(default)s)")
@@ -126,14 +147,16 @@ def main() -> None:
     device = resolve_device(args.device)
     machine = machine_description(device)
     load_before = os.getloadavg()[0]
-    result = measure(args.arch, args.batch_size, args.steps, args.warmup_steps, device, args.compile)
-    print_table(machine, result)
+    results = [measure(arch, args.batch_size, args.steps, args.warmup_steps, device, args.compile, precision)
+               for arch in args.arch for precision in args.precision]
+    add_speedups(results)
+    print_table(machine, results)
     if not args.no_save:
-        record = {"benchmark": "train_throughput", "machine": machine, "result": result,
+        record = {"benchmark": "train_throughput", "machine": machine, "results": results,
                   "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
                   "command": " ".join(["python -m benchmarks.train_throughput", *sys.argv[1:]]),
                   "git_commit": git_commit(), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        path = result_path(machine, result)
+        path = result_path(machine, results)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {path.relative_to(RESULTS.parent.parent)}")

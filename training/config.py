@@ -92,7 +92,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "gpu": {},
     "cpu": {
         "arch": "fastcnn",
-        "epochs": 24,
+        "epochs": 26,
         "batch_size": 512,
         "lr": 0.5,
         "weight_decay": 1.3e-3,

@@ -34,6 +34,13 @@ class TrainingError(RuntimeError):
     """The configuration does not fit the data or the saved state; the message says what to change."""
 
 
+def evaluation_autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
+    """Evaluation computes as the service serves: on CUDA in bf16 autocast (the CUDA engine's path), on a CPU in
+    float32 whatever the training precision (the CPU engine's default backend is exact float32), so the
+    card's accuracy is the one the service's answers have."""
+    return autocast_for(device, precision if device.type == "cuda" else "fp32")
+
+
 def configure_backends(config: TrainingConfig) -> None:
     if config.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; it reads this when its first handle is made.
@@ -60,6 +67,7 @@ class TrainingRun:
         self.config, self.run_dir, self.resume, self.worker = command.config, command.run_dir, command.resume, worker
         self.precision = resolve_precision(command.config.precision, worker.device)
         self.autocast = autocast_for(worker.device, self.precision)
+        self.eval_autocast = evaluation_autocast(worker.device, self.precision)
         self.git_commit = git_commit()
         self.finished_epochs = 0
         self.train_seconds = 0.0
@@ -121,7 +129,7 @@ class TrainingRun:
     def _evaluate(self, learner: Learner, data: ImageSet | None, tta: bool) -> Evaluation | None:
         if data is None:
             return None
-        return evaluate(learner.evaluated_model, data, tta=tta, autocast=self.autocast,
+        return evaluate(learner.evaluated_model, data, tta=tta, autocast=self.eval_autocast,
                         all_reduce_sum=self.worker.all_reduce_sum)
 
     def _train_epochs(self, learner: Learner, log: MetricsLog, train: ImageSet, test: ImageSet,
@@ -188,7 +196,7 @@ class TrainingRun:
     def _plot(self, learner: Learner, test: ImageSet, test_result: Evaluation) -> None:
         epochs = [record for record in read_metrics(self.run_dir / METRICS_FILE) if record["event"] == "epoch"]
         plot_curves(epochs, self.run_dir / CURVES_FILE)
-        write_evaluation_plots(learner.evaluated_model, test, test_result, self.run_dir, self.autocast,
+        write_evaluation_plots(learner.evaluated_model, test, test_result, self.run_dir, self.eval_autocast,
                                self.worker.device)
 
 
@@ -229,7 +237,7 @@ def run_evaluation(command: Command) -> dict[str, Any]:
     model = checkpoint.model.to(memory_format=torch.channels_last)
     test = load_split(config.data_dir, train=False, download=config.download,
                       skip_integrity_check=config.skip_integrity_check).take(0, config.test_limit)
-    autocast = autocast_for(device, resolve_precision(config.precision, device))
+    autocast = evaluation_autocast(device, resolve_precision(config.precision, device))
     result = evaluate(model, test.to(device), tta=config.tta, autocast=autocast)
     log_path = None
     if command.run_dir is not None:

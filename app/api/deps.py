@@ -21,7 +21,7 @@ from app.api.errors import AdminDisabled, NotAuthenticated, WrongToken
 from app.classification.classifier import Classifier
 from app.config import Settings
 from app.control.jobs.runner import JobRunner
-from app.control.plane import ControlPlane
+from app.control.plane import ControlPlane, InitialModel
 from app.engine.engine import InferenceEngine
 from app.service_metrics import ServiceMetrics
 
@@ -46,11 +46,16 @@ async def _control_plane(request: Request) -> ControlPlane:
     return request.app.state.control_plane
 
 
+async def _initial_model(request: Request) -> InitialModel:
+    return request.app.state.initial_model
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[InferenceEngine, Depends(_engine)]
 ClassifierDep = Annotated[Classifier, Depends(_classifier)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
 ControlPlaneDep = Annotated[ControlPlane, Depends(_control_plane)]
+InitialModelDep = Annotated[InitialModel, Depends(_initial_model)]
 
 
 async def _job_runner(control_plane: ControlPlaneDep) -> JobRunner:

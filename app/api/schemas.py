@@ -39,11 +39,14 @@ class ModelInfo(BaseModel):
     std: list[float]
     device: str
     dtype: str
+    origin: str = Field(description="why this checkpoint is served: the shipped default, APP_WEIGHTS, the "
+                        "registry's current version, a promotion or an /admin/reload")
     batching: BatchingSettings
 
 
 class ReloadRequest(BaseModel):
-    weights: str | None = Field(None, description="checkpoint directory to load; default: APP_WEIGHTS")
+    weights: str | None = Field(None, description="checkpoint directory to load; default: the one chosen at "
+                                "start-up (APP_WEIGHTS, else the shipped default)")
 
 
 class ReloadResponse(BaseModel):

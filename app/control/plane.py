@@ -12,13 +12,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.config import Settings
+from app.config import SHIPPED_WEIGHTS, Settings
 from app.control.jobs.progress import tail_lines
 from app.control.jobs.runner import LOG_FILE, JobRunner, TrainingCommand
 from app.control.jobs.schemas import Job
 from app.control.jobs.store import JobStore, UnknownJob
 from app.control.promotion import HotSwappable, ModelPromoter
 from app.control.registry import ModelRegistry, UnknownVersion
+from model.checkpoint import CARD_FILE, CheckpointError, read_card
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +91,47 @@ async def open_control_plane(settings: Settings, engine: HotSwappable) -> Contro
                         jobs_url=settings.jobs_url)
 
 
-def initial_weights(registry: ModelRegistry, fallback: Path) -> Path:
-    """What to serve at start-up: the registry's current version if there is one, else ``APP_WEIGHTS``."""
+@dataclass(frozen=True)
+class InitialModel:
+    """The checkpoint served at start-up, and why that one (shown by ``GET /model`` and logged)."""
+
+    path: Path | None
+    origin: str
+
+
+def initial_model(registry: ModelRegistry, configured: Path | None,
+                  shipped_root: Path = SHIPPED_WEIGHTS) -> InitialModel:
+    """The registry's current version if there is one, else ``APP_WEIGHTS``, else the best shipped checkpoint."""
     current = registry.current()
-    if current is None:
-        return fallback
-    try:
-        return registry.path(current)
-    except UnknownVersion:
-        logger.error("the registry names %s as current, but it has no such version; serving %s", current, fallback)
-        return fallback
+    if current is not None:
+        try:
+            return InitialModel(registry.path(current), f"registry version {current}, the registry's current "
+                                "(it wins over APP_WEIGHTS and the shipped default)")
+        except UnknownVersion:
+            logger.error("the registry names %s as current, but it has no such version", current)
+    if configured is not None:
+        return InitialModel(configured, "APP_WEIGHTS")
+    shipped = best_shipped_checkpoint(shipped_root)
+    if shipped is None:
+        return InitialModel(None, f"no APP_WEIGHTS and no shipped checkpoint under {shipped_root}")
+    return InitialModel(shipped, f"the shipped default: the checkpoint under {shipped_root.name}/ with the "
+                        "highest test accuracy")
+
+
+def best_shipped_checkpoint(root: Path = SHIPPED_WEIGHTS) -> Path | None:
+    """The checkpoint directory under ``root`` whose card reports the highest test accuracy; cards that
+    cannot be read are skipped (and logged), directories without a card are not checkpoints."""
+    best: tuple[float, str] | None = None
+    for card_path in sorted(root.glob(f"*/{CARD_FILE}")):
+        try:
+            accuracy = read_card(card_path.parent).test_accuracy
+        except CheckpointError as error:
+            logger.warning("skipping the shipped checkpoint %s: %s", card_path.parent, error)
+            continue
+        candidate = (accuracy if accuracy is not None else -1.0, card_path.parent.name)
+        if best is None or candidate[0] > best[0]:
+            best = candidate
+    return None if best is None else root / best[1]
 
 
 async def _follow(registry: ModelRegistry, engine: HotSwappable, interval_s: float) -> None:
@@ -113,7 +145,7 @@ async def _follow(registry: ModelRegistry, engine: HotSwappable, interval_s: flo
             continue
         seen = current
         try:
-            await engine.swap(registry.path(current))
+            await engine.swap(registry.path(current), origin=f"registry version {current}, the registry's current")
             logger.info("now serving %s, promoted through the shared registry", current)
         except Exception:
             logger.exception("could not serve %s, which the registry names as current; still serving %s until "

@@ -34,7 +34,7 @@ class HotSwappable(Protocol):
     @property
     def card(self) -> ModelCard | None: ...
 
-    async def swap(self, checkpoint: Path) -> ModelCard: ...
+    async def swap(self, checkpoint: Path, origin: str = "") -> ModelCard: ...
 
 
 def should_promote(policy: PromotePolicy, candidate: float | None, serving: ModelCard | None) -> bool:
@@ -59,7 +59,7 @@ class ModelPromoter:
         """Serve ``version`` (raises ``UnknownVersion``), then point the registry at it."""
         registered = self.registry.get(version)
         async with self._lock:
-            await self.engine.swap(Path(registered.path))
+            await self.engine.swap(Path(registered.path), origin=f"registry version {version}, promoted")
             self.registry.set_current(version)
         return registered
 

@@ -181,8 +181,9 @@ class InferenceEngine:
                         work.future.set_exception(ServiceStopping("the service stopped before this request ran"))
         self._device_threads.shutdown(wait=False, cancel_futures=True)
 
-    async def swap(self, checkpoint: str | Path) -> ModelCard:
+    async def swap(self, checkpoint: str | Path, origin: str = "") -> ModelCard:
         """Load, verify and warm up ``checkpoint``, then serve it from the next batch on; returns its card.
+        ``origin`` says why this checkpoint is served; ``GET /model`` shows it.
 
         Raises ``CheckpointError`` (unreadable or unverifiable checkpoint); the serving model then stays in
         place."""
@@ -191,20 +192,20 @@ class InferenceEngine:
                 raise ServiceStopping("the service is shutting down; no model can be swapped in now")
             started = time.perf_counter()
             current = self._active
-            candidate = await asyncio.to_thread(self._prepare, Path(checkpoint))
+            candidate = await asyncio.to_thread(self._prepare, Path(checkpoint), origin)
             self._staged = candidate
             self._installed = asyncio.get_running_loop().create_future()
             self._install_if_safe()
             await asyncio.shield(self._installed)
-            logger.info("model swapped in", extra={"model_version": candidate.card.version,
+            logger.info("model swapped in", extra={"model_version": candidate.card.version, "origin": origin,
                                                    "previous_version": current.card.version if current else None,
                                                    "seconds": round(time.perf_counter() - started, 3)})
             return candidate.card
 
-    def _prepare(self, checkpoint: Path) -> ServedModel:
+    def _prepare(self, checkpoint: Path, origin: str) -> ServedModel:
         try:
             with self._preparation_gate.exclusive():
-                served = ServedModel.load(checkpoint, self.device, self.cpu_backend, self.calibration)
+                served = ServedModel.load(checkpoint, self.device, self.cpu_backend, self.calibration, origin)
         except OSError as error:  # unreadable files; CheckpointError covers the rest
             raise CheckpointError(f"cannot read the checkpoint at {checkpoint}: {error}") from None
         served.warm_up(sorted({1, self.max_batch_size}))

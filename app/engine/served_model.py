@@ -31,10 +31,11 @@ class ServedModel:
     mean: torch.Tensor  # (1, 3, 1, 1), float32, on device, on the 0..1 scale
     std: torch.Tensor
     backend: str = "eager"  # model.inference backend; on CUDA always eager
+    origin: str = ""        # why this checkpoint is served (the shipped default, APP_WEIGHTS, the registry...)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device, backend: str = DEFAULT_CPU_BACKEND,
-             calibration: np.ndarray | None = None) -> ServedModel:
+             calibration: np.ndarray | None = None, origin: str = "") -> ServedModel:
         """``calibration``: uint8 HWC training images, for the int8 backend only."""
         checkpoint = load_checkpoint(path, device)
         card = checkpoint.card
@@ -47,7 +48,7 @@ class ServedModel:
         # On the CPU the backend also folds BatchNorm into the convolutions (README "Benchmarks").
         network = prepare_for_inference(checkpoint.model, device, backend, calibration).requires_grad_(False)
         return cls(card=card, network=network, device=device, mean=mean, std=std,
-                   backend=backend if device.type == "cpu" else "eager")
+                   backend=backend if device.type == "cpu" else "eager", origin=origin)
 
     @property
     def dtype(self) -> str:

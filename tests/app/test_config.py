@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from app.config import DEFAULT_WEIGHTS, REPO_ROOT, Settings
+from app.config import Settings
 
 
 def test_defaults(monkeypatch):
@@ -9,7 +9,7 @@ def test_defaults(monkeypatch):
         if name.startswith("APP_"):
             monkeypatch.delenv(name)
     settings = Settings()
-    assert settings.weights == DEFAULT_WEIGHTS == REPO_ROOT / "weights" / "resnet50"
+    assert settings.weights is None, "unset: the best shipped checkpoint (app.control.plane.initial_model)"
     assert settings.device == "auto" and settings.admin_token is None
     assert (settings.max_batch_size, settings.max_queue, settings.max_batch_files) == (0, 256, 64)
 

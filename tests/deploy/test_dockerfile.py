@@ -70,7 +70,8 @@ def test_the_command_is_the_readme_start_command() -> None:
 
 def test_paths_in_the_image_match_the_compose_volumes() -> None:
     values = env(STAGE)
-    assert values["APP_WEIGHTS"] == "/app/weights/resnet50"
+    assert "APP_WEIGHTS" not in values, "unset, so the image serves its best shipped checkpoint"
+    assert values["APP_SHIPPED_WEIGHTS"] == "/app/weights", "where the Dockerfile copies weights/"
     assert values["APP_STATE_DIR"] == "/var/lib/cifar-serve/state"
     assert values["APP_REGISTRY_DIR"] == "/var/lib/cifar-serve/registry"
     assert values["APP_DATA_DIR"] == "/var/lib/cifar-serve/data"

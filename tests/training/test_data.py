@@ -18,6 +18,7 @@ def test_loads_the_on_disk_layout_as_uint8_tensors(synthetic_cifar10):
     assert torch.equal(data.train.images[0], torch.from_numpy(images[0]).permute(2, 0, 1))
     assert data.train.labels[:20].tolist() == labels
     assert "MD5 check skipped" in data.provenance and "100 train" in data.provenance
+    assert "JPEG" not in data.provenance, "only the rebuilt copy's exact bytes carry its JPEG note"
 
 
 def test_holdout_and_limits_carve_the_splits(synthetic_cifar10):
@@ -79,6 +80,7 @@ def test_real_cifar10_has_50000_train_and_10000_test_images_balanced(real_cifar1
     mean = data.test.images.float().mean((0, 2, 3))
     assert torch.allclose(mean, torch.tensor([126.02, 123.71, 114.85]), atol=0.05)
     assert "756ab69cffcc" in data.provenance  # the README's SHA-256 of data_batch_1
+    assert "decoded from JPEG" in data.provenance, "a card trained on the rebuilt copy says what it costs"
 
 
 @pytest.mark.real_data

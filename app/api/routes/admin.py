@@ -7,8 +7,10 @@ import time
 
 from fastapi import APIRouter
 
-from app.api.deps import ControlPlaneDep, EngineDep, RequireAdmin, SettingsDep
+from app.api.deps import ControlPlaneDep, EngineDep, InitialModelDep, RequireAdmin
+from app.api.errors import BadRequest
 from app.api.schemas import ErrorResponse, Promotion, ReloadRequest, ReloadResponse
+from app.control.plane import InitialModel
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[RequireAdmin])
 
@@ -21,16 +23,23 @@ _AUTH_ERRORS = {
 @router.post("/reload", responses={
     400: {"model": ErrorResponse, "description": "the checkpoint cannot be loaded or verified"}, **_AUTH_ERRORS,
 })
-async def reload(engine: EngineDep, settings: SettingsDep, body: ReloadRequest | None = None) -> ReloadResponse:
-    """Load, verify and warm up a checkpoint (the given one, else ``APP_WEIGHTS``), then swap it in between
-    two batches. Requests in flight finish on the old model; none fail. The old model keeps serving if
-    the new one cannot be loaded."""
-    weights = body.weights if body and body.weights else str(settings.weights)
+async def reload(engine: EngineDep, initial: InitialModelDep, body: ReloadRequest | None = None) -> ReloadResponse:
+    """Load, verify and warm up a checkpoint (the given one, else the one chosen at start-up), then swap it in
+    between two batches. Requests in flight finish on the old model; none fail. The old model keeps serving
+    if the new one cannot be loaded."""
+    weights = body.weights if body and body.weights else _start_up_weights(initial)
     previous = engine.version
     started = time.perf_counter()
-    card = await engine.swap(weights)
+    card = await engine.swap(weights, origin=f"POST /admin/reload of {weights}")
     return ReloadResponse(model_version=card.version, previous_version=previous, weights=weights,
                           seconds=round(time.perf_counter() - started, 3))
+
+
+def _start_up_weights(choice: InitialModel) -> str:
+    if choice.path is None:
+        raise BadRequest(f"no checkpoint to reload: {choice.origin}; name one in the body, "
+                         '{"weights": "path/to/checkpoint"}')
+    return str(choice.path)
 
 
 @router.post("/promote/{version}", response_model=Promotion, responses={

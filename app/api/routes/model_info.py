@@ -29,6 +29,7 @@ async def model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         std=list(card.std),
         device=str(served.device),
         dtype=served.dtype,
+        origin=served.origin,
         batching=BatchingSettings(
             max_batch_size=engine.max_batch_size,
             max_batch_delay_ms=engine.max_batch_delay_s * 1000,

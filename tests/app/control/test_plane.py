@@ -3,10 +3,13 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from app.factory import create_app
-from app.control.plane import initial_weights
+from app.control.plane import InitialModel, best_shipped_checkpoint, initial_model
 from app.control.registry import ModelRegistry
+from model.checkpoint import CARD_FILE, read_card, write_card
 from tests.support.checkpoints import make_checkpoint
-from tests.support.training_api import ADMIN, job_settings, wait_ready, wait_until
+from tests.support.service import ADMIN
+from tests.support.training_api import job_settings, wait_ready
+from tests.support.waiting import wait_until
 
 
 def test_a_replica_serves_what_another_promoted_through_the_shared_registry(tmp_path: Path,
@@ -23,12 +26,34 @@ def test_a_replica_serves_what_another_promoted_through_the_shared_registry(tmp_
         assert replica.post("/train/x/resume", headers=ADMIN).status_code == 503
 
 
-def test_start_up_serves_the_registrys_current_version_else_app_weights(tmp_path: Path,
-                                                                        tiny_checkpoint: Path) -> None:
+def _shipped(root: Path, accuracies: dict[str, float | None]) -> Path:
+    for seed, (name, accuracy) in enumerate(accuracies.items()):
+        make_checkpoint(root / name, seed=seed)
+        card = read_card(root / name)
+        write_card(card.model_copy(update={"test_accuracy": accuracy}), root / name / CARD_FILE)
+    return root
+
+
+def test_start_up_serves_the_registrys_current_version_else_app_weights_else_the_best_shipped(
+        tmp_path: Path, tiny_checkpoint: Path) -> None:
     registry = ModelRegistry(tmp_path / "registry")
-    assert initial_weights(registry, tiny_checkpoint) == tiny_checkpoint
+    shipped = _shipped(tmp_path / "weights", {"cpu-model": 0.92, "gpu-model": 0.95})
+    chosen = initial_model(registry, None, shipped)
+    assert chosen.path == shipped / "gpu-model" and "shipped default" in chosen.origin
+    assert initial_model(registry, tiny_checkpoint, shipped) == InitialModel(tiny_checkpoint, "APP_WEIGHTS")
     version = registry.register(tiny_checkpoint).version
     registry.set_current(version)
-    assert initial_weights(registry, tmp_path / "elsewhere") == registry.path(version)
+    chosen = initial_model(registry, tmp_path / "elsewhere", shipped)
+    assert chosen.path == registry.path(version) and version in chosen.origin
     (registry.root / "current").write_text("resnet18-gone00000000\n")
-    assert initial_weights(registry, tiny_checkpoint) == tiny_checkpoint
+    assert initial_model(registry, tiny_checkpoint, shipped).path == tiny_checkpoint
+
+
+def test_the_best_shipped_checkpoint_is_the_most_accurate_readable_one(tmp_path: Path) -> None:
+    root = _shipped(tmp_path / "weights", {"a": 0.80, "b": None, "c": 0.91, "d": 0.99})
+    (root / "d" / CARD_FILE).write_text("{not json")
+    (root / "no-card").mkdir()
+    assert best_shipped_checkpoint(root) == root / "c"
+    assert best_shipped_checkpoint(tmp_path / "absent") is None
+    chosen = initial_model(ModelRegistry(tmp_path / "registry"), None, tmp_path / "absent")
+    assert chosen.path is None and "no shipped checkpoint" in chosen.origin

@@ -25,6 +25,8 @@ def test_defaults_are_the_training_modules() -> None:
                 warmup_epochs=0.5, lr_decay="cosine", cutout=8, ema=True, tta=False, compile=True,
                 deterministic=True, seed=7, checkpoint_every=2, eval_every=1, train_limit=64, test_limit=32,
                 holdout=8, plots=False, weights_dtype="float16"),
+    TrainParams(arch="resnet20", epochs=4),
+    TrainParams(arch="fastcnn", epochs=4, warmup_epochs=1),
 ])
 def test_the_command_line_parses_to_the_requested_configuration(params: TrainParams, tmp_path: Path) -> None:
     command = TrainingCommand(data_dir=tmp_path, skip_integrity_check=True, device="cpu")

@@ -1,0 +1,158 @@
+"""Accuracy through the API: every CIFAR-10 test image sent to a running service, against its card's figure.
+
+    .venv/bin/python -m benchmarks.api_accuracy                          # starts `python -m app` on the default model
+    .venv/bin/python -m benchmarks.api_accuracy --weights weights/fastcnn-cpu
+    .venv/bin/python -m benchmarks.api_accuracy --url http://127.0.0.1:8000   # a service that is already running
+
+Each of the 10,000 test images is encoded as a PNG (lossless, so the service decodes the exact pixels the
+card's evaluation saw) and posted once to ``POST /predict`` (``--concurrency`` clients at a time) and once
+more, 64 to a request, to ``POST /predict/batch``. The answers' labels are compared with the true ones and
+the two accuracies with the ``test_accuracy`` of the card the service reports in ``GET /model``; the run
+fails (exit 1) if either differs from it by more than ``--tolerance`` points. Every answer must also name
+the model version of that card, so a swap in the middle of the run would be caught. Writes
+``benchmarks/results/api_accuracy_<version>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import sys
+import time
+from contextlib import nullcontext
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from benchmarks.serve_load import describe_machine, service
+from model.labels import CLASS_NAMES
+from training.data import load_split
+from training.provenance import git_commit
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+BATCH_FILES = 64
+
+
+def encode_png(image) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def predict_singly(client: httpx.AsyncClient, images: list[bytes], concurrency: int) -> list[dict]:
+    answers: list[dict] = [{}] * len(images)
+    next_index = iter(range(len(images)))
+
+    async def worker() -> None:
+        for index in next_index:
+            response = await client.post("/predict", files={"file": (f"{index}.png", images[index], "image/png")})
+            response.raise_for_status()
+            answers[index] = response.json()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return answers
+
+
+async def predict_in_batches(client: httpx.AsyncClient, images: list[bytes], concurrency: int) -> list[dict]:
+    starts = list(range(0, len(images), BATCH_FILES))
+    answers: list[list[dict]] = [[] for _ in starts]
+    next_batch = iter(enumerate(starts))
+
+    async def worker() -> None:
+        for position, start in next_batch:
+            files = [("files", (f"{start + i}.png", data, "image/png"))
+                     for i, data in enumerate(images[start:start + BATCH_FILES])]
+            response = await client.post("/predict/batch", files=files)
+            response.raise_for_status()
+            answers[position] = response.json()["predictions"]
+
+    await asyncio.gather(*(worker() for _ in range(max(1, concurrency // 4))))
+    return [answer for batch in answers for answer in batch]
+
+
+def score(answers: list[dict], labels: list[int], version: str) -> dict:
+    versions = {answer["model_version"] for answer in answers}
+    if versions != {version}:
+        raise RuntimeError(f"answers came from {sorted(versions)}, not only from {version}: the model changed "
+                           "during the run")
+    correct = sum(CLASS_NAMES.index(answer["label"]) == label for answer, label in zip(answers, labels))
+    return {"images": len(answers), "correct": correct, "accuracy": round(correct / len(answers), 6)}
+
+
+async def measure(url: str, images: list[bytes], labels: list[int], concurrency: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        served = (await client.get("/model")).raise_for_status().json()
+        started = time.perf_counter()
+        single = score(await predict_singly(client, images, concurrency), labels, served["version"])
+        single["seconds"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        batch = score(await predict_in_batches(client, images, concurrency), labels, served["version"])
+        batch["seconds"] = round(time.perf_counter() - started, 2)
+    return {"model": served, "predict": single, "predict_batch": batch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running service; default: start `python -m app` on --weights")
+    parser.add_argument("--weights", type=Path, help="checkpoint for the service this script starts "
+                        "(default: the service's own default)")
+    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / ".cache" / "cifar10",
+                        help="folder holding cifar-10-batches-py (default %(default)s)")
+    parser.add_argument("--skip-integrity-check", action="store_true",
+                        help="accept a rebuilt copy such as ../shared/cifar10 (see python -m training --help)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default %(default)s)")
+    parser.add_argument("--tolerance", type=float, default=0.1,
+                        help="largest allowed gap to the card's accuracy, in points (default %(default)s)")
+    parser.add_argument("--no-save", action="store_true", help="print only; write no JSON")
+    args = parser.parse_args(argv)
+
+    test = load_split(args.data_dir, train=False, skip_integrity_check=args.skip_integrity_check)
+    images = [encode_png(image) for image in test.images]
+    labels = test.labels.tolist()
+    environment = {"APP_WEIGHTS": str(args.weights.resolve())} if args.weights else {}
+    running = nullcontext((args.url, None)) if args.url else service_on_default(args.weights, environment)
+    with running as (url, _):
+        result = asyncio.run(measure(url, images, labels, args.concurrency))
+
+    card_accuracy = result["model"]["test_accuracy"]
+    print(f"model {result['model']['version']} (card test accuracy "
+          f"{'unknown' if card_accuracy is None else f'{100 * card_accuracy:.2f} %'})")
+    failed = card_accuracy is None
+    for route, key in (("POST /predict", "predict"), ("POST /predict/batch", "predict_batch")):
+        figures = result[key]
+        gap = None if card_accuracy is None else 100 * (figures["accuracy"] - card_accuracy)
+        figures["gap_points"] = None if gap is None else round(gap, 3)
+        failed = failed or gap is None or abs(gap) > args.tolerance
+        print(f"{route:<20} {figures['correct']:>6} / {figures['images']} = {100 * figures['accuracy']:.2f} %"
+              f"  ({'-' if gap is None else f'{gap:+.2f}'} points against the card, {figures['seconds']} s)")
+    if not args.no_save:
+        record = {"benchmark": "api_accuracy", "machine": describe_machine(), **result,
+                  "tolerance_points": args.tolerance, "passed": not failed,
+                  "command": " ".join(["python -m benchmarks.api_accuracy", *(argv or sys.argv[1:])]),
+                  "git_commit": git_commit(), "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"api_accuracy_{result['model']['version']}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    if failed:
+        print(f"FAILED: an accuracy through the API differs from the card's by more than {args.tolerance} points",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def service_on_default(weights: Path | None, environment: dict[str, str]):
+    """``benchmarks.serve_load.service`` on ``weights``, or on the service's own default checkpoint."""
+    if weights is not None:
+        return service(weights.resolve(), environment)
+    from app.config import Settings
+    return service(Settings().weights, environment)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
