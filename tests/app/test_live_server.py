@@ -77,7 +77,7 @@ def test_logs_are_json_lines_that_name_the_request(server):
         found = any(line.get("request_id") == "live-log-check" and line.get("status") == 415 for line in lines)
         return lines if found else []
 
-    lines = wait_until(logged, 30, "an access-log line that names the request")
+    lines = wait_until(logged, what="an access-log line that names the request")
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
 
 
@@ -111,11 +111,11 @@ def test_a_hot_swap_under_sustained_load_fails_nothing_and_never_mixes_models(se
             tasks = [asyncio.create_task(single_client(seen)) for seen in singles]
             tasks += [asyncio.create_task(batch_client(seen)) for seen in batches]
             everyone = singles + batches
-            await eventually(lambda: all(everyone), 60, "every client's answer before the swap")
+            await eventually(lambda: all(everyone), what="every client's answer before the swap")
             reload = await client.post("/admin/reload", headers=AUTH, json={"weights": str(other_checkpoint)})
             assert reload.status_code == 200, reload.text
             new = reload.json()["model_version"]
-            await eventually(lambda: all(new in seen for seen in everyone), 60, "every client's answer after it")
+            await eventually(lambda: all(new in seen for seen in everyone), what="every client's answer after it")
             stop.set()
             await asyncio.gather(*tasks)
             await client.post("/admin/reload", headers=AUTH, json={"weights": str(tiny_checkpoint)})
@@ -167,7 +167,7 @@ def test_sigterm_finishes_the_requests_in_flight(tmp_path, tiny_checkpoint):
                     metrics = (await client.get("/metrics")).text
                     return float(re.search(r"^inference_queue_images (\S+)$", metrics, re.MULTILINE).group(1)) > 0
 
-                await eventually(queued, 60, "images of the requests in flight to queue", every_s=0.05)
+                await eventually(queued, what="images of the requests in flight to queue", every_s=0.05)
                 stopping.process.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*requests)
 

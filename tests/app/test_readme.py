@@ -10,8 +10,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from tests.support import images
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, images
 from tests.support.service import ADMIN_TOKEN, live_environment, live_server
 
 # Inside the examples, make every curl fail on an HTTP error status, showing the body.

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import images
-from tests.support.checkpoints import make_checkpoint
 from tests.deploy.compose_model import project
 from tests.deploy.container import RunningService, container_environment, running
 from tests.deploy.load_balancer import NGINX, running_nginx
+from tests.support import images
+from tests.support.checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.server
 TOKEN = secrets.token_urlsafe(32)

@@ -19,10 +19,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support.checkpoints import make_checkpoint
 from tests.deploy.compose_model import REPO_ROOT, project
 from tests.deploy.container import container_environment, running
 from tests.deploy.dockerfile_model import run_healthcheck
+from tests.support.checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.server
 # docker compose's stop_grace_period: what the server gets between SIGTERM and SIGKILL.

@@ -4,11 +4,17 @@ import shutil
 import pytest
 import torch
 
+from model.architectures import build_model
 from model.checkpoint import (
-    CARD_FILE, WEIGHTS_FILE, CheckpointError, file_sha256, load_checkpoint, read_card, save_checkpoint,
+    CARD_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    file_sha256,
+    load_checkpoint,
+    read_card,
+    save_checkpoint,
 )
 from model.labels import CLASS_NAMES
-from model.architectures import build_model
 from tests.support.checkpoints import make_checkpoint
 
 

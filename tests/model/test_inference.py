@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import fx, nn
 
+from model.architectures import build_model
 from model.inference import (
     BACKENDS,
     fold_batchnorm,
     prepare_for_inference,
     quantize_int8,
 )
-from model.architectures import build_model
 
 # Folding reorders float32 arithmetic; measured differences are ~1e-7 of the logits' scale.
 FUSED_RELATIVE_TOLERANCE = 1e-4

@@ -33,7 +33,7 @@ def wait_ready(client: TestClient) -> str:
         response = client.get("/readyz")
         return response.json()["model_version"] if response.status_code == 200 else None
 
-    return wait_until(version, 60, "the service to be ready")
+    return wait_until(version, what="the service to be ready")
 
 
 def job(client: TestClient, job_id: str) -> dict[str, Any]:
@@ -42,6 +42,6 @@ def job(client: TestClient, job_id: str) -> dict[str, Any]:
     return response.json()
 
 
-def wait_for_status(client: TestClient, job_id: str, *statuses: str, timeout_s: float = 120) -> dict[str, Any]:
-    return wait_until(lambda: (j := job(client, job_id))["status"] in statuses and j, timeout_s,
-                      f"job {job_id} to become {' or '.join(statuses)}")
+def wait_for_status(client: TestClient, job_id: str, *statuses: str) -> dict[str, Any]:
+    return wait_until(lambda: (j := job(client, job_id))["status"] in statuses and j,
+                      what=f"job {job_id} to become {' or '.join(statuses)}")

@@ -11,8 +11,12 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Long on purpose: a deadline only stops a wait that would never end, and the condition ends every other wait
+# the moment it holds. On the shared machine, under load, importing torch alone has taken minutes.
+DEADLINE_S = 600.0
 
-def wait_until(condition: Callable[[], T], timeout_s: float = 120, what: str = "the condition",
+
+def wait_until(condition: Callable[[], T], timeout_s: float = DEADLINE_S, what: str = "the condition",
                every_s: float = 0.05) -> T:
     """Call ``condition()`` until it returns something truthy, and return that; fail naming ``what`` once
     ``timeout_s`` has passed. ``condition`` may itself fail (an assertion) to stop the wait early."""
@@ -24,7 +28,7 @@ def wait_until(condition: Callable[[], T], timeout_s: float = 120, what: str = "
     return value
 
 
-async def eventually(condition: Callable[[], Any | Awaitable[Any]], timeout_s: float = 60,
+async def eventually(condition: Callable[[], Any | Awaitable[Any]], timeout_s: float = DEADLINE_S,
                      what: str = "the condition", every_s: float = 0.01) -> Any:
     """``wait_until`` for coroutines: the event loop keeps running while it waits, and ``condition`` may be
     a coroutine function (one that sends a request, say)."""

@@ -2,9 +2,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from app.factory import create_app
 from app.control.plane import InitialModel, best_shipped_checkpoint, initial_model
 from app.control.registry import ModelRegistry
+from app.factory import create_app
 from model.checkpoint import CARD_FILE, read_card, write_card
 from tests.support.checkpoints import make_checkpoint
 from tests.support.service import ADMIN
@@ -21,7 +21,7 @@ def test_a_replica_serves_what_another_promoted_through_the_shared_registry(tmp_
     with TestClient(create_app(settings)) as replica:
         assert wait_ready(replica) != version
         registry.set_current(version)  # what the job runner's promotion does, from another process
-        wait_until(lambda: replica.get("/model").json()["version"] == version, 20, "the replica to follow")
+        wait_until(lambda: replica.get("/model").json()["version"] == version, what="the replica to follow")
         assert replica.get("/models").json()["serving"] == version
         assert replica.post("/train/x/resume", headers=ADMIN).status_code == 503
 

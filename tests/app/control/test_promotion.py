@@ -1,5 +1,5 @@
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def job() -> Job:
-    return Job(id="job1", status=JobStatus.RUNNING, params=TrainParams(), created_at=datetime.now(timezone.utc))
+    return Job(id="job1", status=JobStatus.RUNNING, params=TrainParams(), created_at=datetime.now(UTC))
 
 
 @pytest.mark.parametrize(("policy", "candidate", "serving", "expected"), [

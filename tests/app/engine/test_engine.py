@@ -11,7 +11,12 @@ import torch
 
 from app.engine.engine import InferenceEngine
 from app.engine.errors import (
-    DeadlineExceeded, InferenceFailed, InputSizeChanged, NoModelLoaded, QueueFull, ServiceStopping,
+    DeadlineExceeded,
+    InferenceFailed,
+    InputSizeChanged,
+    NoModelLoaded,
+    QueueFull,
+    ServiceStopping,
 )
 from app.engine.served_model import ServedModel
 from model.checkpoint import WEIGHTS_FILE, CheckpointError, read_card
@@ -326,10 +331,10 @@ def test_preparing_a_model_waits_for_running_passes_and_holds_new_ones_back():
     pass_running.wait(30)
     preparing = threading.Thread(target=prepare)
     preparing.start()
-    wait_until(lambda: waiting_threads() == 1, 30, "the preparation to wait for the running pass")
+    wait_until(lambda: waiting_threads() == 1, what="the preparation to wait for the running pass")
     late = threading.Thread(target=forward_pass, args=("late",))
     late.start()
-    wait_until(lambda: waiting_threads() == 2, 30, "the late pass to wait for the preparation")
+    wait_until(lambda: waiting_threads() == 2, what="the late pass to wait for the preparation")
     assert events == ["first start"]
     release_pass.set()
     for thread in (first, preparing, late):

@@ -74,8 +74,8 @@ def test_a_job_trains_registers_and_is_promoted_while_predictions_keep_flowing(
                 epochs_seen.append(current["progress"]["epoch"])
                 return current if current["status"] in FINISHED else None
 
-            current = wait_until(finished, 120, "the job to finish")
-            wait_until(lambda: answers and answers[-1][1] != before, 30, "a prediction from the new model")
+            current = wait_until(finished, what="the job to finish")
+            wait_until(lambda: answers and answers[-1][1] != before, what="a prediction from the new model")
 
         assert current["status"] == "succeeded", current
         assert current["error"] is None and current["started_at"] and current["finished_at"]
@@ -145,7 +145,7 @@ def test_cancel_stops_the_training_process_and_keeps_its_files(tmp_path: Path, s
         job_id = client.post("/train", json=TINY_JOB | {"epochs": 50}, headers=ADMIN).json()["id"]
         pid, started = JobStore(tmp_path / "state" / "jobs.db").process(job_id)
         metrics = tmp_path / "state" / "runs" / job_id / "metrics.jsonl"
-        wait_until(metrics.is_file, 60, "training to start")  # stopped mid-run, not while starting up
+        wait_until(metrics.is_file, what="training to start")  # stopped mid-run, not while starting up
         assert processes.is_alive(pid, started)
         cancelled = client.delete(f"/train/{job_id}", headers=ADMIN)
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
@@ -178,9 +178,9 @@ def test_an_api_crash_interrupts_the_job_and_resume_finishes_it(tmp_path: Path, 
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=ADMIN, timeout=10) as remote:
-            wait_until(lambda: _answers(remote), 60, "the API subprocess to listen")
+            wait_until(lambda: _answers(remote), what="the API subprocess to listen")
             job_id = remote.post("/train", json=TINY_JOB).json()["id"]
-            wait_until(lambda: remote.get(f"/train/{job_id}").json()["progress"]["epoch"] >= 1, 60, "epoch 1")
+            wait_until(lambda: remote.get(f"/train/{job_id}").json()["progress"]["epoch"] >= 1, what="epoch 1")
             pid, started = JobStore(tmp_path / "state" / "jobs.db").process(job_id)
             api.kill()  # no shutdown handler runs: the training process is orphaned
             api.wait()

@@ -46,9 +46,9 @@ def make_runner(tmp_path: Path, *options: str, stop_timeout_s: float = 5.0) -> t
     return runner, recorder
 
 
-async def wait_for(runner: JobRunner, job_id: str, condition, timeout_s: float = 60.0) -> Job:
-    return await eventually(lambda: job if condition(job := runner.store.get(job_id)) else None, timeout_s,
-                            f"job {job_id} to reach the expected state")
+async def wait_for(runner: JobRunner, job_id: str, condition) -> Job:
+    return await eventually(lambda: job if condition(job := runner.store.get(job_id)) else None,
+                            what=f"job {job_id} to reach the expected state")
 
 
 def finished(job: Job) -> bool:
