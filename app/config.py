@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     @classmethod
     def _known_device(cls, value: str, info: ValidationInfo) -> str:
         if not _DEVICE.match(value):
-            setting = f"APP_{info.field_name.upper()}"
+            setting = f"APP_{(info.field_name or '').upper()}"
             raise ValueError(f"{setting}={value!r} is not a device: use auto, cpu, cuda or cuda:N")
         return value
 

@@ -21,13 +21,13 @@ from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import admin, health, model_info, predict, registry, train, v2, web
-from app.config import Settings
 from app.classification.classifier import Classifier
 from app.classification.images import pillow_pixel_limit
+from app.config import Settings
+from app.control.plane import InitialModel, initial_model, open_control_plane
 from app.engine.calibration import calibration_pixels
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
-from app.control.plane import InitialModel, initial_model, open_control_plane
 from app.logging import configure_logging
 from app.service_metrics import ServiceMetrics
 from model.checkpoint import checkpoint_files

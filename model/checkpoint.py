@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.labels import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, INPUT_SIZE
 from model.architectures import ARCHITECTURES, build_model, parameter_count
+from model.labels import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, INPUT_SIZE
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -55,7 +55,7 @@ class ModelCard(BaseModel):
     precision: Literal["bf16", "fp32"] | None = Field(default=None, description="number format of training")
     torch_version: str = torch.__version__
     git_commit: str | None = None
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     data_provenance: str | None = None
 
     @property

@@ -23,7 +23,6 @@ and Jordan 2024 (arXiv:2404.00498, "94 % on CIFAR-10 in 3.29 seconds on a single
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.labels import NUM_CLASSES

@@ -60,7 +60,8 @@ def prepare_for_inference(
     if backend == "fused":
         return fused.to(memory_format=torch.channels_last)
     if backend == "bf16":
-        return BFloat16(fused.to(dtype=torch.bfloat16, memory_format=torch.channels_last))
+        # torch's type stubs have no to(dtype=..., memory_format=...) overload; nn.Module.to takes both.
+        return BFloat16(fused.to(dtype=torch.bfloat16, memory_format=torch.channels_last))  # type: ignore[call-overload]
     if calibration is None:
         raise ValueError("the int8 backend needs calibration images: pass a few hundred normalised "
                          "training images as calibration=")
@@ -87,6 +88,7 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
                 and isinstance(modules[source.target], nn.Conv2d) and len(source.users) == 1):
             continue
         fused = fuse_conv_bn_eval(modules[source.target], modules[node.target])
+        assert isinstance(source.target, str)  # a call_module node's target is the module's dotted name
         _replace_submodule(graph_module, source.target, fused)
         node.replace_all_uses_with(source)
         graph_module.graph.erase_node(node)
@@ -120,6 +122,7 @@ class OnnxRuntimeModule(nn.Module):
         example = torch.zeros(2, 3, size, size)
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
                                     input_names=["images"], output_names=["logits"], verbose=False)
+        assert program is not None  # dynamo=True always returns the exported program
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1

@@ -13,6 +13,7 @@ from torch import nn
 
 from model.labels import NUM_CLASSES
 
+
 def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
     if stride == 1 and in_channels == out_channels:
         return None

@@ -11,9 +11,10 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Sequence
+from typing import Any, Literal, NoReturn
 
 from model.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE
 from training.precision import PRECISIONS

@@ -74,7 +74,8 @@ def build_learner(config: TrainingConfig, worker: Worker, steps_per_epoch: int,
     initialize = getattr(model, "initialize_from_data", None)
     if initialize is not None and train_images is not None:
         initialize(normalize(train_images[:INIT_IMAGES].cpu()))
-    model = model.to(worker.device, memory_format=torch.channels_last)
+    # torch's type stubs have no to(device, memory_format=...) overload; nn.Module.to takes both.
+    model = model.to(worker.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     ema = None
@@ -86,7 +87,7 @@ def build_learner(config: TrainingConfig, worker: Worker, steps_per_epoch: int,
         device_ids = [worker.device] if worker.device.type == "cuda" else None
         step_model = DistributedDataParallel(model, device_ids=device_ids)
     if config.compile:
-        step_model = torch.compile(step_model)
+        step_model = torch.compile(step_model)  # type: ignore[assignment]  # an OptimizedModule, a Module
     return Learner(model=model, step_model=step_model, optimizer=optimizer, scheduler=scheduler, ema=ema)
 
 

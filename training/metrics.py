@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,7 +34,7 @@ class MetricsLog:
         return self._file.tell() if self._file else 0
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        record = {"event": event, **fields, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record = {"event": event, **fields, "time": datetime.now(UTC).isoformat(timespec="seconds")}
         if self._file:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()

@@ -17,7 +17,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float, norm_lr_s
     get none: decaying them only fights the normalisation (Goyal et al. 2017; "bag of tricks", He et al.
     2019, arXiv:1812.01187, section 3.1). Those small tensors may also learn at a multiple of the rate
     (``norm_lr_scale``): a network whose BatchNorms learn only a shift (model.fastcnn) needs it."""
-    decayed, undecayed = [], []
+    decayed: list[nn.Parameter] = []
+    undecayed: list[nn.Parameter] = []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decayed if parameter.ndim > 1 else undecayed).append(parameter)

@@ -18,12 +18,17 @@ from training.distributed import Worker, main_first, resolve_device, start_distr
 from training.evaluate import Evaluation, evaluate, predict
 from training.interrupt import Interrupted
 from training.loop import Learner, build_learner, train_one_epoch
-from training.precision import autocast_for, resolve_precision
 from training.metrics import METRICS_FILE, MetricsLog, epoch_log_line, read_metrics
 from training.plots import (
-    CONFUSION_FILE, CURVES_FILE, GRID_IMAGES, PREDICTIONS_FILE, plot_confusion_matrix, plot_curves,
+    CONFUSION_FILE,
+    CURVES_FILE,
+    GRID_IMAGES,
+    PREDICTIONS_FILE,
+    plot_confusion_matrix,
+    plot_curves,
     plot_predictions,
 )
+from training.precision import autocast_for, resolve_precision
 from training.provenance import device_name, git_commit
 from training.state import load_state, restore_rng_states, rng_states, save_state
 
@@ -163,6 +168,7 @@ class TrainingRun:
         if test_result is None:  # resumed after the last epoch's state was saved: only the report is missing
             test_result = self._evaluate(learner, test, tta=config.tta)
             holdout_result = self._evaluate(learner, holdout, tta=False)
+        assert test_result is not None  # evaluated above: the test set is never empty
         return test_result, holdout_result
 
     def _finish(self, learner: Learner, log: MetricsLog, data: CifarSplits, test_result: Evaluation,

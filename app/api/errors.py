@@ -19,8 +19,15 @@ from app.control.jobs.store import JobConflict, UnknownJob
 from app.control.plane import JobsNotRunHere
 from app.control.registry import UnknownVersion
 from app.engine.errors import (
-    DeadlineExceeded, EmptyImage, ImageTooLarge, InferenceFailed, InputSizeChanged, NoModelLoaded, QueueFull,
-    ServiceStopping, UnsupportedImage,
+    DeadlineExceeded,
+    EmptyImage,
+    ImageTooLarge,
+    InferenceFailed,
+    InputSizeChanged,
+    NoModelLoaded,
+    QueueFull,
+    ServiceStopping,
+    UnsupportedImage,
 )
 from model.checkpoint import CheckpointError
 
@@ -96,11 +103,14 @@ async def _expected(request: Request, error: Exception) -> JSONResponse:
     return error_response(request, status, str(error), headers)
 
 
-async def _http(request: Request, error: HTTPException) -> JSONResponse:
+async def _http(request: Request, error: Exception) -> JSONResponse:
+    """Starlette's own HTTP errors (an unknown route is a 404, a wrong method a 405), in this API's shape."""
+    assert isinstance(error, HTTPException)
     return error_response(request, error.status_code, str(error.detail), getattr(error, "headers", None))
 
 
-async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
     problems = "; ".join(
         f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}" for problem in error.errors()
     )

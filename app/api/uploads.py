@@ -9,14 +9,18 @@ and nothing is spooled to disk).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from app.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+if TYPE_CHECKING:  # python-multipart declares its callback types for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 ACCEPTED = "multipart/form-data with the image in field '{field}', or the raw image bytes with Content-Type image/*"
 
@@ -57,7 +61,7 @@ async def read_images(request: Request, *, field: str, max_files: int, limit: in
     raise UnsupportedMediaType(f"Content-Type {media_type.decode('latin-1')} is not accepted here: send {accepted}")
 
 
-async def _limited_stream(request: Request, limit: int):  # type: ignore[no-untyped-def]
+async def _limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -101,7 +105,7 @@ class _FieldCollector:
         self._data: bytearray | None = None
         self._filename: str | None = None
 
-    def callbacks(self) -> dict[str, Callable[..., None]]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda data, start, end: self._header_name.extend(data[start:end]),

@@ -35,11 +35,11 @@ from typing import Protocol, TypeVar
 import numpy as np
 from PIL import Image
 
+from app.classification.answers import Prediction
 from app.classification.images import image_pixels
 from app.engine.engine import InferenceEngine, ModelOutput
 from app.engine.errors import ImageError, InputSizeChanged
 from app.logging import request_id
-from app.classification.answers import Prediction
 
 # A request is fitted again when a model of another input size takes over while it waits; two swaps of
 # input size within one request's deadline are already unusual, so the third attempt is the last.

@@ -22,7 +22,7 @@ import re
 import shutil
 import stat
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -74,7 +74,7 @@ class ModelRegistry:
             shutil.copyfile(Path(checkpoint_dir) / CARD_FILE, staging / CARD_FILE)
             card_sha256 = file_sha256(staging / CARD_FILE)
             (staging / "SHA256SUMS").write_text(f"{weights_sha256}  {WEIGHTS_FILE}\n{card_sha256}  {CARD_FILE}\n")
-            registration = {"registered_at": datetime.now(timezone.utc).isoformat(), "source_job": source_job}
+            registration = {"registered_at": datetime.now(UTC).isoformat(), "source_job": source_job}
             (staging / "registration.json").write_text(json.dumps(registration) + "\n")
             for child in staging.iterdir():
                 child.chmod(_READ_ONLY)

@@ -51,7 +51,12 @@ import numpy as np
 import torch
 
 from app.engine.errors import (
-    DeadlineExceeded, InferenceFailed, InputSizeChanged, NoModelLoaded, QueueFull, ServiceStopping,
+    DeadlineExceeded,
+    InferenceFailed,
+    InputSizeChanged,
+    NoModelLoaded,
+    QueueFull,
+    ServiceStopping,
 )
 from app.engine.served_model import BatchStager, ServedModel
 from model.checkpoint import CheckpointError, ModelCard

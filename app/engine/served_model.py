@@ -42,11 +42,12 @@ class ServedModel:
         shape = (1, 3, 1, 1)
         mean = torch.tensor(card.mean, dtype=torch.float32, device=device).view(shape)
         std = torch.tensor(card.std, dtype=torch.float32, device=device).view(shape)
+        normalised = None
         if calibration is not None:
-            calibration = (torch.from_numpy(calibration).permute(0, 3, 1, 2).float().div(255.0) - mean) / std
+            normalised = (torch.from_numpy(calibration).permute(0, 3, 1, 2).float().div(255.0) - mean) / std
         # oneDNN and cuDNN both run convolutions natively in NHWC; NCHW costs a layout reorder per layer.
         # On the CPU the backend also folds BatchNorm into the convolutions (README "Benchmarks").
-        network = prepare_for_inference(checkpoint.model, device, backend, calibration).requires_grad_(False)
+        network = prepare_for_inference(checkpoint.model, device, backend, normalised).requires_grad_(False)
         return cls(card=card, network=network, device=device, mean=mean, std=std,
                    backend=backend if device.type == "cpu" else "eager", origin=origin)
 

@@ -4,6 +4,7 @@ checkpoint directory, ``POST /admin/promote/{version}`` from the model registry.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter
 
@@ -14,7 +15,7 @@ from app.control.plane import InitialModel
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[RequireAdmin])
 
-_AUTH_ERRORS = {
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "no Bearer token"},
     403: {"model": ErrorResponse, "description": "wrong token, or admin routes disabled"},
 }

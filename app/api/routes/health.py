@@ -7,8 +7,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import EngineDep, MetricsDep
-from app.engine.errors import NoModelLoaded
 from app.api.schemas import ErrorResponse, Readiness
+from app.engine.errors import NoModelLoaded
 
 router = APIRouter(tags=["health"])
 

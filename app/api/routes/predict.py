@@ -10,8 +10,8 @@ from fastapi import APIRouter, Query, Request
 
 from app.api.deps import ClassifierDep, SettingsDep
 from app.api.errors import BadRequest, PayloadTooLarge
-from app.api.uploads import read_images
 from app.api.schemas import BatchPrediction, ErrorResponse
+from app.api.uploads import read_images
 from app.classification.answers import Prediction
 
 router = APIRouter(tags=["predict"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Body, Query, Response
@@ -14,8 +14,11 @@ from app.control.jobs.schemas import Job, TrainParams
 
 router = APIRouter(prefix="/train", tags=["training"], dependencies=[RequireAdmin])
 
-_RESPONSES = {404: {"description": "no such job"}, 409: {"description": "the job's status does not allow it"},
-              503: {"description": "this replica does not run jobs (APP_RUN_JOBS=false)"}}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such job"},
+    409: {"description": "the job's status does not allow it"},
+    503: {"description": "this replica does not run jobs (APP_RUN_JOBS=false)"},
+}
 
 
 @router.post("", status_code=202, response_model=Job, responses=_RESPONSES)

@@ -28,8 +28,9 @@ from app import __version__
 from app.api.deps import ClassifierDep, EngineDep, SettingsDep
 from app.api.errors import BadRequest, NotFound, PayloadTooLarge
 from app.api.uploads import read_body
-from app.engine.engine import ModelOutput
+from app.engine.engine import InferenceEngine, ModelOutput
 from app.engine.errors import NoModelLoaded
+from app.engine.served_model import ServedModel
 
 MODEL_NAME = "resnet50"
 OUTPUT_NAME = "probabilities"
@@ -190,7 +191,7 @@ def _encode(parsed: _ParsedRequest, result: ModelOutput) -> InferenceResponse:
                              outputs=[output])
 
 
-def _served(engine: EngineDep, model_name: str, model_version: str | None):  # type: ignore[no-untyped-def]
+def _served(engine: InferenceEngine, model_name: str, model_version: str | None) -> ServedModel:
     if model_name != MODEL_NAME:
         raise NotFound(f"unknown model {model_name!r}: this server serves {MODEL_NAME!r}")
     served = engine.model

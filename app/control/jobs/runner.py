@@ -21,8 +21,15 @@ from typing import Any
 
 from app.control.jobs import processes
 from app.control.jobs.progress import MetricsFollower, tail_lines
-from app.control.jobs.schemas import (ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobProgress, JobResult, JobStatus,
-                              TrainParams)
+from app.control.jobs.schemas import (
+    ACTIVE_STATUSES,
+    RESUMABLE_STATUSES,
+    Job,
+    JobProgress,
+    JobResult,
+    JobStatus,
+    TrainParams,
+)
 from app.control.jobs.store import JobStore, UnknownJob
 
 logger = logging.getLogger(__name__)
