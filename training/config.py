@@ -100,7 +100,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "norm_lr_scale": 64.0,
         "label_smoothing": 0.2,
         "warmup_epochs": 4.0,
-        "holdout": 5000,
+        "holdout": 2500,
+        "cutout": 8,
         "checkpoint_every": 2,
     },
 }
