@@ -17,7 +17,7 @@ class FakeEngine:
         self.fail = fail
         self.swapped: list[Path] = []
 
-    async def swap(self, checkpoint: Path) -> ModelCard:
+    async def swap(self, checkpoint: Path, origin: str = "") -> ModelCard:
         if self.fail:
             raise RuntimeError("CUDA out of memory")
         self.swapped.append(checkpoint)
