@@ -7,12 +7,13 @@ with a message saying what to set instead.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.devices import DEVICE_NAMES, is_device_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The checkpoints that ship with the repository, one directory each; unless APP_WEIGHTS names another, the
@@ -25,7 +26,6 @@ PLACEHOLDER_TOKENS = frozenset({
     "token", "default", "example", "test", "xxx", "replaceme", "your-token", "your_token",
 })
 MIN_TOKEN_LENGTH = 16
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class Settings(BaseSettings):
@@ -76,9 +76,9 @@ class Settings(BaseSettings):
     @field_validator("device", "training_device")
     @classmethod
     def _known_device(cls, value: str, info: ValidationInfo) -> str:
-        if not _DEVICE.match(value):
+        if not is_device_name(value):
             setting = f"APP_{(info.field_name or '').upper()}"
-            raise ValueError(f"{setting}={value!r} is not a device: use auto, cpu, cuda or cuda:N")
+            raise ValueError(f"{setting}={value!r} is not a device: use {DEVICE_NAMES}")
         return value
 
     @property

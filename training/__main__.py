@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from training.config import parse_command
+from training.cli import parse_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,8 +17,9 @@ from torchvision.datasets.utils import check_integrity
 
 from model.checkpoint import file_sha256
 from model.labels import NUM_CLASSES
+from training.layout import DATA_FOLDER
 
-BATCH_FOLDER = CIFAR10.base_folder
+BATCH_FOLDER = DATA_FOLDER  # the folder torchvision's CIFAR10 reads: its base_folder
 BATCH_FILES = tuple(name for name, _ in CIFAR10.train_list + CIFAR10.test_list)
 META_FILE = CIFAR10.meta["filename"]
 

@@ -13,8 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-METRICS_FILE = "metrics.jsonl"
-
 
 class MetricsLog:
     def __init__(self, path: Path | None, *, truncate_to: int | None = None) -> None:

@@ -13,9 +13,6 @@ import torch
 
 from model.labels import CLASS_NAMES
 
-CURVES_FILE = "curves.png"
-CONFUSION_FILE = "confusion_matrix.png"
-PREDICTIONS_FILE = "test_predictions.png"
 GRID_IMAGES = 32
 
 

@@ -12,27 +12,27 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from training.config import STATE_FILE, Command, TrainingConfig, write_config
+from training.cli import Command
+from training.config import TrainingConfig, write_config
 from training.data import CifarSplits, ImageSet, load_cifar10, load_split
 from training.distributed import Worker, main_first, resolve_device, start_distributed, stop_distributed
 from training.evaluate import Evaluation, evaluate, predict
 from training.interrupt import Interrupted
-from training.loop import Learner, build_learner, train_one_epoch
-from training.metrics import METRICS_FILE, MetricsLog, epoch_log_line, read_metrics
-from training.plots import (
+from training.layout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
     CONFUSION_FILE,
     CURVES_FILE,
-    GRID_IMAGES,
+    METRICS_FILE,
     PREDICTIONS_FILE,
-    plot_confusion_matrix,
-    plot_curves,
-    plot_predictions,
+    STATE_FILE,
 )
+from training.loop import Learner, build_learner, train_one_epoch
+from training.metrics import MetricsLog, epoch_log_line, read_metrics
+from training.plots import GRID_IMAGES, plot_confusion_matrix, plot_curves, plot_predictions
 from training.precision import autocast_for, resolve_precision
 from training.provenance import device_name, git_commit
 from training.state import load_state, restore_rng_states, rng_states, save_state
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 class TrainingError(RuntimeError):
@@ -118,7 +118,7 @@ class TrainingRun:
         state = load_state(self.run_dir / STATE_FILE, self.worker.device)
         if state["config"] != self.config.to_dict():
             raise TrainingError(f"{self.run_dir / STATE_FILE} was written with another configuration than "
-                                f"{self.run_dir / 'config.json'}; start a new --run-dir")
+                                f"{self.run_dir / CONFIG_FILE}; start a new --run-dir")
         learner.load_state_dict(state["learner"])
         restore_rng_states(state["rng"])
         self.finished_epochs, self.train_seconds = state["epoch"], state["train_seconds"]

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from app.config import SHIPPED_WEIGHTS, Settings
 from app.control.jobs.progress import tail_lines
-from app.control.jobs.runner import LOG_FILE, JobRunner, TrainingCommand
+from app.control.jobs.runner import JobRunner, TrainingCommand
 from app.control.jobs.schemas import Job
 from app.control.jobs.store import JobStore, UnknownJob
 from app.control.promotion import HotSwappable, ModelPromoter
 from app.control.registry import ModelRegistry, UnknownVersion
 from model.checkpoint import CARD_FILE, CheckpointError, read_card
+from training.layout import LOG_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from model.inference import CALIBRATION_IMAGES
+from training.layout import DATA_FOLDER
 
 BATCH_FILE = "data_batch_1"
 
@@ -24,7 +25,7 @@ class CalibrationUnavailable(RuntimeError):
 
 def calibration_pixels(data_dir: Path, count: int = CALIBRATION_IMAGES) -> np.ndarray:
     """``(count, 32, 32, 3)`` uint8 pixels from ``data_dir/cifar-10-batches-py/data_batch_1``."""
-    path = Path(data_dir) / "cifar-10-batches-py" / BATCH_FILE
+    path = Path(data_dir) / DATA_FOLDER / BATCH_FILE
     if not path.is_file():
         raise CalibrationUnavailable(
             f"APP_CPU_BACKEND=int8 calibrates on CIFAR-10 training images, but {path} does not exist: set "

@@ -89,7 +89,7 @@ def test_the_job_identity_comes_from_the_job_controllers_labels(directory: str) 
 @pytest.mark.parametrize("directory", list(JOBS))
 def test_the_training_module_accepts_the_jobs_arguments_on_the_deployments_volumes(directory: str,
                                                                                   tmp_path: Path) -> None:
-    from training.config import parse_command
+    from training.cli import parse_command
 
     job = _job(directory)
     spec, train = pod_spec(job), container(job, "train")

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from training.config import CONFIG_FILE, RECIPES, TrainingConfig, parse_command, write_config
+from training.cli import parse_command
+from training.config import RECIPES, TrainingConfig, write_config
+from training.layout import CONFIG_FILE
 
 
 def _usage_error(capsys, argv) -> str:

@@ -31,12 +31,11 @@ from app.control.jobs.schemas import (
     TrainParams,
 )
 from app.control.jobs.store import JobStore, UnknownJob
+from training.cli import command_line
+from training.layout import CHECKPOINT_DIR, DATA_FOLDER, LOG_FILE, METRICS_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
-LOG_FILE = "train.log"
-METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class Conclusion:
@@ -56,13 +55,10 @@ class JobStateError(Exception):
     """The job is not in a status that allows the request (e.g. cancelling a finished job)."""
 
 
-# Flags that the training module takes as --x / --no-x; the other booleans are plain --x switches.
-_ON_OFF_SWITCHES = frozenset({"ema", "tta", "plots"})
-
-
 @dataclass(frozen=True)
 class TrainingCommand:
-    """Builds the command line of a training process from a job's parameters and the service's settings."""
+    """Builds the command line of a training process from a job's parameters and the service's settings,
+    through the training module's own inverse of its parser (``training.cli.command_line``)."""
 
     data_dir: Path
     skip_integrity_check: bool = False
@@ -70,20 +66,11 @@ class TrainingCommand:
     python: str = sys.executable
 
     def start(self, params: TrainParams, run_dir: Path) -> list[str]:
-        argv = self._launcher(params) + ["--data-dir", str(self.data_dir), "--run-dir", str(run_dir)]
-        if self.skip_integrity_check:
-            argv.append("--skip-integrity-check")
-        for name, value in params.model_dump(exclude={"gpus"}).items():
-            flag = "--" + name.replace("_", "-")
-            if isinstance(value, bool):
-                if name in _ON_OFF_SWITCHES:
-                    argv.append(flag if value else "--no-" + flag[2:])
-                elif value:
-                    argv.append(flag)
-            elif value is not None:
-                argv += [flag, str(value)]
-        # Under torchrun each rank takes the GPU of its LOCAL_RANK, so one --device cannot apply to all.
-        return argv + (["--device", self.device] if params.gpus == 1 else [])
+        values = params.model_dump(exclude={"gpus"}) | {"data_dir": str(self.data_dir),
+                                                         "skip_integrity_check": self.skip_integrity_check}
+        if params.gpus == 1:  # under torchrun each rank takes the GPU of its LOCAL_RANK: no one --device fits all
+            values["device"] = self.device
+        return self._launcher(params) + ["--run-dir", str(run_dir)] + command_line(values)
 
     def resume(self, params: TrainParams, run_dir: Path) -> list[str]:
         # A resumed run keeps the configuration in its config.json (device included); the training module
@@ -93,7 +80,7 @@ class TrainingCommand:
     def data_problem(self) -> str | None:
         """What is wrong with the data directory, in the service's terms, or None. The training module checks
         the files in detail; this catches the common case (nothing there yet) before a process starts."""
-        folder = self.data_dir / "cifar-10-batches-py"
+        folder = self.data_dir / DATA_FOLDER
         if folder.is_dir():
             return None
         return (f"no CIFAR-10 in APP_DATA_DIR ({self.data_dir}): expected the folder {folder}. Put the dataset "
@@ -236,7 +223,7 @@ class JobRunner:
             self.store.finish(job.id, JobStatus.FAILED, error=self._failure(job.id, returncode),
                               only_from=(JobStatus.RUNNING,))
             return
-        checkpoint = Path(final.get("checkpoint") or "checkpoint")
+        checkpoint = Path(final.get("checkpoint") or CHECKPOINT_DIR)
         checkpoint = checkpoint if checkpoint.is_absolute() else self.run_dir(job.id) / checkpoint
         try:
             conclusion = await self.on_success(job, checkpoint, final)

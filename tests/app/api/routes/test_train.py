@@ -26,6 +26,7 @@ from tests.support.net import free_port
 from tests.support.service import ADMIN, ADMIN_TOKEN
 from tests.support.training_api import FINISHED, TINY_JOB, job, job_settings, wait_for_status, wait_ready
 from tests.support.waiting import wait_until
+from training.config import RECIPES
 
 
 @contextmanager
@@ -253,6 +254,14 @@ def test_impossible_parameters_are_422_naming_the_field(idle_client: TestClient,
     response = idle_client.post("/train", json=body, headers=ADMIN)
     assert response.status_code == 422 and f"body.{field}" in response.json()["detail"]
     assert idle_client.get("/train", headers=ADMIN).json() == []
+
+
+def test_a_body_that_names_a_recipe_gets_that_recipes_defaults(idle_client: TestClient) -> None:
+    response = idle_client.post("/train", json={"recipe": "cpu", "epochs": 30}, headers=ADMIN)
+    assert response.status_code == 202, response.text
+    params = response.json()["params"]
+    assert params["epochs"] == 30
+    assert all(params[name] == value for name, value in RECIPES["cpu"].items() if name != "epochs"), params
 
 
 def test_a_replica_that_does_not_run_jobs_says_which_does(tmp_path: Path) -> None:

@@ -1,22 +1,36 @@
-"""TrainParams against the training module's own command line: same defaults, and every flag it emits parses
-to the configuration the job asked for. (Tests may import both app and training; the packages never do.)"""
+"""TrainParams, the body of POST /train, derived from training's own parameters: the job API offers each one a
+job may set, a recipe's defaults fill what a body leaves out, and the command line the runner builds from a
+job parses back to the configuration the job asked for. (Tests may import both app and training.)"""
 
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from app.control.jobs.parameters import TrainParams
 from app.control.jobs.runner import TrainingCommand
-from app.control.jobs.schemas import TrainParams
-from training.config import DEFAULTS, TrainingConfig, parse_command
+from training.cli import parse_command
+from training.config import DEFAULTS, RECIPES
+
+SET_BY_THE_SERVICE = {"data_dir", "device", "download", "skip_integrity_check"}
 
 
-def test_defaults_are_the_training_modules() -> None:
-    training_defaults = {field.name: field.default for field in fields(TrainingConfig)}
-    for name, field in TrainParams.model_fields.items():
-        if name != "gpus":
-            assert training_defaults[name] == field.default, name
+def test_a_job_sets_every_training_parameter_but_where_the_data_is_and_which_device() -> None:
+    offered = set(TrainParams.model_fields) - {"gpus"}
+    assert offered.isdisjoint(SET_BY_THE_SERVICE)
+    assert offered | SET_BY_THE_SERVICE == set(DEFAULTS.to_dict())
+    assert {"recipe", "precision", "norm_lr_scale"} <= offered
+
+
+def test_a_recipe_fills_the_fields_the_body_leaves_out() -> None:
+    params = TrainParams.model_validate({"recipe": "cpu", "epochs": 30})
+    assert params.epochs == 30
+    for name, value in RECIPES["cpu"].items():
+        if name != "epochs":
+            assert getattr(params, name) == value, name
+    assert TrainParams().model_dump(exclude={"gpus"}) == {
+        name: value for name, value in DEFAULTS.to_dict().items() if name not in SET_BY_THE_SERVICE
+    } | {"lr": None}
 
 
 @pytest.mark.parametrize("params", [
@@ -27,6 +41,8 @@ def test_defaults_are_the_training_modules() -> None:
                 holdout=8, plots=False, weights_dtype="float16"),
     TrainParams(arch="resnet20", epochs=4),
     TrainParams(arch="fastcnn", epochs=4, warmup_epochs=1),
+    TrainParams(recipe="cpu", epochs=6),
+    TrainParams(precision="fp32", norm_lr_scale=2.0, momentum=0.8, zero_init_residual=False, ema_decay=0.99),
 ])
 def test_the_command_line_parses_to_the_requested_configuration(params: TrainParams, tmp_path: Path) -> None:
     command = TrainingCommand(data_dir=tmp_path, skip_integrity_check=True, device="cpu")
