@@ -20,6 +20,7 @@ import asyncio
 import io
 import json
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from datetime import UTC, datetime
@@ -115,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     test = load_split(args.data_dir, train=False, skip_integrity_check=args.skip_integrity_check)
     images = [encode_png(image) for image in test.images]
     labels = test.labels.tolist()
-    environment = {"APP_WEIGHTS": str(args.weights.resolve())} if args.weights else {}
-    running = nullcontext((args.url, None)) if args.url else service_on_default(args.weights, environment)
+    # A state folder of its own, so that no registry version of an earlier run is served instead.
+    state = tempfile.TemporaryDirectory(prefix="api_accuracy-")
+    environment = {"APP_STATE_DIR": state.name}
+    weights = args.weights.resolve() if args.weights else None
+    running = nullcontext((args.url, None)) if args.url else service(weights, environment)
     with running as (url, _):
         result = asyncio.run(measure(url, images, labels, args.concurrency))
 
@@ -144,14 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: an accuracy through the API differs from the card's by more than {args.tolerance} points",
               file=sys.stderr)
     return 1 if failed else 0
-
-
-def service_on_default(weights: Path | None, environment: dict[str, str]):
-    """``benchmarks.serve_load.service`` on ``weights``, or on the service's own default checkpoint."""
-    if weights is not None:
-        return service(weights.resolve(), environment)
-    from app.config import Settings
-    return service(Settings().weights, environment)
 
 
 if __name__ == "__main__":

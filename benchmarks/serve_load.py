@@ -130,12 +130,13 @@ def images_until(model: ServedModel, pixels: torch.Tensor, until: float) -> int:
 
 
 @contextmanager
-def service(checkpoint: Path, environment: dict[str, str], workers: int = 1):
+def service(checkpoint: Path | None, environment: dict[str, str], workers: int = 1):
+    """``python -m app`` on a free port serving ``checkpoint`` (None: the service's own default)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {key: value for key, value in os.environ.items() if not key.startswith("APP_")}
-    env |= {"APP_WEIGHTS": str(checkpoint)} | environment
+    env |= ({"APP_WEIGHTS": str(checkpoint)} if checkpoint is not None else {}) | environment
     # Logs stay at the default level (one JSON line per request, as in production), written to a file.
     with tempfile.NamedTemporaryFile(prefix=f"serve_load-{port}-", suffix=".log", delete=False) as log:
         process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--workers", str(workers)],

@@ -35,12 +35,12 @@ LOGIT_SCALE = 1 / 9
 WHITENING_EPS = 5e-4
 
 
-class ShiftOnlyBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose scale stays at one (not trained); only the shift is learned."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels)
-        self.weight.requires_grad_(False)
+def shift_only_batchnorm(channels: int) -> nn.BatchNorm2d:
+    """A BatchNorm2d whose scale stays at one (not trained); only the shift is learned. A plain BatchNorm2d
+    rather than a subclass, so that torch.fx (int8 quantization) treats it as the leaf module it is."""
+    norm = nn.BatchNorm2d(channels)
+    norm.weight.requires_grad_(False)
+    return norm
 
 
 def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -55,9 +55,9 @@ class ConvStage(nn.Module):
         super().__init__()
         self.conv1 = _conv3x3(in_channels, out_channels)
         self.pool = nn.MaxPool2d(2)
-        self.bn1 = ShiftOnlyBatchNorm(out_channels)
+        self.bn1 = shift_only_batchnorm(out_channels)
         self.conv2 = _conv3x3(out_channels, out_channels)
-        self.bn2 = ShiftOnlyBatchNorm(out_channels)
+        self.bn2 = shift_only_batchnorm(out_channels)
         self.activation = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def test_the_section_documents_every_service_setting():
     from app.config import Settings
 
     section = service_section()
-    serving = ["weights", "device", "max_batch_size", "max_batch_delay_ms", "max_queue", "request_timeout_s",
+    serving = ["weights", "shipped_weights", "device", "max_batch_size", "max_batch_delay_ms", "max_queue", "request_timeout_s",
                "max_upload_bytes", "max_image_pixels", "max_batch_files", "admin_token", "cpu_backend",
                "torch_threads", "parallel_batches", "decode_threads", "log_level"]
     assert set(serving) <= set(Settings.model_fields)

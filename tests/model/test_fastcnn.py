@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from model.architectures import build_model
-from model.fastcnn import LOGIT_SCALE, WHITENING_WIDTH, FastCNN, ShiftOnlyBatchNorm
+from model.fastcnn import LOGIT_SCALE, WHITENING_WIDTH, ConvStage, FastCNN
 
 
 def _correlated_images(count: int = 200) -> torch.Tensor:
@@ -33,7 +33,8 @@ def test_whitening_stem_decorrelates_the_patches_it_was_set_from():
 def test_only_the_whitening_filters_and_the_norm_scales_are_frozen():
     model = build_model("fastcnn")
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    norms = [name for name, m in model.named_modules() if isinstance(m, ShiftOnlyBatchNorm)]
+    norms = [f"{name}.{norm}" for name, m in model.named_modules() if isinstance(m, ConvStage)
+             for norm in ("bn1", "bn2")]
     assert frozen == {"whiten.weight", *(f"{name}.weight" for name in norms)}
     assert len(norms) == 6
 
