@@ -1,6 +1,6 @@
 """The service's settings: one pydantic-settings class, read from ``APP_*`` environment variables.
 
-Every field's default is documented here and in the README's "Service" section; ``Settings()`` refuses
+Every field's default is documented here and in docs/service.md (a test compares the two); ``Settings()`` refuses
 values that cannot work (a placeholder admin token, a queue too short for one batch upload) at start-up,
 with a message saying what to set instead.
 """
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     parallel_batches: int = Field(0, ge=0, description="forward passes run at once; 0 = automatic")
     decode_threads: int = Field(0, ge=0, description="threads decoding images; 0 = automatic")
     log_level: str = Field("info", description="debug, info, warning or error")
-    # Training jobs and the model registry (README "Training jobs").
+    # Training jobs and the model registry (docs/jobs.md).
     state_dir: Path = Field(Path("state"), description="the job database (jobs.db) and each training run's "
                             "directory (runs/<id>/)")
     registry_dir: Path | None = Field(None, description="the model registry; unset = $APP_STATE_DIR/registry")

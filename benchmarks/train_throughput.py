@@ -11,7 +11,7 @@ FLOPs are
 counted once with torch.utils.flop_counter.FlopCounterMode on one forward+backward of the same model
 (convolutions and matmuls; the optimizer's elementwise work is left out, as is usual for MFU), and the
 achieved TFLOP/s is that count times the measured steps per second. The seconds per 50,000-image epoch and
-the epochs that fit in 150 s follow, which is how the default --epochs was chosen (README, "Training").
+the epochs that fit in 150 s follow, which is how the default --epochs was chosen (docs/training.md).
 
 Warm-up steps (cuDNN autotuning, torch.compile with --compile) are timed apart and reported as such. The
 table is printed and written as JSON under benchmarks/results/ with the machine named; the 1-minute load

@@ -2,7 +2,7 @@
 
 It returns a module to call under ``torch.inference_mode()`` on a normalised float32 batch
 ``(N, 3, 32, 32)`` (fastest in channels_last) that gives float32 logits ``(N, classes)``. The CPU backends,
-chosen by what ``benchmarks/cpu_backends.py`` measured (README "Benchmarks" has the table):
+chosen by what ``benchmarks/cpu_backends.py`` measured (benchmarks/README.md has the table):
 
 - ``fused`` (the default): every BatchNorm2d folded into the Conv2d before it, in channels_last. An exact
   rewrite (``γ(Wx − μ)/σ + β`` is again a convolution), so it keeps the model's accuracy: outputs agree

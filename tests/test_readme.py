@@ -1,4 +1,5 @@
-"""The README's first screen is what a new user and CI run; keep it executable and in step with CI."""
+"""The README's first screen is what a new user and CI run; keep it executable, in step with CI, short, and
+its links (and those of docs/ and benchmarks/README.md) pointing at files that exist."""
 
 import json
 import re
@@ -7,6 +8,8 @@ import subprocess
 import pytest
 
 from tests.support import REPO_ROOT
+
+MAX_BYTES = 12 * 1024  # what the project is, the two commands, an example, the API, links: details are in docs/
 
 
 def readme_commands() -> list[str]:
@@ -52,3 +55,11 @@ def test_the_first_screens_answer_is_what_the_shipped_model_answers_today(tmp_pa
     assert (answer["label"], answer["model_version"]) == (shown["label"], shown["model_version"])
     assert answer["confidence"] == pytest.approx(shown["confidence"], abs=1e-4)
     assert [entry["label"] for entry in answer["top_k"]] == [entry["label"] for entry in shown["top_k"]]
+
+
+def test_the_readme_is_short_and_every_link_leads_somewhere():
+    assert len((REPO_ROOT / "README.md").read_bytes()) <= MAX_BYTES
+    for markdown in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
+                     REPO_ROOT / "benchmarks" / "README.md"]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", markdown.read_text(encoding="utf-8")):
+            assert (markdown.parent / target).exists(), f"{markdown.name} links to {target}, which does not exist"

@@ -6,5 +6,5 @@ Single GPU (or CPU, slowly):
 Several GPUs on one machine (the global batch is split across them):
     torchrun --standalone --nproc-per-node 8 -m training --data-dir data --run-dir runs/r50
 
-The README's "Training" section gives the recipe, why its defaults are what they are, and what a run writes.
+docs/training.md gives the recipe, why its defaults are what they are, and what a run writes.
 """

@@ -3,7 +3,7 @@ bounds and the kind of flag that sets it. The command line (training/cli.py) and
 (app/control/jobs/schemas.py) are both derived from it; nothing restates a default or a bound.
 
 Every default below is the recipe we expect to reach >= 95 % on one H100 fastest; ``RECIPES`` holds what
-``--recipe cpu`` changes. The README's "Training" section gives the reasoning. The resolved configuration is
+``--recipe cpu`` changes. docs/training.md gives the reasoning. The resolved configuration is
 saved whole in RUN/config.json and in the model card.
 """
 
@@ -27,8 +27,9 @@ from training.precision import PRECISIONS
 LR_PER_128_IMAGES = 0.1
 
 # What --recipe changes from the defaults below (the GPU recipe). The CPU recipe is the one measured to give
-# the most accuracy from about an hour on a 2-core CPU with native bf16 (README, "CPU recipe"); its holdout
-# is what the recipe was tuned on. Options given on the command line (or in a job) override a recipe's values.
+# the most accuracy from about an hour on a 2-core CPU with native bf16 (docs/training.md, "The CPU recipe,
+# and why"); its holdout is what the recipe was tuned on. Options given on the command line (or in a job)
+# override a recipe's values.
 RECIPES: dict[str, dict[str, Any]] = {
     "gpu": {},
     "cpu": {

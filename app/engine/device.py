@@ -55,7 +55,8 @@ def plan_threads(device: torch.device, torch_threads: int = 0, parallel_batches:
     On the CPU the default is one forward pass per core, each single-threaded: on the 2-core benchmark
     machine that served more images/s than one pass using both cores, because a pass split over cores waits
     at every layer for its slowest thread, and the HTTP work preempts one of them all the time (see the
-    README's "Service" benchmark). On CUDA one pass at a time owns the GPU and the CPU threads feed it.
+    serving benchmark in benchmarks/README.md). On CUDA one pass at a time owns the GPU and the CPU threads
+    feed it.
     """
     cores = available_cores()
     if device.type == "cuda":

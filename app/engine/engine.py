@@ -340,7 +340,7 @@ class InferenceEngine:
         idle device threads. Closed-loop clients otherwise fall into lockstep: 8 images queue together,
         go as one batch to one single-threaded pass while the other core idles, come back together and
         queue together again (measured: 24.5 req/s at concurrency 8 on 2 cores, one core busy;
-        benchmarks/compare.py, README "Benchmarks")."""
+        benchmarks/compare.py, benchmarks/README.md)."""
         idle = max(1, self.parallel_batches - busy)
         return max(1, min(self.max_batch_size, math.ceil(self._queued / idle)))
 

@@ -46,7 +46,7 @@ class ServedModel:
         if calibration is not None:
             normalised = (torch.from_numpy(calibration).permute(0, 3, 1, 2).float().div(255.0) - mean) / std
         # oneDNN and cuDNN both run convolutions natively in NHWC; NCHW costs a layout reorder per layer.
-        # On the CPU the backend also folds BatchNorm into the convolutions (README "Benchmarks").
+        # On the CPU the backend also folds BatchNorm into the convolutions (benchmarks/README.md).
         network = prepare_for_inference(checkpoint.model, device, backend, normalised).requires_grad_(False)
         return cls(card=card, network=network, device=device, mean=mean, std=std,
                    backend=backend if device.type == "cpu" else "eager", origin=origin)

@@ -1,5 +1,5 @@
 """The Compose files, checked without Docker: each file and each documented combination validates against
-the Compose Specification's JSON Schema, and the deployment has what the README promises (GPU, port,
+the Compose Specification's JSON Schema, and the deployment has what docs/deploy.md promises (GPU, port,
 volumes, healthcheck, one job runner, no committed secret)."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tests.deploy.compose_model import (
 )
 from tests.deploy.dockerfile_model import env as dockerfile_env
 from tests.deploy.dockerfile_model import final_stage, healthcheck_command
+from tests.support import docs
 
 BASE = "docker-compose.yml"
 CPU = "docker-compose.cpu.yml"
@@ -210,15 +211,8 @@ def test_load_balancer_config_is_mounted_and_sends_training_to_the_runner_only()
     assert "listen 8000;" in config
 
 
-def readme_docker_section() -> str:
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    start = readme.index("## Deploy with Docker")
-    end = readme.find("\n## ", start + 1)
-    return readme[start:] if end == -1 else readme[start:end]
-
-
-def test_the_readme_documents_only_combinations_checked_here() -> None:
-    section = readme_docker_section()
+def test_the_deploy_page_documents_only_combinations_checked_here() -> None:
+    section = docs.section(docs.page("docs/deploy.md"), "## Deploy with Docker")
     documented = set()
     for line in section.splitlines():
         files = re.findall(r"-f (\S+)", line)
@@ -227,7 +221,7 @@ def test_the_readme_documents_only_combinations_checked_here() -> None:
             files = colon_list[1].split(":")
         if files:
             documented.add(tuple(files))
-    assert documented, "the README's Docker section shows how to combine compose files"
+    assert documented, "docs/deploy.md's Docker section shows how to combine compose files"
     assert documented <= set(COMBINATIONS), documented - set(COMBINATIONS)
     assert "docker compose up --build -d" in section
 

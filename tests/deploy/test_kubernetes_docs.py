@@ -24,6 +24,7 @@ from tests.deploy.kubernetes_model import (
     merge_patch,
     render,
 )
+from tests.support import docs
 
 DOC = REPO_ROOT / "docs" / "deploy-kubernetes.md"
 TEXT = DOC.read_text(encoding="utf-8")
@@ -47,11 +48,9 @@ def _commands() -> list[list[str]]:
     return commands
 
 
-def test_the_readme_links_the_page_and_says_how_training_runs_on_kubernetes() -> None:
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    start = readme.index("## Deploy on Kubernetes")
-    section = readme[start:readme.find("\n## ", start + 1)]
-    assert "docs/deploy-kubernetes.md" in section
+def test_the_deploy_page_links_the_page_and_says_how_training_runs_on_kubernetes() -> None:
+    section = docs.section(docs.page("docs/deploy.md"), "## Deploy on Kubernetes")
+    assert "(deploy-kubernetes.md)" in section
     assert "kubectl apply -k deploy/kubernetes/overlays/gpu" in section
     assert "Kubernetes Job" in section and "process" in section
 

@@ -1,6 +1,6 @@
 """The container's start command, run here as Docker would run it, minus Docker (tests/deploy/container.py):
 the CPU variant's `api` service with APP_WEIGHTS at a random-init resnet18. The tests wait for /readyz,
-send a PNG to /predict, run the README's curl examples and the image's HEALTHCHECK against it, and stop it
+send a PNG to /predict, run docs/deploy.md's curl examples and the image's HEALTHCHECK against it, and stop it
 with SIGTERM as `docker stop` does."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from PIL import Image
 from tests.deploy.compose_model import REPO_ROOT, project
 from tests.deploy.container import container_environment, running
 from tests.deploy.dockerfile_model import run_healthcheck
+from tests.support import docs
 from tests.support.checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.server
@@ -52,20 +53,18 @@ def test_serves_a_prediction(service: tuple[str, subprocess.Popen[bytes], Path])
     assert prediction["label"] in prediction["probabilities"]
 
 
-def readme_curl_examples() -> list[str]:
-    """The curl lines of the README's Docker section that need neither a GPU nor a token."""
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Deploy with Docker"):]
-    section = section[: section.find("\n## ", 3)] if "\n## " in section[3:] else section
+def docker_curl_examples() -> list[str]:
+    """The curl lines of docs/deploy.md's Docker section that need neither a GPU nor a token."""
+    section = docs.section(docs.page("docs/deploy.md"), "## Deploy with Docker")
     return [line for line in section.splitlines()
             if line.startswith("curl ") and re.search(r"/(readyz|predict)\b", line)]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_the_readme_curl_examples_work(service: tuple[str, subprocess.Popen[bytes], Path],
+def test_the_deploy_pages_curl_examples_work(service: tuple[str, subprocess.Popen[bytes], Path],
                                        tmp_path: Path) -> None:
     url, _, log = service
-    examples = readme_curl_examples()
+    examples = docker_curl_examples()
     assert any("/predict" in line for line in examples) and any("/readyz" in line for line in examples)
     for line in examples:
         command = shlex.split(line.replace("http://localhost:8000", url))

@@ -1,50 +1,51 @@
-"""The README's "Service" section is executable: its curl commands run, as written, against a live server."""
+"""docs/service.md is executable and in step with app/config.py: its curl commands run, as written, against
+a live server, and its settings tables name every setting with its default."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from app.config import Settings
 from tests.support import REPO_ROOT, images
+from tests.support.docs import bash_blocks, page, table_rows
 from tests.support.service import ADMIN_TOKEN, live_environment, live_server
 
+PAGE = "docs/service.md"
 # Inside the examples, make every curl fail on an HTTP error status, showing the body.
 FAIL_ON_HTTP_ERRORS = 'curl() { command curl --fail-with-body "$@"; }\n'
 
 
-def service_section() -> str:
-    text = (REPO_ROOT / "README.md").read_text()
-    start = text.index("\n## Service\n")
-    end = text.find("\n## ", start + 1)
-    return text[start: end if end != -1 else len(text)]
+def documented_default(value: object) -> str:
+    """How the page writes a default: paths in the repository relative to it, booleans in lower case."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, Path):
+        return f"`{value.relative_to(REPO_ROOT) if value.is_absolute() else value}`"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    return f"`{value}`"
 
 
-def curl_blocks() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", service_section(), re.DOTALL)
-    return [block for block in blocks if "curl " in block]
-
-
-def test_the_section_documents_every_service_setting():
-    from app.config import Settings
-
-    section = service_section()
-    serving = ["weights", "shipped_weights", "device", "max_batch_size", "max_batch_delay_ms", "max_queue", "request_timeout_s",
-               "max_upload_bytes", "max_image_pixels", "max_batch_files", "admin_token", "cpu_backend",
-               "torch_threads", "parallel_batches", "decode_threads", "log_level"]
-    assert set(serving) <= set(Settings.model_fields)
-    for name in serving:
-        assert f"`APP_{name.upper()}`" in section, f"APP_{name.upper()} is not in the README's Service section"
+def test_the_settings_tables_name_every_setting_with_its_default():
+    rows = {cells[0].strip("`"): cells[1] for cells in table_rows(page(PAGE)) if cells[0].startswith("`APP_")}
+    assert set(rows) == {f"APP_{name.upper()}" for name in Settings.model_fields}
+    for name, field in Settings.model_fields.items():
+        default = documented_default(field.default)
+        assert rows[f"APP_{name.upper()}"].startswith(default), f"APP_{name.upper()}: the default is {default}"
 
 
 @pytest.mark.server
 def test_the_curl_examples_run_against_a_live_server(tmp_path, tiny_checkpoint, other_checkpoint):
-    assert shutil.which("curl"), "the README's examples use curl: install it (apt-get install -y curl)"
-    blocks = curl_blocks()
+    assert shutil.which("curl"), "the page's examples use curl: install it (apt-get install -y curl)"
+    blocks = [block for block in bash_blocks(page(PAGE)) if "curl " in block]
     assert len(blocks) >= 4
     workdir = tmp_path / "examples"
     workdir.mkdir()
