@@ -35,7 +35,7 @@ class CheckpointError(ValueError):
 
 class OutOfDistributionRule(BaseModel):
     """How to flag an image as none of the classes: ``model.trust.ood_score(logits, score, temperature)``
-    below ``threshold`` is out of distribution."""
+    below ``threshold`` is out of distribution, and so, for a two-sided rule, is one above ``upper_threshold``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -43,6 +43,8 @@ class OutOfDistributionRule(BaseModel):
                                             "msp: max softmax(logits/T) (Hendrycks & Gimpel 2017)")
     temperature: float = Field(gt=0, description="the T inside the score (not necessarily the calibration's)")
     threshold: float = Field(description="in distribution when score >= threshold")
+    upper_threshold: float | None = Field(default=None, description="two-sided rule: and score <= this; "
+                                          "None = one-sided")
     target_tpr: float = Field(gt=0, le=1, description="share of holdout images the threshold was set to keep")
     holdout_tpr: float = Field(ge=0, le=1, description="share of holdout images it keeps")
     test_tpr: float | None = Field(default=None, ge=0, le=1, description="share of test images it keeps")

@@ -12,7 +12,10 @@ numbers:
   Out-of-distribution Detection", eq. 5 and its negative as the score), and ``msp``, the largest softmax
   probability ``max softmax(logits / T)`` (Hendrycks & Gimpel 2017, "A Baseline for Detecting Misclassified
   and Out-of-Distribution Examples"). An image is in distribution when its score is at least the card's
-  threshold, which training sets so that 95 % of the holdout images pass.
+  threshold, which training sets so that 95 % of the holdout images pass. A two-sided rule also has an upper
+  threshold: a network can answer images unlike any it trained on (noise, for one) more strongly than real
+  ones, so a score far above the holdout's is as suspect as one far below it (the "typicality" argument of
+  Nalisnick et al. 2019, "Detecting Out-of-Distribution Inputs to Deep Generative Models Using Typicality").
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ def ood_score(logits: torch.Tensor, kind: ScoreKind, temperature: float = 1.0) -
     raise ValueError(f"unknown score kind {kind!r}; choose one of {', '.join(SCORE_KINDS)}")
 
 
-def in_distribution(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """True where the score reaches the threshold (the threshold itself counts as in distribution)."""
-    return scores >= threshold
+def in_distribution(scores: torch.Tensor, threshold: float, upper_threshold: float | None = None) -> torch.Tensor:
+    """True where the score reaches the threshold and, if there is one, stays at or below the upper threshold
+    (the thresholds themselves count as in distribution)."""
+    inside = scores >= threshold
+    return inside if upper_threshold is None else inside & (scores <= upper_threshold)
 
 
 @dataclass(frozen=True)
@@ -80,4 +85,5 @@ def assess(logits: torch.Tensor, calibration: Calibration | None, *, calibrated:
     temperature = calibration.temperature if calibrated else 1.0
     rule = calibration.ood
     score = ood_score(logits, rule.score, rule.temperature)
-    return Assessment(calibrated_probabilities(logits, temperature), score, in_distribution(score, rule.threshold))
+    return Assessment(calibrated_probabilities(logits, temperature), score,
+                      in_distribution(score, rule.threshold, rule.upper_threshold))

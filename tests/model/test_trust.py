@@ -51,6 +51,15 @@ def test_the_threshold_itself_counts_as_in_distribution():
     assert in_distribution(torch.tensor([0.5, 1.0, 1.5]), 1.0).tolist() == [False, True, True]
 
 
+def test_a_two_sided_rule_flags_both_tails():
+    scores = torch.tensor([0.5, 1.0, 1.5, 2.0, 2.5])
+    assert in_distribution(scores, 1.0, 2.0).tolist() == [False, True, True, True, False]
+    logits = torch.tensor([[9.0, 0.0], [2.0, 0.0], [-5.0, -5.0]])  # energies 9.0, 2.13, -4.3
+    rule = _calibration(threshold=0.0).ood.model_copy(update={"upper_threshold": 5.0})
+    calibration = _calibration().model_copy(update={"ood": rule})
+    assert assess(logits, calibration).in_distribution.tolist() == [False, True, False]
+
+
 def test_assess_applies_the_cards_temperature_and_flags_by_its_rule():
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.1, 0.0, 0.0]])
     result = assess(logits, _calibration(temperature=2.0, threshold=2.0))
