@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import Calibration, load_checkpoint, save_checkpoint
 from training.config import STATE_FILE, Command, TrainingConfig, write_config
 from training.data import CifarSplits, ImageSet, load_cifar10, load_split
 from training.distributed import Worker, main_first, resolve_device, start_distributed, stop_distributed
@@ -21,11 +21,12 @@ from training.loop import Learner, build_learner, train_one_epoch
 from training.precision import autocast_for, resolve_precision
 from training.metrics import METRICS_FILE, MetricsLog, epoch_log_line, read_metrics
 from training.plots import (
-    CONFUSION_FILE, CURVES_FILE, GRID_IMAGES, PREDICTIONS_FILE, plot_confusion_matrix, plot_curves,
-    plot_predictions,
+    CONFUSION_FILE, CURVES_FILE, GRID_IMAGES, PREDICTIONS_FILE, RELIABILITY_FILE, plot_confusion_matrix,
+    plot_curves, plot_predictions, plot_reliability,
 )
 from training.provenance import device_name, git_commit
 from training.state import load_state, restore_rng_states, rng_states, save_state
+from training.trust import NO_HOLDOUT, calibration_line, calibration_record, fit_trust, holdout_description
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -175,23 +176,39 @@ class TrainingRun:
         device = device_name(self.worker.device)
         if self.worker.world_size > 1:
             device = f"{self.worker.world_size} x {device}"
+        calibration = None
         if self.worker.is_main:
+            calibration = self._calibrate(learner, data)
             save_checkpoint(
                 learner.evaluated_model, checkpoint, architecture=config.arch, dtype=config.weights_dtype,
                 training=config.to_dict(), **accuracies, epochs=config.epochs,
                 train_seconds=round(self.train_seconds, 3), device=device, precision=self.precision,
                 git_commit=self.git_commit,
-                data_provenance=data.provenance,
+                data_provenance=data.provenance, calibration=calibration,
             )
             if config.plots:
                 self._plot(learner, data.test, test_result)
         final = log.write("final", **accuracies,
                           validation_accuracy=_accuracy_or_none(holdout_result),
                           test_images=test_result.count, epochs=config.epochs,
-                          train_seconds=self.train_seconds, checkpoint=str(checkpoint))
+                          train_seconds=self.train_seconds, checkpoint=str(checkpoint),
+                          **calibration_record(calibration))
         if self.worker.is_main:
             print(summary_line(final), flush=True)
         return final
+
+    def _calibrate(self, learner: Learner, data: CifarSplits) -> Calibration | None:
+        """The temperature and OOD rule, fitted on the full holdout (main process only), or None without one."""
+        if data.holdout is None:
+            tqdm.write(NO_HOLDOUT)
+            return None
+        fit = fit_trust(learner.evaluated_model, data.holdout, data.test, device=self.worker.device,
+                        autocast=self.eval_autocast, git_commit=self.git_commit,
+                        fitted_on=holdout_description(len(data.train), len(data.holdout)))
+        if self.config.plots:
+            plot_reliability(fit.test_before, fit.test_after, fit.calibration.temperature,
+                             self.run_dir / RELIABILITY_FILE)
+        return fit.calibration
 
     def _plot(self, learner: Learner, test: ImageSet, test_result: Evaluation) -> None:
         epochs = [record for record in read_metrics(self.run_dir / METRICS_FILE) if record["event"] == "epoch"]
@@ -224,7 +241,10 @@ def summary_line(record: dict[str, Any]) -> str:
     if "checkpoint" in record:
         line += f"; checkpoint {record['checkpoint']}"
     per_class = ", ".join(f"{name} {100 * value:.1f}" for name, value in record["per_class_accuracy"].items())
-    return f"{line}\nper class (%): {per_class}"
+    line = f"{line}\nper class (%): {per_class}"
+    if "calibration" in record:
+        line += f"\n{calibration_line(record['calibration'])}"
+    return line
 
 
 def run_evaluation(command: Command) -> dict[str, Any]:
