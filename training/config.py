@@ -59,6 +59,7 @@ class TrainingConfig:
     eval_every: int = 0                     # evaluate every N epochs as well as at the end; 0 = end only
     checkpoint_every: int = 10              # write state.pt every N epochs (and always at the end)
     plots: bool = True
+    verify_backends: bool = True            # measure the inference backends at the end (training.verify_backends)
     weights_dtype: Literal["float32", "float16"] = "float32"
 
     def __post_init__(self) -> None:
@@ -113,11 +114,11 @@ class ConfigError(ValueError):
 DEFAULTS = TrainingConfig(data_dir="")
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr, starting with ``error:``, and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message} (see `python -m training --help`)\n")
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
         sys.exit(2)
 
 
@@ -139,7 +140,7 @@ def _number(kind: type, minimum: float, *, inclusive: bool = True, maximum: floa
     return parse
 
 
-def _device(text: str) -> str:
+def parse_device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
     return text
@@ -147,7 +148,7 @@ def _device(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog="python -m training",
         description="Train a ResNet on CIFAR-10 (data on the GPU, bf16, SGD+Nesterov, warm-up then decay to "
                     "zero), or evaluate a checkpoint. Writes config.json, metrics.jsonl, state.pt, checkpoint/ "
@@ -175,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plots", action=argparse.BooleanOptionalAction, default=d.plots,
                      help="write loss/accuracy curves, a confusion matrix and a prediction grid as PNG "
                           "(default: on)")
+    run.add_argument("--verify-backends", action=argparse.BooleanOptionalAction, default=d.verify_backends,
+                     help="after the last epoch, measure every inference backend of this machine on the test "
+                          "set and write backends-<device>.json and calibration.safetensors into the "
+                          "checkpoint, as `python -m training.verify_backends` does; skipped with "
+                          "--test-limit, since a partial test set verifies nothing (default: on)")
     run.add_argument("--weights-dtype", choices=("float32", "float16"), default=d.weights_dtype,
                      help="dtype of the saved model.safetensors (default %(default)s)")
 
@@ -240,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seeds the initial weights, the shuffle and the augmentation (default %(default)s)")
 
     hardware = parser.add_argument_group("hardware")
-    hardware.add_argument("--device", type=_device, default=d.device,
+    hardware.add_argument("--device", type=parse_device, default=d.device,
                           help="auto, cpu, cuda or cuda:N; auto picks cuda when present (default %(default)s)")
     hardware.add_argument("--compile", action="store_true", help="torch.compile the training step")
     hardware.add_argument("--precision", choices=PRECISIONS, default=d.precision,
@@ -259,7 +265,7 @@ def parse_command(argv: Sequence[str] | None = None) -> Command:
     parser = build_parser()
     # A first pass finds --recipe alone, so that its values become the defaults the second pass fills in
     # (and that --help shows).
-    first_pass = _OneLineErrorParser(add_help=False)
+    first_pass = OneLineErrorParser(prog=parser.prog, add_help=False)
     first_pass.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULTS.recipe)
     chosen, _ = first_pass.parse_known_args(argv)
     parser.set_defaults(**RECIPES[chosen.recipe])

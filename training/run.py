@@ -28,7 +28,11 @@ from training.provenance import device_name, git_commit
 from training.state import load_state, restore_rng_states, rng_states, save_state
 from training.trust import NO_HOLDOUT, calibration_line, calibration_record, fit_trust, holdout_description
 
+from training.verify_backends import VerificationSettings, table, verify_checkpoint
+
 CHECKPOINT_DIR = "checkpoint"
+# How the end of a run measures the backends: the command's defaults (tests make it quicker).
+VERIFICATION = VerificationSettings()
 
 
 class TrainingError(RuntimeError):
@@ -112,7 +116,7 @@ class TrainingRun:
                 write_config(self.run_dir, self.config, git_commit=self.git_commit, torch_version=torch.__version__)
             return MetricsLog(path, truncate_to=0)
         state = load_state(self.run_dir / STATE_FILE, self.worker.device)
-        if state["config"] != self.config.to_dict():
+        if not _same_config(state["config"], self.config):
             raise TrainingError(f"{self.run_dir / STATE_FILE} was written with another configuration than "
                                 f"{self.run_dir / 'config.json'}; start a new --run-dir")
         learner.load_state_dict(state["learner"])
@@ -188,6 +192,8 @@ class TrainingRun:
             )
             if config.plots:
                 self._plot(learner, data.test, test_result)
+            if config.verify_backends:
+                self._verify_backends(checkpoint, data, log)
         final = log.write("final", **accuracies,
                           validation_accuracy=_accuracy_or_none(holdout_result),
                           test_images=test_result.count, epochs=config.epochs,
@@ -210,11 +216,42 @@ class TrainingRun:
                              self.run_dir / RELIABILITY_FILE)
         return fit.calibration
 
+    def _verify_backends(self, checkpoint: Path, data: CifarSplits, log: MetricsLog) -> None:
+        """The checkpoint's backend report and calibration set (training.verify_backends), on the device
+        this run trained on, and a "backends" record summarising it."""
+        if self.config.test_limit is not None:
+            tqdm.write("backend verification skipped: --test-limit leaves part of the test set out, and a "
+                       "backend's accuracy is verified on all of it")
+            return
+        tqdm.write(f"verifying the inference backends on {len(data.test)} test images "
+                   "(--no-verify-backends skips this)")
+        report, path = verify_checkpoint(
+            checkpoint, data.test.images, data.test.labels, data.train.images[:VERIFICATION.calibration_images],
+            self.worker.device, VERIFICATION, log=tqdm.write,
+            calibration_source=f"the first {VERIFICATION.calibration_images} training images of this run "
+                               f"(after --train-limit and --holdout), from {Path(self.config.data_dir).resolve()}",
+        )
+        tqdm.write(table(report))
+        log.write("backends", report=str(path), test_images=report.test_images, skipped=report.skipped,
+                  backends={row.backend: {"accuracy": row.accuracy, "agreement": row.agreement,
+                                          "max_probability_diff": row.max_probability_diff,
+                                          "images_per_s": row.images_per_s, "startup_s": row.startup_s}
+                            for row in report.backends})
+
     def _plot(self, learner: Learner, test: ImageSet, test_result: Evaluation) -> None:
         epochs = [record for record in read_metrics(self.run_dir / METRICS_FILE) if record["event"] == "epoch"]
         plot_curves(epochs, self.run_dir / CURVES_FILE)
         write_evaluation_plots(learner.evaluated_model, test, test_result, self.run_dir, self.eval_autocast,
                                self.worker.device)
+
+
+def _same_config(stored: dict[str, Any], config: TrainingConfig) -> bool:
+    """Whether a state.pt's configuration is ``config``; an option added since it was saved counts as its
+    default, as it does when config.json is read."""
+    try:
+        return TrainingConfig(**stored) == config
+    except TypeError:  # an option this code no longer has
+        return False
 
 
 def _accuracy_or_none(result: Evaluation | None) -> float | None:

@@ -42,7 +42,7 @@ class JobStateError(Exception):
 
 
 # Flags that the training module takes as --x / --no-x; the other booleans are plain --x switches.
-_ON_OFF_SWITCHES = frozenset({"ema", "tta", "plots"})
+_ON_OFF_SWITCHES = frozenset({"ema", "tta", "plots", "verify_backends"})
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ class TrainParams(BaseModel):
     test_limit: int | None = Field(None, ge=1, description="use only the first N test images (smoke runs)")
     holdout: int = Field(0, ge=0, description="keep the last N training images out, as a validation split")
     plots: bool = Field(True, description="write loss/accuracy curves and a confusion matrix as PNG")
+    verify_backends: bool = Field(True, description="measure every inference backend on the test set at the end "
+                                  "and write the report next to the checkpoint; skipped with test_limit")
     weights_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the saved weights")
 
     @field_validator("arch")
