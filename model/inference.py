@@ -77,7 +77,9 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode: call model.eval() first, since only "
                          "the running statistics can be folded into the convolution")
-    graph_module = fx.symbolic_trace(copy.deepcopy(model))
+    tracer = _ConvBatchNormTracer()
+    graph = tracer.trace(copy.deepcopy(model))
+    graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     modules = dict(graph_module.named_modules())
     for node in list(graph_module.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
@@ -94,6 +96,15 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
     return graph_module
+
+
+class _ConvBatchNormTracer(fx.Tracer):
+    """torch.fx's tracer, keeping every Conv2d and BatchNorm2d as one call, subclasses too. The default
+    keeps only torch.nn's own classes whole and traces into a subclass defined elsewhere (fastcnn's
+    ShiftOnlyBatchNorm), where BatchNorm's input-dimension check stops the trace with a TraceError."""
+
+    def is_leaf_module(self, module: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(module, module_qualified_name)
 
 
 def _replace_submodule(root: nn.Module, qualified_name: str, replacement: nn.Module) -> None:

@@ -72,6 +72,18 @@ def test_fused_model_matches_fp32_and_has_no_batchnorm_left(architecture):
     assert (logits(fused, batch) - reference).abs().max() <= FUSED_RELATIVE_TOLERANCE * scale
 
 
+def test_fastcnn_folds_the_batchnorm_after_each_stage_convolution_and_matches_fp32():
+    """fastcnn's BatchNorms are a subclass (ShiftOnlyBatchNorm); each stage's first one reads a max-pool,
+    not a convolution, so it stays, and the second one folds."""
+    model = trained_like("fastcnn")
+    batch = images(4, seed=3)
+    reference = logits(model, batch)
+    fused = prepare_for_inference(model, "cpu", "fused")
+    assert (batchnorms(model), batchnorms(fused)) == (6, 3)
+    scale = reference.abs().max()
+    assert (logits(fused, batch) - reference).abs().max() <= FUSED_RELATIVE_TOLERANCE * scale
+
+
 def test_fused_is_the_default_and_runs_channels_last():
     assert DEFAULT_CPU_BACKEND == "fused"
     fused = prepare_for_inference(trained_like(), "cpu")
