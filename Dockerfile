@@ -28,6 +28,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install -r requirements.txt
 COPY . .
 RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps .
+# COPY keeps each file's mode from the working copy, and safetensors writes model.safetensors as 0600, so a
+# checkpoint that `python -m training` wrote and that was copied into weights/ would reach the image
+# readable by root alone, and the service (UID 10001) would start without a model. Readable by everyone
+# here, so the runtime stage copies it from this stage whatever the modes in the working copy were.
+RUN chmod -R u=rwX,go=rX weights
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
@@ -53,8 +58,9 @@ RUN useradd --uid 10001 --user-group --create-home --home-dir /home/app --shell 
     && chown -R app:app /var/lib/cifar-serve
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-# The shipped checkpoint (weights/README.md); owned by root, so the service cannot change it.
-COPY weights/ weights/
+# The shipped checkpoint (weights/README.md), made readable in the builder; owned by root, so the service
+# cannot change it.
+COPY --from=builder /src/weights/ weights/
 # Numeric, so that a runtime (Kubernetes' runAsNonRoot, for one) can tell it is not root without /etc/passwd.
 USER 10001:10001
 EXPOSE 8000

@@ -191,8 +191,8 @@ def test_image(data_dir: Path) -> bytes:
 
 
 def random_checkpoint(directory: Path) -> Path:
-    from model.checkpoint import save_checkpoint
     from model.architectures import build_model
+    from model.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     save_checkpoint(build_model("resnet50"), directory, architecture="resnet50")

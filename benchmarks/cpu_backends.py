@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.architectures import build_model
 from model.checkpoint import load_checkpoint
 from model.inference import fold_batchnorm, prepare_for_inference
 from model.labels import CIFAR10_MEAN, CIFAR10_STD
-from model.architectures import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"

@@ -39,8 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,8 +52,8 @@ from PIL import Image
 
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size
 from app.engine.served_model import ServedModel
-from model.checkpoint import save_checkpoint
 from model.architectures import build_model
+from model.checkpoint import save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"

@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -36,8 +36,8 @@ from model.architectures import ARCHITECTURES
 from training.config import TrainingConfig
 from training.distributed import Worker, resolve_device
 from training.loop import build_learner, smoothed_cross_entropy, synchronize, train_step
-from training.provenance import git_commit, machine_description
 from training.precision import PRECISIONS, autocast_for, resolve_precision
+from training.provenance import git_commit, machine_description
 from training.run import configure_backends
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -155,7 +155,7 @@ def main() -> None:
         record = {"benchmark": "train_throughput", "machine": machine, "results": results,
                   "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
                   "command": " ".join(["python -m benchmarks.train_throughput", *sys.argv[1:]]),
-                  "git_commit": git_commit(), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "git_commit": git_commit(), "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
         path = result_path(machine, results)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")

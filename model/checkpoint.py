@@ -33,6 +33,48 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be served as it is; the message says what is wrong and what to do."""
 
 
+class OutOfDistributionRule(BaseModel):
+    """How to flag an image as none of the classes: ``model.trust.ood_score(logits, score, temperature)``
+    below ``threshold`` is out of distribution, and so, for a two-sided rule, is one above ``upper_threshold``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    score: Literal["energy", "msp"] = Field(description="energy: T·logsumexp(logits/T) (Liu et al. 2020); "
+                                            "msp: max softmax(logits/T) (Hendrycks & Gimpel 2017)")
+    temperature: float = Field(gt=0, description="the T inside the score (not necessarily the calibration's)")
+    threshold: float = Field(description="in distribution when score >= threshold")
+    upper_threshold: float | None = Field(default=None, description="two-sided rule: and score <= this; "
+                                          "None = one-sided")
+    target_tpr: float = Field(gt=0, le=1, description="share of holdout images the threshold was set to keep")
+    holdout_tpr: float = Field(ge=0, le=1, description="share of holdout images it keeps")
+    test_tpr: float | None = Field(default=None, ge=0, le=1, description="share of test images it keeps")
+    selection: str = Field(description="how the score was chosen among the candidates")
+    candidates_auroc: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="candidate 'kind@T' -> {synthetic OOD set: AUROC against the holdout}")
+
+
+class Calibration(BaseModel):
+    """Temperature scaling and the OOD rule, both fitted on the holdout split, never on the test set
+    (``training.calibrate``); the test figures only report how well that worked."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(gt=0, description="probabilities are softmax(logits / temperature)")
+    fitted_on: str = Field(description="which images the temperature and threshold were fitted on")
+    holdout_images: int = Field(ge=1)
+    test_images: int = Field(ge=0)
+    ece_bins: int = Field(default=15, ge=1, description="equal-width confidence bins of the ECE")
+    test_ece_before: float | None = Field(default=None, description="expected calibration error, 0..1, raw")
+    test_ece_after: float | None = Field(default=None, description="the same with the temperature applied")
+    test_nll_before: float | None = Field(default=None, description="mean negative log-likelihood (nats), raw")
+    test_nll_after: float | None = Field(default=None, description="the same with the temperature applied")
+    holdout_nll_before: float
+    holdout_nll_after: float
+    ood: OutOfDistributionRule
+    git_commit: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -57,6 +99,8 @@ class ModelCard(BaseModel):
     git_commit: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     data_provenance: str | None = None
+    # Added after format_version 1 was first written: optional, so every earlier card still loads.
+    calibration: Calibration | None = Field(default=None, description="temperature and OOD rule (model.trust)")
 
     @property
     def version(self) -> str:

@@ -6,20 +6,20 @@ chosen by what ``benchmarks/cpu_backends.py`` measured (benchmarks/README.md has
 
 - ``fused`` (the default): every BatchNorm2d folded into the Conv2d before it, in channels_last. An exact
   rewrite (``γ(Wx − μ)/σ + β`` is again a convolution), so it keeps the model's accuracy: outputs agree
-  with the unfused model to float32 rounding.
+  with the unfolded model to float32 rounding. The fold follows each architecture's known blocks, without
+  tracing (``fold_batchnorm``).
 - ``eager``: the model as trained, in channels_last; the reference the others are checked against.
-- ``onnx`` (opt-in, needs ``pip install -e '.[onnx]'``): the model exported with ``torch.onnx`` and run by
-  ONNX Runtime's CPU provider. Exact like ``fused`` (ONNX Runtime folds BatchNorm itself) and faster,
-  most of all at small batches, but it adds ONNX Runtime to the service's dependencies.
-- ``bf16`` (opt-in): the fused model in bfloat16, for CPUs with native bf16 dot products (AVX512-BF16,
-  AMX); inputs are cast to bf16 and logits back to float32.
-- ``int8`` (opt-in): the fused model with static post-training int8 quantization (``quantize_int8``),
-  calibrated on ``calibration`` images.
+- ``onnx`` (needs ``pip install -e '.[onnx]'``): the model exported with ``torch.onnx`` and run by ONNX
+  Runtime's CPU provider. Exact like ``fused`` (ONNX Runtime folds BatchNorm itself) and faster, most of
+  all at small batches, but it adds ONNX Runtime to the service's dependencies.
+- ``bf16``: the fused model in bfloat16, for CPUs with native bf16 dot products (AVX512-BF16, AMX);
+  inputs are cast to bf16 and logits back to float32.
+- ``int8``: the fused model with static post-training int8 quantization (``quantize_int8``), calibrated on
+  ``calibration`` images (``model.calibration_set`` keeps them next to a checkpoint).
 
 ``bf16`` and ``int8`` are much faster but change the numbers (bf16 keeps 8 bits of mantissa, int8 rounds
-every activation to 1/256 of its calibrated range): they stay opt-in until a trained checkpoint's test
-accuracy with them has been measured (``benchmarks/cpu_backends.py --weights``) and found within 0.3
-points of float32; no trained checkpoint existed when they were written.
+every activation to 1/256 of its calibrated range): how much that costs a checkpoint's test accuracy on a
+given machine is what ``python -m training.verify_backends`` measures (``model.backend_report``).
 
 On CUDA every backend is ``eager``: the GPU path is the engine's own (bf16 autocast over channels_last).
 """
@@ -27,12 +27,19 @@ On CUDA every backend is ``eager``: the GPU path is the engine's own (bf16 autoc
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import importlib.util
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from model.cifar_resnet import CifarBasicBlock, CifarResNet
+from model.fastcnn import ConvStage
+from model.resnet import BasicBlock, Bottleneck, ResNet
 
 Backend = Literal["eager", "fused", "onnx", "bf16", "int8"]
 BACKENDS: tuple[str, ...] = ("eager", "fused", "onnx", "bf16", "int8")
@@ -45,9 +52,19 @@ def prepare_for_inference(
     device: str | torch.device = "cpu",
     backend: str = DEFAULT_CPU_BACKEND,
     calibration: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    tracing: Callable[[], AbstractContextManager] = nullcontext,
 ) -> nn.Module:
     """``model`` made ready for inference on ``device`` with ``backend``; ``model`` itself is not changed
-    (beyond moving to ``device`` and eval mode). ``calibration``: normalised training images, int8 only."""
+    (beyond moving to ``device``, eval mode and, for ``eager``, channels_last). ``calibration``:
+    normalised training images, int8 only.
+
+    ``tracing`` is entered around the one step that traces the model with torch.fx, int8's
+    ``prepare_fx``: fx's tracer patches ``nn.Module.__call__`` for the whole process while it runs, so a
+    forward pass on another thread then fails. A caller that runs passes meanwhile (the engine) passes a
+    context that holds them back; every other step, calibration and the ONNX export included, runs
+    alongside them (``tests/model/test_inference.py`` checks both).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown inference backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     device = torch.device(device)
@@ -65,43 +82,92 @@ def prepare_for_inference(
     if calibration is None:
         raise ValueError("the int8 backend needs calibration images: pass a few hundred normalised "
                          "training images as calibration=")
-    return quantize_int8(fused, calibration)
+    return quantize_int8(fused, calibration, tracing=tracing)
 
 
-def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
+def available_cpu_backends() -> tuple[tuple[str, ...], dict[str, str]]:
+    """The CPU backends this process can prepare, and for each one it cannot, why."""
+    missing: dict[str, str] = {}
+    if importlib.util.find_spec("onnxruntime") is None:
+        missing["onnx"] = "ONNX Runtime is not installed (pip install -e '.[onnx]')"
+    if "x86" not in torch.backends.quantized.supported_engines:
+        missing["int8"] = "this build of torch lacks the x86 quantized engine"
+    return tuple(name for name in BACKENDS if name not in missing), missing
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which each BatchNorm2d that reads only a Conv2d's output is folded into that
-    convolution's weight and bias. The model must be in eval mode: its running statistics are what folds.
+    convolution's weight and bias, and replaced by ``nn.Identity``; the copy is of the same class.
 
-    The graph is traced with torch.fx, so the fold follows data flow, not module names; a BatchNorm whose
-    convolution also feeds another node is left alone, since folding would change that node's input.
+    The model must be in eval mode: its running statistics are what folds. Which BatchNorm reads which
+    convolution is known, not traced: ``_FOLDS`` says it for every block of ``model.architectures``, and
+    in an ``nn.Sequential`` (the projection shortcuts) each child reads only the one before it. A
+    BatchNorm anywhere else stays as it is, which is still exact, only slower. Without tracing nothing
+    process-wide is patched, so folding is safe while other threads run forward passes (torch.fx's tracer
+    patches ``nn.Module.__call__`` for the whole process, which failed concurrent passes).
     """
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode: call model.eval() first, since only "
                          "the running statistics can be folded into the convolution")
-    graph_module = fx.symbolic_trace(copy.deepcopy(model))
-    modules = dict(graph_module.named_modules())
-    for node in list(graph_module.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
-            continue
-        source = node.args[0]
-        if not (isinstance(source, fx.Node) and source.op == "call_module"
-                and isinstance(modules[source.target], nn.Conv2d) and len(source.users) == 1):
-            continue
-        fused = fuse_conv_bn_eval(modules[source.target], modules[node.target])
-        assert isinstance(source.target, str)  # a call_module node's target is the module's dotted name
-        _replace_submodule(graph_module, source.target, fused)
-        node.replace_all_uses_with(source)
-        graph_module.graph.erase_node(node)
-    graph_module.graph.eliminate_dead_code()
-    graph_module.delete_all_unused_submodules()
-    graph_module.recompile()
-    return graph_module
+    folded = copy.deepcopy(model)
+    for module in list(folded.modules()):
+        if type(module) is nn.Sequential:
+            names = list(module._modules)
+            pairs: tuple[_Fold, ...] = tuple(_Fold(conv, batchnorm) for conv, batchnorm in zip(names, names[1:]))
+        else:
+            pairs = _FOLDS.get(type(module), ())
+        for pair in pairs:
+            _fold_pair(module, pair)
+    return folded
 
 
-def _replace_submodule(root: nn.Module, qualified_name: str, replacement: nn.Module) -> None:
-    parent_name, _, child_name = qualified_name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child_name, replacement)
+@dataclass(frozen=True)
+class _Fold:
+    """In its module's forward, ``batchnorm`` reads ``conv``'s output and nothing else does, either
+    directly or through the MaxPool2d ``max_pool``."""
+
+    conv: str
+    batchnorm: str
+    max_pool: str | None = None
+
+
+# One entry per block class of model.architectures, each a fact about that class's forward. The tests
+# compare every architecture's folded model with the unfolded one, so a forward that changes without
+# this table fails a test rather than an answer. fastcnn's first BatchNorm of a stage comes after a
+# max-pool: y -> s*y + t with a per-channel s >= 0 commutes with taking a maximum over a window of one
+# channel (max(s*a + t, s*b + t) = s*max(a, b) + t), so it folds into the convolution before the pool.
+_FOLDS: dict[type[nn.Module], tuple[_Fold, ...]] = {
+    ResNet: (_Fold("conv1", "bn1"),),
+    BasicBlock: (_Fold("conv1", "bn1"), _Fold("conv2", "bn2")),
+    Bottleneck: (_Fold("conv1", "bn1"), _Fold("conv2", "bn2"), _Fold("conv3", "bn3")),
+    CifarResNet: (_Fold("conv1", "bn1"),),
+    CifarBasicBlock: (_Fold("conv1", "bn1"), _Fold("conv2", "bn2")),
+    ConvStage: (_Fold("conv1", "bn1", max_pool="pool"), _Fold("conv2", "bn2")),
+}
+
+
+def _fold_pair(parent: nn.Module, pair: _Fold) -> None:
+    conv, batchnorm = getattr(parent, pair.conv, None), getattr(parent, pair.batchnorm, None)
+    if not (isinstance(conv, nn.Conv2d) and isinstance(batchnorm, nn.BatchNorm2d) and _foldable_batchnorm(batchnorm)):
+        return
+    if pair.max_pool is not None:
+        if not isinstance(getattr(parent, pair.max_pool, None), nn.MaxPool2d):
+            return
+        if not bool((_batchnorm_scale(batchnorm) >= 0).all()):
+            return  # a negative scale turns a maximum into a minimum: this one cannot move before the pool
+    setattr(parent, pair.conv, fuse_conv_bn_eval(conv, batchnorm))
+    setattr(parent, pair.batchnorm, nn.Identity())
+
+
+def _foldable_batchnorm(module: object) -> bool:
+    return (isinstance(module, nn.BatchNorm2d) and type(module).forward is nn.BatchNorm2d.forward
+            and module.running_mean is not None and module.running_var is not None and not module.training)
+
+
+def _batchnorm_scale(batchnorm: nn.BatchNorm2d) -> torch.Tensor:
+    assert batchnorm.running_var is not None  # _foldable_batchnorm checked it
+    scale = torch.rsqrt(batchnorm.running_var + batchnorm.eps)
+    return scale if batchnorm.weight is None else scale * batchnorm.weight.detach()
 
 
 class OnnxRuntimeModule(nn.Module):
@@ -147,7 +213,8 @@ class BFloat16(nn.Module):
         return self.module(batch.to(torch.bfloat16)).float()
 
 
-def quantize_int8(model: nn.Module, calibration: torch.Tensor | Sequence[torch.Tensor]) -> fx.GraphModule:
+def quantize_int8(model: nn.Module, calibration: torch.Tensor | Sequence[torch.Tensor], *,
+                  tracing: Callable[[], AbstractContextManager] = nullcontext) -> fx.GraphModule:
     """Static post-training int8 quantization in FX graph mode with torch's ``x86`` engine (oneDNN's VNNI
     kernels on AVX-512 CPUs, fbgemm's on AVX2), activation ranges observed on ``calibration``.
 
@@ -165,7 +232,8 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor | Sequence[torch.T
     batches = list(calibration.split(32)) if isinstance(calibration, torch.Tensor) else list(calibration)
     if not batches:
         raise ValueError("calibration is empty: pass a few hundred normalised training images")
-    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (batches[0],))
+    with tracing():  # prepare_fx traces the model (see prepare_for_inference)
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (batches[0],))
     with torch.no_grad():  # observers keep ordinary tensors, which convert_fx reads afterwards
         for batch in batches:
             prepared(batch)

@@ -44,16 +44,16 @@ class Command:
     weights: Path | None = None
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr, starting with ``error:``, and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message} (see `python -m training --help`)\n")
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
         sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog="python -m training",
         description="Train a ResNet on CIFAR-10 (data on the GPU, bf16, SGD+Nesterov, warm-up then decay to "
                     "zero), or evaluate a checkpoint. Writes config.json, metrics.jsonl, state.pt, checkpoint/ "
@@ -150,7 +150,7 @@ def parse_command(argv: Sequence[str] | None = None) -> Command:
     parser = build_parser()
     # A first pass finds --recipe alone, so that its values become the defaults the second pass fills in
     # (and that --help shows).
-    first_pass = _OneLineErrorParser(add_help=False)
+    first_pass = OneLineErrorParser(prog=parser.prog, add_help=False)
     first_pass.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULTS.recipe)
     chosen, _ = first_pass.parse_known_args(argv)
     parser.set_defaults(**RECIPES[chosen.recipe])

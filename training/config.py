@@ -145,6 +145,12 @@ class TrainingConfig:
                                    help="write state.pt every N epochs, for --resume; always after the last")
     plots: bool = option(True, group="run", switch="on-off",
                          help="write loss/accuracy curves, a confusion matrix and a prediction grid as PNG")
+    verify_backends: bool = option(True, group="run", switch="on-off",
+                                   help="after the last epoch, measure every inference backend of this machine "
+                                        "on the test set and write backends-<device>.json and "
+                                        "calibration.safetensors into the checkpoint, as `python -m "
+                                        "training.verify_backends` does; skipped with --test-limit, since a "
+                                        "partial test set verifies nothing")
     weights_dtype: Literal["float32", "float16"] = option("float32", group="run", choices=("float32", "float16"),
                                                           help="dtype of the saved model.safetensors")
 

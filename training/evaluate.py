@@ -89,3 +89,16 @@ def predict(model: nn.Module, images: torch.Tensor, autocast: Callable[[], Abstr
     model.eval()
     with autocast():
         return model(normalize(images)).argmax(1).cpu()
+
+
+@torch.inference_mode()
+def logits_of(model: nn.Module, images: torch.Tensor, device: torch.device,
+              autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
+    """float32 logits, on the CPU, of uint8 images (on any device), computed on ``device`` in batches."""
+    model.eval()
+    batches = []
+    for start in range(0, len(images), EVAL_BATCH):
+        batch = normalize(images[start:start + EVAL_BATCH].to(device))
+        with autocast():
+            batches.append(model(batch).float().cpu())
+    return torch.cat(batches) if batches else torch.empty(0, NUM_CLASSES)

@@ -9,6 +9,7 @@ The service's job runner follows a run directory while training writes it, so bo
     RUN/checkpoint/           the model, model.safetensors + card.json (model.checkpoint)
     RUN/train.log             stdout and stderr of a run the service's job runner started
     RUN/curves.png, RUN/confusion_matrix.png, RUN/test_predictions.png   with --plots (training.plots)
+    RUN/reliability.png       with --plots and --holdout: raw and temperature-scaled calibration (training.trust)
 """
 
 DATA_FOLDER = "cifar-10-batches-py"  # inside --data-dir: the official archive's folder (torchvision's base_folder)
@@ -21,3 +22,4 @@ LOG_FILE = "train.log"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 PREDICTIONS_FILE = "test_predictions.png"
+RELIABILITY_FILE = "reliability.png"

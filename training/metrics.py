@@ -1,8 +1,9 @@
 """RUN/metrics.jsonl and the human log line per epoch.
 
-One JSON object per line, each with an ``"event"`` ("start", "epoch", "resumed", "interrupted", "final",
-"evaluation"), written and flushed as it happens, so another process (the service's job runner) can follow a
-run by reading the file. Accuracies are fractions in 0..1; null means "not measured at this point".
+One JSON object per line, each with an ``"event"`` ("start", "epoch", "resumed", "interrupted", "backends",
+"final", "evaluation", "calibration"), written and flushed as it happens, so another process (the service's
+job runner) can follow a run by reading the file. Accuracies are fractions in 0..1; null means "not measured
+at this point".
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""PNG plots in the run directory: loss and accuracy curves, a confusion matrix, a grid of test predictions.
+"""PNG plots in the run directory: loss and accuracy curves, a confusion matrix, a grid of test predictions, and
+the reliability diagram of the calibration.
 
 matplotlib is imported here only, with the Agg backend, so training needs no display and pays the import
 only when it plots.
@@ -7,11 +8,14 @@ only when it plots.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model.labels import CLASS_NAMES
+
+if TYPE_CHECKING:
+    from training.calibration import ReliabilityBins
 
 GRID_IMAGES = 32
 
@@ -84,6 +88,39 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predictions: to
         predicted, true = CLASS_NAMES[int(predictions[index])], CLASS_NAMES[int(labels[index])]
         axes.set_title(f"{predicted}\n({true})", fontsize=8, color="black" if predicted == true else "red")
     figure.suptitle("test images: predicted (true)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_reliability(before: ReliabilityBins, after: ReliabilityBins, temperature: float, path: Path,
+                     title: str = "test set") -> None:
+    """Accuracy against confidence per bin (Guo et al. 2017, fig. 1), raw and temperature-scaled side by side:
+    bars below the diagonal are over-confident, above it under-confident; the shade under each bar is its share
+    of the images."""
+    plt = _pyplot()
+    figure, panels = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
+    for axes, bins, label in ((panels[0], before, "raw softmax"),
+                              (panels[1], after, f"temperature {temperature:.3f}")):
+        edges = bins.edges.numpy()
+        width = edges[1] - edges[0]
+        filled = (bins.counts > 0).numpy()
+        accuracy = bins.accuracy.nan_to_num(0).numpy()
+        axes.bar(edges[:-1], accuracy, width=width, align="edge", edgecolor="black", color="tab:blue",
+                 alpha=0.8, label="accuracy")
+        share = (bins.counts.double() / bins.counts.sum()).numpy()
+        axes.bar(edges[:-1], share, width=width, align="edge", color="tab:gray", alpha=0.35,
+                 label="share of images")
+        confidence = bins.confidence.numpy()
+        axes.scatter(confidence[filled], accuracy[filled], color="tab:red", s=12, zorder=3,
+                     label="mean confidence, accuracy")
+        axes.plot([0, 1], [0, 1], linestyle="--", color="black", linewidth=1, label="perfect calibration")
+        axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (largest probability)",
+                 title=f"{label}: ECE {100 * bins.ece:.2f} %")
+        axes.grid(alpha=0.3)
+    panels[0].set_ylabel("accuracy")
+    panels[0].legend(loc="upper left", fontsize=8)
+    figure.suptitle(f"reliability, {title} ({int(before.counts.sum())} images, {len(before.counts)} bins)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import Calibration, load_checkpoint, save_checkpoint
 from training.cli import Command
 from training.config import TrainingConfig, write_config
 from training.data import CifarSplits, ImageSet, load_cifar10, load_split
@@ -25,14 +25,20 @@ from training.layout import (
     CURVES_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
+    RELIABILITY_FILE,
     STATE_FILE,
 )
 from training.loop import Learner, build_learner, train_one_epoch
 from training.metrics import MetricsLog, epoch_log_line, read_metrics
-from training.plots import GRID_IMAGES, plot_confusion_matrix, plot_curves, plot_predictions
+from training.plots import GRID_IMAGES, plot_confusion_matrix, plot_curves, plot_predictions, plot_reliability
 from training.precision import autocast_for, resolve_precision
 from training.provenance import device_name, git_commit
 from training.state import load_state, restore_rng_states, rng_states, save_state
+from training.trust import NO_HOLDOUT, calibration_line, calibration_record, fit_trust, holdout_description
+from training.verify_backends import VerificationSettings, table, verify_checkpoint
+
+# How the end of a run measures the backends: the command's defaults (tests make it quicker).
+VERIFICATION = VerificationSettings()
 
 
 class TrainingError(RuntimeError):
@@ -116,7 +122,7 @@ class TrainingRun:
                 write_config(self.run_dir, self.config, git_commit=self.git_commit, torch_version=torch.__version__)
             return MetricsLog(path, truncate_to=0)
         state = load_state(self.run_dir / STATE_FILE, self.worker.device)
-        if state["config"] != self.config.to_dict():
+        if not _same_config(state["config"], self.config):
             raise TrainingError(f"{self.run_dir / STATE_FILE} was written with another configuration than "
                                 f"{self.run_dir / CONFIG_FILE}; start a new --run-dir")
         learner.load_state_dict(state["learner"])
@@ -181,29 +187,78 @@ class TrainingRun:
         device = device_name(self.worker.device)
         if self.worker.world_size > 1:
             device = f"{self.worker.world_size} x {device}"
+        calibration = None
         if self.worker.is_main:
+            calibration = self._calibrate(learner, data)
             save_checkpoint(
                 learner.evaluated_model, checkpoint, architecture=config.arch, dtype=config.weights_dtype,
                 training=config.to_dict(), **accuracies, epochs=config.epochs,
                 train_seconds=round(self.train_seconds, 3), device=device, precision=self.precision,
                 git_commit=self.git_commit,
-                data_provenance=data.provenance,
+                data_provenance=data.provenance, calibration=calibration,
             )
             if config.plots:
                 self._plot(learner, data.test, test_result)
+            if config.verify_backends:
+                self._verify_backends(checkpoint, data, log)
         final = log.write("final", **accuracies,
                           validation_accuracy=_accuracy_or_none(holdout_result),
                           test_images=test_result.count, epochs=config.epochs,
-                          train_seconds=self.train_seconds, checkpoint=str(checkpoint))
+                          train_seconds=self.train_seconds, checkpoint=str(checkpoint),
+                          **calibration_record(calibration))
         if self.worker.is_main:
             print(summary_line(final), flush=True)
         return final
+
+    def _calibrate(self, learner: Learner, data: CifarSplits) -> Calibration | None:
+        """The temperature and OOD rule, fitted on the full holdout (main process only), or None without one."""
+        if data.holdout is None:
+            tqdm.write(NO_HOLDOUT)
+            return None
+        fit = fit_trust(learner.evaluated_model, data.holdout, data.test, device=self.worker.device,
+                        autocast=self.eval_autocast, git_commit=self.git_commit,
+                        fitted_on=holdout_description(len(data.train), len(data.holdout)))
+        if self.config.plots:
+            plot_reliability(fit.test_before, fit.test_after, fit.calibration.temperature,
+                             self.run_dir / RELIABILITY_FILE)
+        return fit.calibration
+
+    def _verify_backends(self, checkpoint: Path, data: CifarSplits, log: MetricsLog) -> None:
+        """The checkpoint's backend report and calibration set (training.verify_backends), on the device
+        this run trained on, and a "backends" record summarising it."""
+        if self.config.test_limit is not None:
+            tqdm.write("backend verification skipped: --test-limit leaves part of the test set out, and a "
+                       "backend's accuracy is verified on all of it")
+            return
+        tqdm.write(f"verifying the inference backends on {len(data.test)} test images "
+                   "(--no-verify-backends skips this)")
+        report, path = verify_checkpoint(
+            checkpoint, data.test.images, data.test.labels, data.train.images[:VERIFICATION.calibration_images],
+            self.worker.device, VERIFICATION, log=tqdm.write,
+            calibration_source=f"the first {VERIFICATION.calibration_images} training images of this run "
+                               f"(after --train-limit and --holdout), from {Path(self.config.data_dir).resolve()}",
+        )
+        tqdm.write(table(report))
+        log.write("backends", report=str(path), test_images=report.test_images, skipped=report.skipped,
+                  backends={row.backend: {"accuracy": row.accuracy, "agreement": row.agreement,
+                                          "max_probability_diff": row.max_probability_diff,
+                                          "images_per_s": row.images_per_s, "startup_s": row.startup_s}
+                            for row in report.backends})
 
     def _plot(self, learner: Learner, test: ImageSet, test_result: Evaluation) -> None:
         epochs = [record for record in read_metrics(self.run_dir / METRICS_FILE) if record["event"] == "epoch"]
         plot_curves(epochs, self.run_dir / CURVES_FILE)
         write_evaluation_plots(learner.evaluated_model, test, test_result, self.run_dir, self.eval_autocast,
                                self.worker.device)
+
+
+def _same_config(stored: dict[str, Any], config: TrainingConfig) -> bool:
+    """Whether a state.pt's configuration is ``config``; an option added since it was saved counts as its
+    default, as it does when config.json is read."""
+    try:
+        return TrainingConfig(**stored) == config
+    except TypeError:  # an option this code no longer has
+        return False
 
 
 def _accuracy_or_none(result: Evaluation | None) -> float | None:
@@ -230,7 +285,10 @@ def summary_line(record: dict[str, Any]) -> str:
     if "checkpoint" in record:
         line += f"; checkpoint {record['checkpoint']}"
     per_class = ", ".join(f"{name} {100 * value:.1f}" for name, value in record["per_class_accuracy"].items())
-    return f"{line}\nper class (%): {per_class}"
+    line = f"{line}\nper class (%): {per_class}"
+    if "calibration" in record:
+        line += f"\n{calibration_line(record['calibration'])}"
+    return line
 
 
 def run_evaluation(command: Command) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.classification.answers import Prediction
 from app.classification.images import image_pixels
 from app.engine.served_model import ServedModel
-from app.classification.answers import Prediction
 from model.inference import DEFAULT_CPU_BACKEND
 
 MAX_IMAGE_PIXELS = 40_000_000  # the service's default APP_MAX_IMAGE_PIXELS

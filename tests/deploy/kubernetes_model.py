@@ -42,7 +42,7 @@ def kustomize_command() -> list[str] | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render(directory: str) -> str:
     command = kustomize_command()
     assert command is not None
@@ -194,7 +194,7 @@ def _strict(node: Any) -> Any:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
     schema = json.loads((CRD_SCHEMA_DIR / CRD_SCHEMAS[(api_version, kind)]).read_text(encoding="utf-8"))
     return jsonschema.Draft7Validator(_strict(schema))

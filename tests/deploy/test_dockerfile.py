@@ -83,8 +83,19 @@ def test_paths_in_the_image_match_the_compose_volumes() -> None:
 
 
 def test_ships_the_weights_folder_which_exists_even_without_a_checkpoint() -> None:
-    assert any(i.keyword == "COPY" and i.arguments.split()[0] == "weights/" for i in STAGE)
+    assert any(i.keyword == "COPY" and i.arguments.split()[-2:] == ["/src/weights/", "weights/"] for i in STAGE)
     assert (REPO_ROOT / "weights" / "README.md").is_file(), "COPY weights/ fails if the folder is missing"
+
+
+def test_the_shipped_weights_are_readable_by_the_service_whatever_their_mode_in_the_working_copy() -> None:
+    """COPY keeps file modes, and safetensors writes 0600: the builder opens them up before the final
+    stage copies them (deploy/smoke_image.py found a 0600 checkpoint unreadable by UID 10001)."""
+    body = instructions()
+    builder = body[: max(i for i, instruction in enumerate(body) if instruction.keyword == "FROM")]
+    assert any(i.keyword == "RUN" and "chmod -R" in i.arguments and "go=rX" in i.arguments
+               and i.arguments.split()[-1] == "weights" for i in builder)
+    assert not any(i.keyword == "COPY" and i.arguments.split()[0] == "weights/" for i in STAGE), \
+        "copied from the build context, the weights keep the working copy's modes"
 
 
 def test_installs_the_dependencies_pyproject_declares() -> None:

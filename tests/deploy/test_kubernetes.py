@@ -15,7 +15,8 @@ import yaml
 
 from app.config import Settings
 from tests.deploy import compose_model
-from tests.deploy.dockerfile_model import container_command, env as dockerfile_env, final_stage
+from tests.deploy.dockerfile_model import container_command, final_stage
+from tests.deploy.dockerfile_model import env as dockerfile_env
 from tests.deploy.kubernetes_model import (
     KUBERNETES_DIR,
     KUBERNETES_VERSIONS,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.deploy.compose_model import REPO_ROOT, project
+from tests.deploy.compose_model import project
 from tests.deploy.container import container_environment, running
 from tests.deploy.dockerfile_model import run_healthcheck
 from tests.support import docs

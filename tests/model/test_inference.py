@@ -4,13 +4,17 @@ Random-init weights: a fresh network's BatchNorm layers are the identity (mean 0
 which would make folding trivially right, so every test gives them the statistics of a trained model.
 """
 
+import threading
+from contextlib import contextmanager
+
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 
-from model.architectures import build_model
+from model.architectures import ARCHITECTURES, build_model
 from model.inference import (
     BACKENDS,
+    available_cpu_backends,
     fold_batchnorm,
     prepare_for_inference,
     quantize_int8,
@@ -59,21 +63,38 @@ def batchnorms(module: nn.Module) -> int:
     return sum(isinstance(child, nn.BatchNorm2d) for child in module.modules())
 
 
-@pytest.mark.parametrize("architecture", ["resnet18", "resnet50"])
-def test_fused_model_matches_fp32_and_has_no_batchnorm_left(architecture):
+# One network of each block family: ImageNet-width basic blocks, He et al.'s CIFAR blocks, fastcnn's stages.
+FAMILIES = ["resnet18", "resnet20", "fastcnn"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_architecture_folds_every_batchnorm_exactly(architecture):
     model = trained_like(architecture)
-    batch = images(4, seed=2)
+    batch = images(2, seed=2)
     reference = logits(model, batch)
     fused = prepare_for_inference(model, "cpu", "fused")
     assert batchnorms(fused) == 0
+    assert type(fused) is type(model)
     assert batchnorms(model) > 0, "the caller's model must be left as it was"
     scale = reference.abs().max()
     assert (logits(fused, batch) - reference).abs().max() <= FUSED_RELATIVE_TOLERANCE * scale
 
 
+def test_a_negative_scale_keeps_its_batchnorm_behind_the_max_pool():
+    model = trained_like("fastcnn")
+    with torch.no_grad():
+        model.layer2.bn1.weight[3] = -0.5  # fastcnn never trains this scale; here it flips one channel's max
+    batch = images(2, seed=3)
+    reference = logits(model, batch)
+    fused = fold_batchnorm(model)
+    assert isinstance(fused.layer2.bn1, nn.BatchNorm2d), "a max over -x is not -max over x: must stay"
+    assert batchnorms(fused) == 1
+    assert (logits(fused, batch) - reference).abs().max() <= FUSED_RELATIVE_TOLERANCE * reference.abs().max()
+
+
 def test_the_default_backend_folds_batchnorm_and_runs_channels_last():
     fused = prepare_for_inference(trained_like(), "cpu")
-    assert isinstance(fused, fx.GraphModule) and batchnorms(fused) == 0
+    assert batchnorms(fused) == 0
     assert fused.get_submodule("conv1").weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -86,8 +107,9 @@ def test_eager_is_the_model_itself_in_channels_last():
     assert torch.allclose(logits(eager, batch), reference, atol=1e-6)
 
 
-def test_int8_agrees_with_fp32_within_its_tolerance():
-    model = trained_like()
+@pytest.mark.parametrize("architecture", FAMILIES)
+def test_int8_agrees_with_fp32_within_its_tolerance(architecture):
+    model = trained_like(architecture)
     batch = images(32, seed=5)
     reference = logits(model, batch)
     quantized = prepare_for_inference(model, "cpu", "int8", calibration=images(128, seed=6))
@@ -97,17 +119,19 @@ def test_int8_agrees_with_fp32_within_its_tolerance():
     assert any(type(module).__module__.startswith("torch.ao.nn.quantized") for module in quantized.modules())
 
 
-def test_onnx_matches_fp32():
+@pytest.mark.parametrize("architecture", FAMILIES)
+def test_onnx_matches_fp32(architecture):
     pytest.importorskip("onnxruntime", reason="the onnx backend is opt-in: pip install -e '.[onnx]'")
-    model = trained_like()
+    model = trained_like(architecture)
     batch = images(3, seed=9)
     reference = logits(model, batch)
     result = logits(prepare_for_inference(model, "cpu", "onnx"), batch)
     assert (result - reference).abs().max() <= FUSED_RELATIVE_TOLERANCE * reference.abs().max()
 
 
-def test_bf16_agrees_with_fp32_within_its_tolerance():
-    model = trained_like()
+@pytest.mark.parametrize("architecture", FAMILIES)
+def test_bf16_agrees_with_fp32_within_its_tolerance(architecture):
+    model = trained_like(architecture)
     batch = images(16, seed=8)
     reference = logits(model, batch)
     result = logits(prepare_for_inference(model, "cpu", "bf16"), batch)
@@ -130,6 +154,71 @@ def test_unknown_backend_is_refused_with_the_choices():
 def test_folding_needs_eval_mode():
     with pytest.raises(ValueError, match="eval"):
         fold_batchnorm(build_model("resnet18").train())
+
+
+def passes_meanwhile(step) -> tuple[int, list[BaseException]]:
+    """Run ``step`` while another thread runs forward passes of an unrelated model, each pass under the
+    ``pass_gate`` lock; how many passes ran, and their errors."""
+    other, batch = trained_like("resnet20"), images(2, seed=11)
+    count, errors, stop = [0], [], threading.Event()
+
+    def run_passes() -> None:
+        while not stop.is_set():
+            with pass_gate:
+                try:
+                    logits(other, batch)
+                    count[0] += 1
+                except Exception as error:  # noqa: BLE001 - what the test counts
+                    errors.append(error)
+
+    thread = threading.Thread(target=run_passes)
+    thread.start()
+    try:
+        step()
+    finally:
+        stop.set()
+        thread.join()
+    return count[0], errors
+
+
+pass_gate = threading.Lock()
+
+
+def test_folding_runs_alongside_forward_passes_on_other_threads():
+    """torch.fx tracing patches nn.Module.__call__ process-wide; folding without it must not disturb a
+    pass running on another thread (the engine's hot swap folds while it serves)."""
+    count, errors = passes_meanwhile(lambda: [fold_batchnorm(trained_like(name)) for name in FAMILIES * 2])
+    assert errors == [] and count > 0
+
+
+def test_int8_traces_only_inside_the_tracing_context():
+    entries = []
+
+    @contextmanager
+    def tracing():
+        with pass_gate:  # as the engine's gate: no pass on another thread while torch.fx traces
+            entries.append("traced")
+            yield
+
+    calibration = images(64, seed=12)
+    count, errors = passes_meanwhile(lambda: prepare_for_inference(trained_like("resnet20"), "cpu", "int8",
+                                                                   calibration, tracing=tracing))
+    assert entries == ["traced"]
+    assert errors == [] and count > 0
+
+
+def test_the_onnx_export_runs_alongside_forward_passes_on_other_threads():
+    """torch.onnx's dynamo exporter traces with torch.export, whose state is per thread: no gate needed."""
+    pytest.importorskip("onnxruntime", reason="the onnx backend is opt-in: pip install -e '.[onnx]'")
+    count, errors = passes_meanwhile(lambda: prepare_for_inference(trained_like("fastcnn"), "cpu", "onnx"))
+    assert errors == [] and count > 0
+
+
+def test_every_backend_is_available_here_or_says_why_not():
+    available, missing = available_cpu_backends()
+    assert set(available) | set(missing) == set(BACKENDS) and not set(available) & set(missing)
+    assert {"eager", "fused", "bf16"} <= set(available)
+    assert all(reason for reason in missing.values())
 
 
 class SharedConvolution(nn.Module):

@@ -16,11 +16,13 @@ class FakeEngine:
         self.card = card
         self.fail = fail
         self.swapped: list[Path] = []
+        self.origins: list[str] = []
 
     async def swap(self, checkpoint: Path, origin: str = "") -> ModelCard:
         if self.fail:
             raise RuntimeError("CUDA out of memory")
         self.swapped.append(checkpoint)
+        self.origins.append(origin)
         self.card = read_card(checkpoint)
         return self.card
 
@@ -65,6 +67,9 @@ def test_if_better_promotes_a_better_run_and_registers_a_worse_one(tmp_path: Pat
         # By hand, an operator rolls back to the worse one.
         await promoter.promote(worse.model_version)
         assert registry.current() == worse.model_version == engine.card.version
+        # /model tells the operator why each served model is served.
+        assert engine.origins == [f"registry version {better.model_version}, promoted",
+                                  f"registry version {worse.model_version}, promoted"]
         with pytest.raises(UnknownVersion):
             await promoter.promote("resnet18-ffffffffffff")
 

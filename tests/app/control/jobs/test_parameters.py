@@ -38,7 +38,7 @@ def test_a_recipe_fills_the_fields_the_body_leaves_out() -> None:
     TrainParams(arch="resnet18", epochs=3, batch_size=16, lr=0.01, weight_decay=0, label_smoothing=0.2,
                 warmup_epochs=0.5, lr_decay="cosine", cutout=8, ema=True, tta=False, compile=True,
                 deterministic=True, seed=7, checkpoint_every=2, eval_every=1, train_limit=64, test_limit=32,
-                holdout=8, plots=False, weights_dtype="float16"),
+                holdout=8, plots=False, verify_backends=False, weights_dtype="float16"),
     TrainParams(arch="resnet20", epochs=4),
     TrainParams(arch="fastcnn", epochs=4, warmup_epochs=1),
     TrainParams(recipe="cpu", epochs=6),

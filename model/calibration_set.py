@@ -1,0 +1,74 @@
+"""The int8 backend's calibration set, saved next to a checkpoint: ``calibration.safetensors``.
+
+Static int8 quantization fixes each activation's range from what the network computes on a few hundred
+images (``model.inference.quantize_int8``). They are CIFAR-10 *training* images, never test images, so
+that a test accuracy measured with int8 afterwards stays honest. ``python -m training.verify_backends``
+(and a training run's end) writes them with the backend report that measured int8 on them, so a service
+calibrates on exactly those images without a dataset at hand.
+
+The file holds one tensor, ``pixels``: uint8, ``(N, H, W, 3)`` RGB, as the service's decoder produces
+them; normalising with the model card's mean and std is the reader's job. Its metadata binds it to the
+weights it was written for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+CALIBRATION_FILE = "calibration.safetensors"
+FORMAT_VERSION = "1"
+_TENSOR = "pixels"
+
+
+class CalibrationSetError(ValueError):
+    """A calibration set that is missing, unreadable or written for other weights; the message says what to do."""
+
+
+def save_calibration_set(directory: str | os.PathLike[str], pixels: np.ndarray | torch.Tensor, *,
+                         weights_sha256: str, source: str) -> Path:
+    """Write ``pixels`` (uint8, N x H x W x 3) as ``directory/calibration.safetensors``, atomically."""
+    tensor = torch.as_tensor(pixels)
+    _check_pixels(tensor, "pixels to save")
+    path = Path(directory) / CALIBRATION_FILE
+    temporary = path.with_suffix(".tmp")
+    save_file({_TENSOR: tensor.contiguous()}, temporary,
+              metadata={"format_version": FORMAT_VERSION, "weights_sha256": weights_sha256, "source": source})
+    os.replace(temporary, path)
+    return path
+
+
+def load_calibration_set(directory: str | os.PathLike[str], weights_sha256: str) -> np.ndarray:
+    """The uint8 ``(N, H, W, 3)`` pixels saved for the weights with SHA-256 ``weights_sha256``."""
+    path = Path(directory) / CALIBRATION_FILE
+    regenerate = (f"write it with `python -m training.verify_backends --weights {Path(directory)} --data-dir "
+                  "DATA`, or use a backend other than int8")
+    if not path.is_file():
+        raise CalibrationSetError(f"no calibration set at {path}: {regenerate}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if _TENSOR not in handle.keys():
+                raise CalibrationSetError(f"{path} holds no '{_TENSOR}' tensor: {regenerate}")
+            tensor = handle.get_tensor(_TENSOR)
+    except (SafetensorError, OSError) as error:
+        raise CalibrationSetError(f"{path} is not a readable safetensors file ({error}): {regenerate}") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CalibrationSetError(f"{path} has format version {metadata.get('format_version')!r}, this code "
+                                  f"reads {FORMAT_VERSION!r}: {regenerate}")
+    if metadata.get("weights_sha256") != weights_sha256:
+        raise CalibrationSetError(f"{path} was written for weights {metadata.get('weights_sha256')}, not for "
+                                  f"these ({weights_sha256}): {regenerate}")
+    _check_pixels(tensor, str(path))
+    return tensor.numpy()
+
+
+def _check_pixels(tensor: torch.Tensor, what: str) -> None:
+    if tensor.dtype != torch.uint8 or tensor.dim() != 4 or tensor.shape[-1] != 3 or len(tensor) == 0:
+        raise CalibrationSetError(f"{what}: expected uint8 images N x H x W x 3 with N >= 1, got "
+                                  f"{tensor.dtype} {tuple(tensor.shape)}")
