@@ -35,7 +35,8 @@ def found(token: str, measured: list[float]) -> bool:
 
 
 def tables() -> list[tuple[str, list[str], list[list[str]]]]:
-    """(JSON file named last before the table, header, rows) for each table of the page."""
+    """(JSON file named last before the table, as a path inside benchmarks/results, header, rows) for each
+    table of the page."""
     found_tables, source, header, rows = [], None, None, []
     for line in page("benchmarks/README.md").splitlines() + [""]:
         if line.startswith("|"):
@@ -48,8 +49,8 @@ def tables() -> list[tuple[str, list[str], list[list[str]]]]:
         if header is not None:
             found_tables.append((source, header, rows))
             header, rows = None, []
-        if named := re.findall(r"([\w.-]+\.json)", line):
-            source = named[-1]
+        if named := re.findall(r"([\w./-]+\.json)", line):
+            source = named[-1].removeprefix("benchmarks/results/")
     return found_tables
 
 

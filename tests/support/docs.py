@@ -13,11 +13,19 @@ def page(path: str) -> str:
 
 
 def section(text: str, heading: str) -> str:
-    """From the line ``heading`` (``## Deploy with Docker``) to the next heading of the same level or higher."""
-    level = heading.split(" ", 1)[0]
-    start = text.index(f"\n{heading}\n") + 1
-    ends = [match.start() for match in re.finditer(rf"^#{{1,{len(level)}}} ", text[start + 1:], re.MULTILINE)]
-    return text[start: start + 1 + ends[0]] if ends else text[start:]
+    """From the line ``heading`` (``## Deploy with Docker``) to the next heading of the same level or higher;
+    a ``#`` line inside a fenced code block (a shell comment) is not a heading."""
+    level = len(heading.split(" ", 1)[0])
+    lines = text.splitlines(keepends=True)
+    start = next(index for index, line in enumerate(lines) if line.rstrip("\n") == heading)
+    fenced = False
+    for index in range(start + 1, len(lines)):
+        line = lines[index]
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(rf"#{{1,{level}}} ", line):
+            return "".join(lines[start:index])
+    return "".join(lines[start:])
 
 
 def bash_blocks(text: str) -> list[str]:
