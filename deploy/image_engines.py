@@ -269,7 +269,7 @@ class Buildah(Engine):
         return sum(size for size, _ in layers), layers
 
     def start(self, tag: str, config: ImageConfig) -> None:
-        self.container = self._output(["from", "--pull-never", tag]).stdout.strip()
+        self.container = self._output(["from", "--pull=never", tag]).stdout.strip()
         self.user, self.port = config.user, config.port
         log(f"$ unshare --net -- buildah run --isolation chroot --user {self.user} {self.container} -- "
             + " ".join(config.command))
