@@ -37,8 +37,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from image_engines import (REPO_ROOT, STANDIN_PACKAGES, STANDIN_TAG, STOP_GRACE_S, Engine, choose_engine,
-                           container_argv, log, output, standin_rootfs)
+from image_engines import (
+    REPO_ROOT,
+    RUN_FOLDER_PREFIX,
+    STANDIN_PACKAGES,
+    STANDIN_TAG,
+    STOP_GRACE_S,
+    Engine,
+    abandoned_run_folders,
+    choose_engine,
+    container_argv,
+    lock_run_folder,
+    log,
+    output,
+    recover_abandoned,
+    standin_rootfs,
+)
 
 GB = 10**9
 LARGEST_FOLDERS = "/opt/venv/lib/python3*/site-packages/* /usr/* /usr/lib/* /var/* /app/* /home/*"
@@ -328,6 +342,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.work_parent.mkdir(parents=True, exist_ok=True)
+    # A run that was killed (no `finally` survives SIGKILL) left its folder, storage and mounts: ~21 GB.
+    for folder in abandoned_run_folders(args.work_parent):
+        recover_abandoned(folder)
     free = free_bytes(args.work_parent)
     if free < args.min_free_gb * GB:
         print(f"refusing to start: {free / GB:.1f} GB free on {args.work_parent}, and the build needs "
@@ -344,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGHUP, interrupted)
-    work = Path(tempfile.mkdtemp(prefix="cifar-serve-image-", dir=args.work_parent))
+    work = Path(tempfile.mkdtemp(prefix=RUN_FOLDER_PREFIX, dir=args.work_parent))
+    owner = lock_run_folder(work)  # held until this process ends: tells a later run this folder is in use
     used_before = shutil.disk_usage(work).used
     result: dict = {"machine": machine(), "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                     time.gmtime()), "free_bytes_before": free, "example": args.example.name}
@@ -364,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if engine is not None:
             engine.cleanup()
         shutil.rmtree(work, ignore_errors=True)
+        os.close(owner)
         result["disk_peak_bytes"] = disk.stop()
         result["disk_left_bytes"] = shutil.disk_usage(args.work_parent).used - used_before
         result["work_folder_removed"] = not work.exists()

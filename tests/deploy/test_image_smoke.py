@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,69 @@ def test_refuses_to_start_with_less_free_disk_than_asked(tmp_path: Path) -> None
     assert result.returncode == 2, result.stdout + result.stderr
     assert "refusing to start" in result.stderr and "GB free" in result.stderr
     assert list(tmp_path.iterdir()) == [], "it made its working folder before checking the disk"
+
+
+def run_folder(parent: Path, name: str) -> Path:
+    folder = parent / f"{image_engines.RUN_FOLDER_PREFIX}{name}"
+    folder.mkdir()
+    return folder
+
+
+def test_a_run_folder_is_abandoned_once_the_process_holding_its_lock_is_killed(tmp_path: Path) -> None:
+    live, finished = run_folder(tmp_path, "live"), run_folder(tmp_path, "finished")
+    os.close(image_engines.lock_run_folder(finished))
+    (tmp_path / "another-tool").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+         "import image_engines; image_engines.lock_run_folder(Path(sys.argv[2])); print('locked', flush=True); "
+         "time.sleep(600)", str(SCRIPT.parent), str(live)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert image_engines.abandoned_run_folders(tmp_path) == [finished]
+    finally:
+        holder.kill()  # SIGKILL, as a lost session ends a run: no finally of the run's own runs
+        holder.wait()
+    assert image_engines.abandoned_run_folders(tmp_path) == [finished, live]
+
+
+def test_a_run_folder_without_a_lock_is_abandoned_only_once_it_is_old(tmp_path: Path) -> None:
+    run_folder(tmp_path, "young")
+    old = run_folder(tmp_path, "old")
+    long_ago = time.time() - image_engines.UNLOCKED_GRACE_S - 60
+    os.utime(old, (long_ago, long_ago))
+    assert image_engines.abandoned_run_folders(tmp_path) == [old]
+
+
+def sleeper(*words: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", *words], cwd=cwd)
+
+
+def test_recovering_an_abandoned_run_ends_its_processes_undoes_its_removals_and_deletes_it(tmp_path: Path) -> None:
+    folder = run_folder(tmp_path, "killed")
+    (folder / "tmp").mkdir()
+    undone = tmp_path / "undone"
+    engine = image_engines.Engine(folder)
+    engine.remember(["touch", str(undone)])  # as Docker's engine writes down `docker rmi` before it builds
+    left_running = [sleeper(str(folder / "storage")), sleeper(cwd=folder / "tmp")]
+    bystanders = [sleeper(str(tmp_path)), sleeper(f"{folder}-other")]
+    try:
+        image_engines.recover_abandoned(folder)
+        assert [process.wait(timeout=60) for process in left_running] == [-signal.SIGKILL] * 2
+        assert [process.poll() for process in bystanders] == [None, None], "it ended a process not of that run"
+        assert undone.exists() and not folder.exists()
+    finally:
+        for process in left_running + bystanders:
+            process.kill()
+            process.wait()
+
+
+def test_a_run_cleans_up_after_a_killed_one_before_it_checks_the_disk(tmp_path: Path) -> None:
+    abandoned = run_folder(tmp_path, "killed")
+    os.close(image_engines.lock_run_folder(abandoned))
+    result = run_script("--work-parent", str(tmp_path), "--min-free-gb", "1000000", timeout=120)
+    assert result.returncode == 2 and "refusing to start" in result.stderr, result.stdout + result.stderr
+    assert f"cleaning up after a run that did not finish: {abandoned}" in result.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_default_free_disk_floor_is_30_gb() -> None:
