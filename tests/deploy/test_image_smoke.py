@@ -22,6 +22,7 @@ import pytest
 from tests.deploy.compose_model import REPO_ROOT
 from tests.deploy.dockerfile_model import container_command, final_stage, healthcheck_command
 from tests.deploy.dockerfile_model import env as dockerfile_env
+from tests.support.waiting import wait_until
 
 SCRIPT = REPO_ROOT / "deploy" / "smoke_image.py"
 sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling module as a script would
@@ -103,6 +104,23 @@ def test_a_run_cleans_up_after_a_killed_one_before_it_checks_the_disk(tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_run_folder_is_measured_as_the_disk_holds_it(tmp_path: Path) -> None:
+    """Each hard link once, so that overlay layers that share files are not counted twice."""
+    (tmp_path / "layer").write_bytes(os.urandom(3_000_000))
+    os.link(tmp_path / "layer", tmp_path / "same-layer")
+    assert 3_000_000 <= smoke_image.folder_bytes(tmp_path) < 3_200_000
+
+
+def test_the_disk_watch_reports_the_run_folders_peak(tmp_path: Path) -> None:
+    (tmp_path / "layer").write_bytes(os.urandom(2_000_000))
+    watch = smoke_image.DiskWatch(tmp_path)
+    try:
+        wait_until(lambda: watch.folder_peak >= 2_000_000, timeout_s=60, what="a sample of the run folder")
+    finally:
+        folder_peak, _ = watch.stop()
+    assert 2_000_000 <= folder_peak < 2_200_000
+
+
 def test_the_default_free_disk_floor_is_30_gb() -> None:
     assert smoke_image.parse_args([]).min_free_gb == 30
 
@@ -159,7 +177,7 @@ def test_the_image_builds_and_serves_the_shipped_model(tmp_path: Path) -> None:
     assert predicted["label"] == result["outside"]["predict"]["label"]
     assert result["answers"]["HEALTHCHECK"]["exit"] == 0
     assert all(entry["readable"] and not entry["writable"] for entry in result["weights_rights"])
-    assert result["work_folder_removed"] and list(work_parent.iterdir()) == []
+    assert result["work_folder_removed"] and result["mounts_left"] == [] and list(work_parent.iterdir()) == []
 
 
 def test_the_stand_in_is_slimmed_as_debian_slim_images_are(tmp_path: Path) -> None:
