@@ -48,6 +48,7 @@ def run(command: list[str], *, check: bool = True, env: dict[str, str] | None = 
     log("$ " + " ".join(command))
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           errors="replace") as process:
+        assert process.stdout is not None  # stdout=PIPE
         try:
             for line in process.stdout:
                 print("    | " + line.rstrip(), flush=True)
@@ -308,8 +309,13 @@ class Buildah(Engine):
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def _started(self) -> subprocess.Popen[bytes]:
+        if self.process is None:
+            raise RuntimeError("the container's service has not been started")
+        return self.process
+
     def url_and_prefix(self) -> tuple[str, list[str]]:
-        return f"http://127.0.0.1:{self.port}", ["nsenter", f"--net=/proc/{self.process.pid}/ns/net"]
+        return f"http://127.0.0.1:{self.port}", ["nsenter", f"--net=/proc/{self._started().pid}/ns/net"]
 
     def exec(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
         _, prefix = self.url_and_prefix()
@@ -348,11 +354,11 @@ class Buildah(Engine):
         start = time.monotonic()
         self._signal(signal.SIGTERM, only_the_command=True)
         try:
-            self.process.wait(timeout=STOP_GRACE_S)
+            self._started().wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             log(f"still running {STOP_GRACE_S} s after SIGTERM: SIGKILL")
             self._signal(signal.SIGKILL)
-            self.process.wait()
+            self._started().wait()
         return time.monotonic() - start
 
     def service_log(self) -> str:

@@ -2,8 +2,9 @@
 
 The full run is marked `image_build` and deselected by default (pyproject's addopts): on this 2-core machine
 it took about 17 minutes (408 s of CPU for the build), about 21 GB of disk at its peak and 3 GB of downloads,
-and it needs a Docker engine or root with buildah, so CI does not run it (docs/docker-image.md). Run it with `.venv/bin/python -m pytest -m image_build tests/deploy`. The other
-tests here are cheap and always run: the refusal on a small disk, and the pieces the script reads from the
+and it needs a Docker engine or root with buildah, so CI does not run it (docs/docker-image.md). Run it with
+`.venv/bin/python -m pytest -m image_build tests/deploy`. The other tests here are cheap and always run: the
+refusal on a small disk, the cleanup after a killed run, and the pieces the script reads from the
 Dockerfile and from the built image."""
 
 from __future__ import annotations
