@@ -4,6 +4,7 @@ cannot be pulled. Standard library only."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,16 @@ STANDIN_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 STANDIN_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8")
 STOP_GRACE_S = 45  # docker-compose.yml's stop_grace_period
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# Each run works in a folder of its own, PREFIX + random, under --work-parent. It holds an flock on OWNER_LOCK
+# there while it runs, and lists in REMOVALS the commands that undo what it made outside that folder (Docker's
+# images and containers), so that a later run can clean up after one that was killed (SIGKILL, a lost
+# session, a power cut), which no `finally` survives.
+RUN_FOLDER_PREFIX = "cifar-serve-image-"
+OWNER_LOCK = "owner.lock"
+REMOVALS = "removals.json"
+# A folder of a run without its lock (made by an older version of this script, or whose run was killed
+# between making it and locking it) counts as abandoned once it is this old.
+UNLOCKED_GRACE_S = 600
 
 _started = time.monotonic()
 
@@ -36,6 +48,7 @@ def run(command: list[str], *, check: bool = True, env: dict[str, str] | None = 
     log("$ " + " ".join(command))
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           errors="replace") as process:
+        assert process.stdout is not None  # stdout=PIPE
         try:
             for line in process.stdout:
                 print("    | " + line.rstrip(), flush=True)
@@ -117,6 +130,12 @@ class Engine:
     def stop(self) -> float: raise NotImplementedError
     def service_log(self) -> str: raise NotImplementedError
 
+    def remember(self, removal: list[str]) -> None:
+        """A command that undoes something this run is about to make outside its folder; written down
+        before it is made, so that a later run can undo it even if this one is killed."""
+        self.removals.append(removal)
+        (self.work / REMOVALS).write_text(json.dumps(self.removals))
+
     def cleanup(self) -> None:
         for command in reversed(self.removals):
             run(command, check=False)
@@ -135,17 +154,17 @@ class Docker(Engine):
             return True
         pulled = run(["docker", "pull", ref], check=False) == 0
         if pulled:  # not here before this run: leave the machine as it was
-            self.removals.append(["docker", "rmi", ref])
+            self.remember(["docker", "rmi", ref])
         return pulled
 
     def import_rootfs(self, tar: Path, tag: str) -> None:
         changes = [arg for env in STANDIN_ENV for arg in ("--change", f"ENV {env}")]
-        self.removals.append(["docker", "rmi", "-f", tag])
+        self.remember(["docker", "rmi", "-f", tag])
         run(["docker", "import", *changes, "--change", 'CMD ["python3"]', str(tar), tag])
 
     def build(self, tag: str, build_args: dict[str, str]) -> None:
         args = [arg for key, value in build_args.items() for arg in ("--build-arg", f"{key}={value}")]
-        self.removals.append(["docker", "rmi", "-f", tag])
+        self.remember(["docker", "rmi", "-f", tag])
         run(["docker", "build", "--progress=plain", *args, "-t", tag, str(REPO_ROOT)],
             env=os.environ | {"DOCKER_BUILDKIT": "1"})
 
@@ -162,7 +181,7 @@ class Docker(Engine):
 
     def start(self, tag: str, config: ImageConfig) -> None:
         self.container = f"cifar-serve-smoke-{os.getpid()}"
-        self.removals.append(["docker", "rm", "-f", self.container])
+        self.remember(["docker", "rm", "-f", self.container])
         run(["docker", "run", "-d", "--name", self.container, "-p", f"127.0.0.1::{config.port}", tag])
         mapped = output(["docker", "port", self.container, f"{config.port}/tcp"]).stdout.split()[0]
         self.host_port = int(mapped.rsplit(":", 1)[1])
@@ -269,7 +288,7 @@ class Buildah(Engine):
         return sum(size for size, _ in layers), layers
 
     def start(self, tag: str, config: ImageConfig) -> None:
-        self.container = self._output(["from", "--pull-never", tag]).stdout.strip()
+        self.container = self._output(["from", "--pull=never", tag]).stdout.strip()
         self.user, self.port = config.user, config.port
         log(f"$ unshare --net -- buildah run --isolation chroot --user {self.user} {self.container} -- "
             + " ".join(config.command))
@@ -290,8 +309,13 @@ class Buildah(Engine):
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def _started(self) -> subprocess.Popen[bytes]:
+        if self.process is None:
+            raise RuntimeError("the container's service has not been started")
+        return self.process
+
     def url_and_prefix(self) -> tuple[str, list[str]]:
-        return f"http://127.0.0.1:{self.port}", ["nsenter", f"--net=/proc/{self.process.pid}/ns/net"]
+        return f"http://127.0.0.1:{self.port}", ["nsenter", f"--net=/proc/{self._started().pid}/ns/net"]
 
     def exec(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
         _, prefix = self.url_and_prefix()
@@ -330,11 +354,11 @@ class Buildah(Engine):
         start = time.monotonic()
         self._signal(signal.SIGTERM, only_the_command=True)
         try:
-            self.process.wait(timeout=STOP_GRACE_S)
+            self._started().wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             log(f"still running {STOP_GRACE_S} s after SIGTERM: SIGKILL")
             self._signal(signal.SIGKILL)
-            self.process.wait()
+            self._started().wait()
         return time.monotonic() - start
 
     def service_log(self) -> str:
@@ -342,6 +366,7 @@ class Buildah(Engine):
         return path.read_text(errors="replace") if path.exists() else ""
 
     def cleanup(self) -> None:
+        super().cleanup()
         if self.netns:
             self._signal(signal.SIGKILL)
             if self.process is not None:
@@ -349,10 +374,89 @@ class Buildah(Engine):
         if (self.work / "storage").exists():
             self._run(["rm", "--all"], check=False)
             self._run(["rmi", "--all", "--force"], check=False)
-        # Whatever is still mounted under the run's folder must go before the folder is deleted; deepest first.
-        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-        for mount in sorted((m for m in mounts if m.startswith(f"{self.work}/")), key=len, reverse=True):
-            run(["umount", "-l", mount], check=False)
+        unmount_under(self.work)
+
+
+def unmount_under(folder: Path) -> None:
+    """Whatever is still mounted under a run's folder (overlay layers, buildah's bind mounts) must go before
+    the folder is deleted, or rmtree would delete through them; deepest first."""
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(f"{folder}/")), key=len, reverse=True):
+        run(["umount", "-l", mount], check=False)
+
+
+def lock_run_folder(work: Path) -> int:
+    """Mark `work` as in use by this process for as long as it lives: the kernel drops an flock when its
+    holder dies, however it dies. Returns the descriptor, to keep open."""
+    descriptor = os.open(work / OWNER_LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    return descriptor
+
+
+def is_abandoned(folder: Path, now: float | None = None) -> bool:
+    """Whether no live run owns this run folder: its lock can be taken, or it has none and is old."""
+    lock = folder / OWNER_LOCK
+    if not lock.exists():
+        return (now or time.time()) - folder.stat().st_mtime > UNLOCKED_GRACE_S
+    try:
+        descriptor = os.open(lock, os.O_RDONLY)
+    except PermissionError:  # another user's run: not ours to judge, nor to clean up
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)  # releases the lock if it was taken
+    return True
+
+
+def abandoned_run_folders(parent: Path) -> list[Path]:
+    if not parent.is_dir():
+        return []
+    return sorted(folder for folder in parent.iterdir() if folder.name.startswith(RUN_FOLDER_PREFIX)
+                  and folder.is_dir() and not folder.is_symlink() and is_abandoned(folder))
+
+
+def processes_using(folder: Path) -> Iterator[int]:
+    """Processes whose command line or working directory lies in `folder`: what a killed run left running
+    (a build, the service under buildah run, a debootstrap), and nothing else."""
+    inside = f"{folder}/"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if any(word == str(folder) or inside in word for word in words) or f"{cwd}/".startswith(inside):
+            yield int(entry.name)
+
+
+def recover_abandoned(folder: Path) -> None:
+    """Undo all that a killed run left: its processes, its Docker images and containers (its REMOVALS),
+    its buildah storage and mounts, and its folder."""
+    log(f"cleaning up after a run that did not finish: {folder}")
+    for pid in processes_using(folder):
+        log(f"    ending process {pid}, left running by that run")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+    deadline = time.monotonic() + 30
+    while any(True for _ in processes_using(folder)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # Buildah's storage: only buildah can release what it holds there; without buildah, unmount and delete.
+    buildah_storage = (folder / "storage").exists() and shutil.which("buildah")
+    engine: Engine = Buildah(folder) if buildah_storage else Engine(folder)
+    removals = folder / REMOVALS
+    if removals.is_file():
+        engine.removals = json.loads(removals.read_text())
+    engine.cleanup()
+    unmount_under(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def choose_engine(choice: str, work: Path) -> Engine:

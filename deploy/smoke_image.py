@@ -11,8 +11,9 @@ checks /healthz, /readyz, /model, a /predict of an examples/ image (the label mu
 checkpoint gives outside the container: `--python`'s `python -m app` serving this checkout's weights/),
 the image's HEALTHCHECK command run inside the container, the user the service runs as and the rights on
 the shipped weights. It reports the build time, the image size and its layers, the start-up time, and the
-disk used, and removes its containers, images and folders afterwards, whatever happens. It refuses to
-start with less than 30 GB free: the CUDA image's overlay build peaked near 21 GB on this machine.
+disk used, and removes its containers, images and folders afterwards, whatever happens; a run that was
+killed outright is cleaned up by the next one. It refuses to start with less than 30 GB free: the CUDA
+image's overlay build takes about 21 GB at its peak.
 
 Standard library only, so it runs with any Python 3.11+, outside the project's virtualenv.
 """
@@ -37,8 +38,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from image_engines import (REPO_ROOT, STANDIN_PACKAGES, STANDIN_TAG, STOP_GRACE_S, Engine, choose_engine,
-                           container_argv, log, output, standin_rootfs)
+from image_engines import (
+    REPO_ROOT,
+    RUN_FOLDER_PREFIX,
+    STANDIN_PACKAGES,
+    STANDIN_TAG,
+    STOP_GRACE_S,
+    Engine,
+    abandoned_run_folders,
+    choose_engine,
+    container_argv,
+    lock_run_folder,
+    log,
+    output,
+    recover_abandoned,
+    standin_rootfs,
+)
 
 GB = 10**9
 LARGEST_FOLDERS = "/opt/venv/lib/python3*/site-packages/* /usr/* /usr/lib/* /var/* /app/* /home/*"
@@ -121,24 +136,40 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-class DiskWatch:
-    """The most this file system's use grew above its level at the start, sampled every second (other
-    processes writing to the same disk count too)."""
+def folder_bytes(folder: Path) -> int:
+    """Bytes the files under `folder` take on its own file system, each hard link once; not what is mounted
+    there (an overlay's merged view shows layers that are already counted where they lie)."""
+    result = output(["du", "-sxB1", str(folder)], check=False)
+    return int(result.stdout.split()[0]) if result.stdout.strip() else 0
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.start, self.peak = path, shutil.disk_usage(path).used, 0
+
+class DiskWatch:
+    """The most the run's own folder (its storage, cache and stand-in) took, sampled every FOLDER_EVERY_S;
+    and the most this file system's use grew above its level at the start, sampled every second, which
+    counts whatever other processes write to the same disk meanwhile."""
+
+    FOLDER_EVERY_S = 15.0
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.start = folder, shutil.disk_usage(folder).used
+        self.file_system_peak = self.folder_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
+        next_folder = 0.0
         while not self._stop.wait(1.0):
-            self.peak = max(self.peak, shutil.disk_usage(self.path).used - self.start)
+            self.file_system_peak = max(self.file_system_peak, shutil.disk_usage(self.folder).used - self.start)
+            if time.monotonic() >= next_folder and self.folder.exists():
+                self.folder_peak = max(self.folder_peak, folder_bytes(self.folder))
+                next_folder = time.monotonic() + self.FOLDER_EVERY_S
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
+        """(the folder's peak, the file system's peak growth), in bytes."""
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.folder_peak, self.file_system_peak
 
 
 def reference_prediction(python: str, example: Path, work: Path) -> tuple[dict, dict]:
@@ -328,6 +359,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.work_parent.mkdir(parents=True, exist_ok=True)
+    # A run that was killed (no `finally` survives SIGKILL) left its folder, storage and mounts: ~21 GB.
+    for folder in abandoned_run_folders(args.work_parent):
+        recover_abandoned(folder)
     free = free_bytes(args.work_parent)
     if free < args.min_free_gb * GB:
         print(f"refusing to start: {free / GB:.1f} GB free on {args.work_parent}, and the build needs "
@@ -344,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGHUP, interrupted)
-    work = Path(tempfile.mkdtemp(prefix="cifar-serve-image-", dir=args.work_parent))
-    used_before = shutil.disk_usage(work).used
+    work = Path(tempfile.mkdtemp(prefix=RUN_FOLDER_PREFIX, dir=args.work_parent))
+    owner = lock_run_folder(work)  # held until this process ends: tells a later run this folder is in use
     result: dict = {"machine": machine(), "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                     time.gmtime()), "free_bytes_before": free, "example": args.example.name}
     engine: Engine | None = None
@@ -364,21 +398,30 @@ def main(argv: list[str] | None = None) -> int:
         if engine is not None:
             engine.cleanup()
         shutil.rmtree(work, ignore_errors=True)
-        result["disk_peak_bytes"] = disk.stop()
-        result["disk_left_bytes"] = shutil.disk_usage(args.work_parent).used - used_before
+        os.close(owner)
+        result["run_folder_peak_bytes"], result["file_system_peak_growth_bytes"] = disk.stop()
+        result["free_bytes_after"] = free_bytes(args.work_parent)
         result["work_folder_removed"] = not work.exists()
+        result["mounts_left"] = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                                 if line.split()[4].startswith(f"{work}/")]
         result["checks"] = [asdict(check) for check in checks]
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
-    ok = "error" not in result and bool(checks) and all(check.ok for check in checks)
+    cleaned = result["work_folder_removed"] and not result["mounts_left"]
+    if not cleaned:
+        log(f"FAILED to clean up: {work} {'removed' if result['work_folder_removed'] else 'is still there'}, "
+            f"mounts left under it: {result['mounts_left']}")
+    ok = "error" not in result and bool(checks) and all(check.ok for check in checks) and cleaned
     print(f"\n{'engine':24} {result.get('engine', '-')}\n{'base image':24} {result.get('base_image', '-')}")
     for key, label, unit, scale in [("standin_s", "stand-in", "s", 1), ("build_s", "build", "s", 1),
                                     ("build_cpu_s", "build CPU time", "s", 1),
                                     ("image_bytes", "image size", "GB", GB),
                                     ("startup_to_ready_s", "start-up to /readyz", "s", 1),
                                     ("stop_s", "stop on SIGTERM", "s", 1),
-                                    ("disk_peak_bytes", "disk peak", "GB", GB),
-                                    ("disk_left_bytes", "disk left after cleanup", "GB", GB)]:
+                                    ("run_folder_peak_bytes", "run folder's peak", "GB", GB),
+                                    ("file_system_peak_growth_bytes", "disk use's peak growth", "GB", GB),
+                                    ("free_bytes_before", "free before", "GB", GB),
+                                    ("free_bytes_after", "free after cleanup", "GB", GB)]:
         if key in result:
             print(f"{label:24} {result[key] / scale:.2f} {unit}")
     print(f"{'checks':24} {sum(c.ok for c in checks)}/{len(checks)} passed{'' if ok else ' -- FAILED'}")
