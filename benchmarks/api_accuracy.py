@@ -110,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default %(default)s)")
     parser.add_argument("--tolerance", type=float, default=0.1,
                         help="largest allowed gap to the card's accuracy, in points (default %(default)s)")
+    parser.add_argument("--test-limit", type=int, default=None,
+                        help="only the first N test images (a dry run; the card's accuracy is on all of them)")
     parser.add_argument("--no-save", action="store_true", help="print only; write no JSON")
+    parser.add_argument("--out", type=Path, help="where the JSON goes (default "
+                        "benchmarks/results/api_accuracy_<version>.json)")
     args = parser.parse_args(argv)
 
     test = load_split(args.data_dir, train=False, skip_integrity_check=args.skip_integrity_check)
-    images = [encode_png(image) for image in test.images]
-    labels = test.labels.tolist()
+    images = [encode_png(image) for image in test.images[:args.test_limit]]
+    labels = test.labels[:args.test_limit].tolist()
     # A state folder of its own, so that no registry version of an earlier run is served instead.
     state = tempfile.TemporaryDirectory(prefix="api_accuracy-")
     environment = {"APP_STATE_DIR": state.name}
@@ -140,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                   "tolerance_points": args.tolerance, "passed": not failed,
                   "command": " ".join(["python -m benchmarks.api_accuracy", *(argv or sys.argv[1:])]),
                   "git_commit": git_commit(), "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"api_accuracy_{result['model']['version']}.json"
+        path = args.out or RESULTS / f"api_accuracy_{result['model']['version']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {path.relative_to(REPO_ROOT)}")
+        print(f"wrote {path}")
     if failed:
         print(f"FAILED: an accuracy through the API differs from the card's by more than {args.tolerance} points",
               file=sys.stderr)

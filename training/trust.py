@@ -30,7 +30,7 @@ from training.ood import SELECTION_IMAGES, SELECTION_SEED, TARGET_TPR, choose_ru
 
 NO_HOLDOUT = ("no holdout split (--holdout 0): the temperature and the OOD threshold are fitted on held-out "
               "training images, never the test set, so this checkpoint has no calibration; train with "
-              "--holdout N (the cpu recipe keeps 5000) to get one")
+              "--holdout N (the cpu recipe keeps 2500) to get one")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 # The GPU run (issue 7), one prepared script for the device machine, run from the repository root:
 #   bash benchmarks/gpu/run.sh            # on the GPU machine, with .whl and .gpu-data carried
 #   DRY_RUN=1 bash benchmarks/gpu/run.sh  # here, on the CPU, with tiny settings, to check every step
-# Writes at most 8 files into $OUT: log.txt, results.json, card.json, weights_manifest.json and the
-# fp16 weights in parts of at most 15 MiB (3 for ResNet-50).
+# Writes at most 8 files into $OUT: log.txt, results.json (training, serving, accuracy through the API and
+# the run's own CUDA backend verification, fp32 against bf16 autocast on the whole test set, which
+# `python -m training` does after its last epoch), card.json, weights_manifest.json and the fp16 weights in
+# parts of at most 15 MiB (3 for ResNet-50).
 #
 # Before the call, here:  echo /.whl/ >> .git/info/exclude; echo /.gpu-data/ >> .git/info/exclude;
 #   pip download the wheels the device lacks into .whl (device README's flags; fastapi, starlette, uvicorn,
@@ -64,8 +66,13 @@ $PY -m training --data-dir .cache/cifar10 --skip-integrity-check --run-dir "$WOR
 stamp "serving benchmark"
 $PY -m benchmarks.gpu.serve_gpu --weights "$WORK/run/checkpoint" --out "$WORK/serve.json" "${SERVE_ARGS[@]}"
 
+stamp "accuracy through the API: every test image over HTTP, single and batched, against the card"
+$PY -m benchmarks.api_accuracy --weights "$WORK/run/checkpoint" --data-dir .cache/cifar10 --skip-integrity-check \
+    --concurrency 64 --out "$WORK/api_accuracy.json" $([ -n "${DRY_RUN:-}" ] && echo "--test-limit 64 --tolerance 100")
+
 stamp "collecting results"
-$PY -m benchmarks.gpu.summarise --run "$WORK/run" --serve "$WORK/serve.json" --out "$OUT/results.json" \
+$PY -m benchmarks.gpu.summarise --run "$WORK/run" --serve "$WORK/serve.json" --api-accuracy "$WORK/api_accuracy.json" \
+    --out "$OUT/results.json" \
     --wall-seconds $(( $(date +%s) - started ))
 $PY benchmarks/gpu/weights_parts.py split "$WORK/run/checkpoint" "$OUT"
 sha256sum "$OUT"/*

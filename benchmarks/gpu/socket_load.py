@@ -18,6 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
+STARTUP_TIMEOUT_S = 120.0  # for every client process to start; a BrokenBarrierError after it
+
+
 @dataclass
 class LoadResult:
     concurrency: int
@@ -76,14 +79,13 @@ async def _one_connection(host, port, payload, window, latencies, errors):
         writer.close()
 
 
-def _process_main(host, port, payload, connections, start_at, duration, queue) -> None:
+def _process_main(host, port, payload, connections, started, warmup, duration, queue) -> None:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    started.wait()
 
     async def main() -> None:
-        # perf_counter is per-process; convert the shared wall-clock start into this process's clock.
-        offset = time.perf_counter() - time.time()
-        window = (start_at + offset, start_at + offset + duration)
+        window = (time.perf_counter() + warmup, time.perf_counter() + warmup + duration)
         await asyncio.gather(*(_one_connection(host, port, payload, window, latencies, errors)
                                for _ in range(connections)))
 
@@ -101,12 +103,17 @@ def run_load(host: str, port: int, path: str, body: bytes, content_type: str, *,
     payload = request_bytes(host, port, path, body, content_type)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    start_at = time.time() + warmup + 0.5 * processes  # leave the spawned interpreters time to start
+    # Every client process starts its clock when all of them have started: a spawned interpreter re-imports
+    # the parent's modules (torch among them), which took longer than any fixed head start on a busy machine,
+    # so the measuring window had closed before the clients sent a request.
+    started = context.Barrier(processes + 1, timeout=STARTUP_TIMEOUT_S)
     shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
-    workers = [context.Process(target=_process_main, args=(host, port, payload, share, start_at, duration, queue))
+    workers = [context.Process(target=_process_main, args=(host, port, payload, share, started, warmup, duration,
+                                                           queue))
                for share in shares]
     for worker in workers:
         worker.start()
+    started.wait()
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     for _ in workers:

@@ -13,10 +13,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.architectures import build_model
+from model.backend_report import report_file
 from training.metrics import read_metrics
 
 # Dense bf16 tensor-core peak of an H100 SXM (NVIDIA's datasheet, without sparsity); MFU is against it.
 H100_BF16_PEAK_TFLOPS = 989.4
+BACKEND_REPORT = report_file("cuda")
 
 
 def training_flops_per_image(architecture: str) -> float:
@@ -65,10 +67,17 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="the training run directory")
     parser.add_argument("--serve", type=Path, required=True, help="serve_gpu.py's JSON")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--api-accuracy", type=Path, default=None, help="benchmarks.api_accuracy's JSON")
     parser.add_argument("--wall-seconds", type=float, default=None, help="the whole script's time so far")
     args = parser.parse_args()
     serving = json.loads(args.serve.read_text()) if args.serve.is_file() else {"error": "no serving results"}
-    results = {"training": training_summary(args.run), "serving": serving, "script_wall_seconds": args.wall_seconds}
+    api_accuracy = (json.loads(args.api_accuracy.read_text()) if args.api_accuracy and args.api_accuracy.is_file()
+                    else {"error": "no API accuracy results"})
+    # The run's end verified fp32 against bf16 autocast on the whole test set (training.verify_backends).
+    report = args.run / "checkpoint" / BACKEND_REPORT
+    backends = json.loads(report.read_text()) if report.is_file() else {"error": f"no {BACKEND_REPORT}"}
+    results = {"training": training_summary(args.run), "serving": serving, "api_accuracy": api_accuracy,
+               "backends": backends, "script_wall_seconds": args.wall_seconds}
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     training = results["training"]
     print(f"training: {training['epochs']} epochs, {training['train_seconds']:.1f} s "

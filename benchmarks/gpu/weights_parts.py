@@ -4,7 +4,7 @@ The device tool returns at most 8 files of at most 16 MiB, so the fp16 ResNet-50
 as numbered parts with a manifest of SHA-256 sums; `join` refuses any part, or a result, whose sum differs.
 
     python benchmarks/gpu/weights_parts.py split RUN/checkpoint OUTDIR
-    python benchmarks/gpu/weights_parts.py join PARTS_DIR weights/resnet50
+    python benchmarks/gpu/weights_parts.py join PARTS_DIR weights/resnet50   (also writes backends-cuda.json)
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ PART_BYTES = 15 * 1024 * 1024
 MANIFEST = "weights_manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
+RESULTS_FILE = "results.json"
+CUDA_BACKEND_REPORT = "backends-cuda.json"  # model.backend_report.report_file("cuda"); this script is stdlib-only
 
 
 def sha256(data: bytes) -> str:
@@ -55,6 +57,12 @@ def join(parts_dir: Path, checkpoint: Path) -> Path:
     checkpoint.mkdir(parents=True, exist_ok=True)
     (checkpoint / WEIGHTS_FILE).write_bytes(data)
     shutil.copy(parts_dir / CARD_FILE, checkpoint / CARD_FILE)
+    # The run's CUDA backend verification travels inside results.json (summarise.py), since only 8 files
+    # come back; it is bound to the weights' SHA-256, which the service checks when it reads it.
+    results = parts_dir / RESULTS_FILE
+    backends = json.loads(results.read_text()).get("backends", {}) if results.is_file() else {}
+    if "weights_sha256" in backends:
+        (checkpoint / CUDA_BACKEND_REPORT).write_text(json.dumps(backends, indent=2) + "\n")
     return checkpoint
 
 

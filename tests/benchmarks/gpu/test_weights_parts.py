@@ -1,6 +1,9 @@
+import json
+
 import pytest
 
 from benchmarks.gpu.weights_parts import MANIFEST, join, split
+from model.backend_report import report_file
 from model.checkpoint import load_checkpoint
 
 
@@ -21,3 +24,19 @@ def test_join_refuses_a_damaged_part(tmp_path, tiny_checkpoint):
     assert (tmp_path / "parts" / MANIFEST).is_file()
     with pytest.raises(SystemExit, match="part1 has the wrong SHA-256"):
         join(tmp_path / "parts", tmp_path / "restored")
+
+
+def test_join_writes_the_runs_cuda_backend_report_from_results(tmp_path, tiny_checkpoint):
+    split(tiny_checkpoint, tmp_path / "parts")
+    card = load_checkpoint(tiny_checkpoint).card
+    report = {"format_version": 1, "weights_sha256": card.weights_sha256, "backends": []}
+    (tmp_path / "parts" / "results.json").write_text(json.dumps({"backends": report}))
+    restored = join(tmp_path / "parts", tmp_path / "restored")
+    assert json.loads((restored / report_file("cuda")).read_text()) == report
+
+
+def test_join_writes_no_backend_report_when_the_run_had_none(tmp_path, tiny_checkpoint):
+    split(tiny_checkpoint, tmp_path / "parts")
+    (tmp_path / "parts" / "results.json").write_text(json.dumps({"backends": {"error": "no backends-cuda.json"}}))
+    restored = join(tmp_path / "parts", tmp_path / "restored")
+    assert not (restored / report_file("cuda")).exists()
