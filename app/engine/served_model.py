@@ -3,9 +3,10 @@
 ``ServedModel.load(path, device, backend)`` verifies the checkpoint (card, SHA-256) through ``model.checkpoint``
 and prepares it with ``model.inference`` (on the CPU, ``backend``: BatchNorm folded into the convolutions by
 default, see APP_CPU_BACKEND);
-``probabilities(batch)`` maps a normalised float batch to softmax probabilities, in float32 on the CPU
-(bf16 autocast on CUDA, where tensor cores make it ~2x faster; float32 on the CPU, where bf16 is
-emulated on most cores and slower).
+``logits(batch)`` maps a normalised float batch to the network's logits, in float32 on the CPU (bf16
+autocast on CUDA, where tensor cores make it ~2x faster; float32 on the CPU, where bf16 is emulated on
+most cores and slower). Logits, not probabilities: the classification pipeline turns them into calibrated
+probabilities and an OOD score (``model.trust``), and the energy score needs the logits themselves.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ class ServedModel:
         batch = pixels.permute(0, 3, 1, 2).float()
         return batch.div_(255.0).sub_(self.mean).div_(self.std)
 
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (N, classes), float32, on the CPU."""
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits (N, classes), float32, on the CPU."""
         cuda = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             logits = self.network(batch.contiguous(memory_format=torch.channels_last))
-            return torch.softmax(logits.float(), dim=1).cpu()
+            return logits.float().cpu()
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run each batch size once, so the first real requests do not pay for kernel selection and
@@ -76,7 +77,7 @@ class ServedModel:
         size = self.card.input_size
         for count in batch_sizes:
             pixels = torch.zeros((count, size, size, 3), dtype=torch.uint8, device=self.device)
-            self.probabilities(self.normalise(pixels))
+            self.logits(self.normalise(pixels))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
