@@ -53,6 +53,13 @@ class Settings(BaseSettings):
         "the convolutions, exact and faster; eager = as trained; onnx = ONNX Runtime, exact, needs the [onnx] "
         "extra; bf16 and int8 = much faster but not exact, opt-in until a trained model's accuracy with them "
         "is checked (int8 calibrates on APP_DATA_DIR)")
+    calibration: Literal["on", "off"] = Field("on", description="on: the served probabilities are "
+                                               "temperature-scaled with the card's calibration, when it has one "
+                                               "(model/trust.py); off: the raw softmax. The OOD flag is the same "
+                                               "either way")
+    explain_concurrency: int = Field(1, ge=1, le=64, description="Grad-CAM maps computed at once by POST "
+                                     "/explain, on its own threads off the batching path; a request beyond "
+                                     "them gets 503 at once")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of each forward pass; 0 = automatic")
     parallel_batches: int = Field(0, ge=0, description="forward passes run at once; 0 = automatic")
     decode_threads: int = Field(0, ge=0, description="threads decoding images; 0 = automatic")

@@ -78,7 +78,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         observer=app.state.metrics,
     )
     app.state.metrics.track_queue(lambda: engine.queued_images)
-    classifier = Classifier(engine, decode_threads=plan.decode_threads, max_image_pixels=settings.max_image_pixels)
+    classifier = Classifier(engine, decode_threads=plan.decode_threads, max_image_pixels=settings.max_image_pixels,
+                            calibrated=settings.calibration == "on")
     app.state.engine, app.state.classifier = engine, classifier
     await engine.start()
     app.state.control_plane = control_plane = await open_control_plane(settings, engine)
