@@ -21,6 +21,19 @@ class BatchPrediction(BaseModel):
     predictions: list[Prediction] = Field(description="one per uploaded file, in upload order")
 
 
+class ExplanationResponse(BaseModel):
+    """``POST /explain?format=json``: the prediction and its Grad-CAM heat map."""
+
+    prediction: Prediction = Field(description="as /predict answers it (calibrated the same way)")
+    explained_class: str = Field(description="the class the heat map explains: ?class=, else the predicted one")
+    explained_index: int
+    layer: str = Field(description="the network module whose feature map Grad-CAM weighed")
+    heatmap_width: int = Field(description="the map is the model's input size (32x32), not the upload's")
+    heatmap_height: int
+    heatmap_png_base64: str = Field(description="8-bit grayscale PNG, base64: 255 where the evidence for the "
+                                    "class peaks, 0 where there is none (Selvaraju et al. 2017, Grad-CAM)")
+
+
 class BatchingSettings(BaseModel):
     max_batch_size: int
     max_batch_delay_ms: float

@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ class ServedModel:
     std: torch.Tensor
     backend: str = "eager"  # model.inference backend; on CUDA always eager
     origin: str = ""        # why this checkpoint is served (the shipped default, APP_WEIGHTS, the registry...)
+    path: Path | None = None  # the checkpoint it was loaded from (POST /explain builds its own copy from it)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device, backend: str = DEFAULT_CPU_BACKEND,
@@ -50,7 +52,7 @@ class ServedModel:
         # On the CPU the backend also folds BatchNorm into the convolutions (benchmarks/README.md).
         network = prepare_for_inference(checkpoint.model, device, backend, normalised).requires_grad_(False)
         return cls(card=card, network=network, device=device, mean=mean, std=std,
-                   backend=backend if device.type == "cpu" else "eager", origin=origin)
+                   backend=backend if device.type == "cpu" else "eager", origin=origin, path=Path(path))
 
     @property
     def dtype(self) -> str:
