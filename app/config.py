@@ -19,6 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The checkpoints that ship with the repository, one directory each; unless APP_WEIGHTS names another, the
 # service serves the one whose card reports the highest test accuracy (app.control.plane.initial_model).
 SHIPPED_WEIGHTS = REPO_ROOT / "weights"
+# CIFAR-10 test images the web page offers to click (examples/README.md); served read-only by app/api/routes/web.py.
+EXAMPLES_DIR = REPO_ROOT / "examples"
 
 # Tokens that appear in templates and tutorials; a deployment that kept one has no secret at all.
 PLACEHOLDER_TOKENS = frozenset({
