@@ -19,6 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The checkpoints that ship with the repository, one directory each; unless APP_WEIGHTS names another, the
 # service serves the one whose card reports the highest test accuracy (app.control.plane.initial_model).
 SHIPPED_WEIGHTS = REPO_ROOT / "weights"
+# CIFAR-10 test images the web page offers to click (examples/README.md); served read-only by app/api/routes/web.py.
+EXAMPLES_DIR = REPO_ROOT / "examples"
 
 # Tokens that appear in templates and tutorials; a deployment that kept one has no secret at all.
 PLACEHOLDER_TOKENS = frozenset({
@@ -53,6 +55,13 @@ class Settings(BaseSettings):
         "the convolutions, exact and faster; eager = as trained; onnx = ONNX Runtime, exact, needs the [onnx] "
         "extra; bf16 and int8 = much faster but not exact, opt-in until a trained model's accuracy with them "
         "is checked (int8 calibrates on APP_DATA_DIR)")
+    calibration: Literal["on", "off"] = Field("on", description="on: the served probabilities are "
+                                               "temperature-scaled with the card's calibration, when it has one "
+                                               "(model/trust.py); off: the raw softmax. The OOD flag is the same "
+                                               "either way")
+    explain_concurrency: int = Field(1, ge=1, le=64, description="Grad-CAM maps computed at once by POST "
+                                     "/explain, on its own threads off the batching path; a request beyond "
+                                     "them gets 503 at once")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of each forward pass; 0 = automatic")
     parallel_batches: int = Field(0, ge=0, description="forward passes run at once; 0 = automatic")
     decode_threads: int = Field(0, ge=0, description="threads decoding images; 0 = automatic")

@@ -20,8 +20,9 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import admin, health, model_info, predict, registry, train, v2, web
+from app.api.routes import admin, explain, health, model_info, predict, registry, train, v2, web
 from app.classification.classifier import Classifier
+from app.classification.explanations import Explainer
 from app.classification.images import pillow_pixel_limit
 from app.config import Settings
 from app.control.plane import InitialModel, initial_model, open_control_plane
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
-    for routes in (predict, health, model_info, admin, v2, web, train, registry):
+    for routes in (predict, explain, health, model_info, admin, v2, web, train, registry):
         app.include_router(routes.router)
     return app
 
@@ -78,8 +79,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         observer=app.state.metrics,
     )
     app.state.metrics.track_queue(lambda: engine.queued_images)
-    classifier = Classifier(engine, decode_threads=plan.decode_threads, max_image_pixels=settings.max_image_pixels)
-    app.state.engine, app.state.classifier = engine, classifier
+    classifier = Classifier(engine, decode_threads=plan.decode_threads, max_image_pixels=settings.max_image_pixels,
+                            calibrated=settings.calibration == "on")
+    explainer = Explainer(engine, concurrency=settings.explain_concurrency, max_image_pixels=settings.max_image_pixels,
+                          calibrated=settings.calibration == "on")
+    app.state.engine, app.state.classifier, app.state.explainer = engine, classifier, explainer
     await engine.start()
     app.state.control_plane = control_plane = await open_control_plane(settings, engine)
     app.state.initial_model = choice = initial_model(control_plane.registry, settings.weights,
@@ -95,6 +99,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await control_plane.close()  # a running training job is stopped and marked interrupted, never orphaned
         await engine.stop(timeout=settings.request_timeout_s)
         classifier.close()
+        explainer.close()
 
 
 def start_loading(engine: InferenceEngine, choice: InitialModel) -> asyncio.Task[None] | None:

@@ -175,7 +175,7 @@ def offline_limit(weights: Path, batch_sizes: list[int], seconds: float) -> dict
     for size in batch_sizes:
         pixels = torch.zeros((size, 32, 32, 3), dtype=torch.uint8)
         model.warm_up([size])
-        figures[size] = throughput(lambda batch: model.probabilities(model.normalise(batch)), pixels, seconds,
+        figures[size] = throughput(lambda batch: model.logits(model.normalise(batch)), pixels, seconds,
                                    plan.parallel_batches)
         print(f"offline, batch {size:>2}: {figures[size]:6.1f} images/s", flush=True)
     return {"backend": model.backend, "torch_threads": plan.torch_threads,

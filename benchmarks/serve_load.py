@@ -124,7 +124,7 @@ def images_until(model: ServedModel, pixels: torch.Tensor, until: float) -> int:
     """Forward passes of ``pixels`` back to back until ``until``; how many images they computed."""
     done = 0
     while time.perf_counter() < until:
-        model.probabilities(model.normalise(pixels))
+        model.logits(model.normalise(pixels))
         done += len(pixels)
     return done
 

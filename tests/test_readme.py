@@ -55,6 +55,10 @@ def test_the_first_screens_answer_is_what_the_shipped_model_answers_today(tmp_pa
     assert (answer["label"], answer["model_version"]) == (shown["label"], shown["model_version"])
     assert answer["confidence"] == pytest.approx(shown["confidence"], abs=1e-4)
     assert [entry["label"] for entry in answer["top_k"]] == [entry["label"] for entry in shown["top_k"]]
+    # The default service calibrates (APP_CALIBRATION=on) and flags: what the first screen shows is both.
+    assert answer["in_distribution"] is shown["in_distribution"] is True
+    assert answer["ood_score"] == pytest.approx(shown["ood_score"], abs=1e-3)
+    assert answer["probabilities"] == pytest.approx(shown["probabilities"], abs=1e-4)
 
 
 def test_the_readme_is_short_and_every_link_leads_somewhere():

@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.errors import AdminDisabled, NotAuthenticated, WrongToken
 from app.classification.classifier import Classifier
+from app.classification.explanations import Explainer
 from app.config import Settings
 from app.control.jobs.runner import JobRunner
 from app.control.plane import ControlPlane, InitialModel
@@ -38,6 +39,10 @@ async def _classifier(request: Request) -> Classifier:
     return request.app.state.classifier
 
 
+async def _explainer(request: Request) -> Explainer:
+    return request.app.state.explainer
+
+
 async def _metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
@@ -53,6 +58,7 @@ async def _initial_model(request: Request) -> InitialModel:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[InferenceEngine, Depends(_engine)]
 ClassifierDep = Annotated[Classifier, Depends(_classifier)]
+ExplainerDep = Annotated[Explainer, Depends(_explainer)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
 ControlPlaneDep = Annotated[ControlPlane, Depends(_control_plane)]
 InitialModelDep = Annotated[InitialModel, Depends(_initial_model)]

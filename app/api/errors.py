@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.classification.explanations import ExplainerBusy, ExplanationUnavailable, UnknownClass
 from app.control.jobs.runner import JobStateError
 from app.control.jobs.store import JobConflict, UnknownJob
 from app.control.plane import JobsNotRunHere
@@ -62,6 +63,7 @@ class AdminDisabled(Exception):
 
 STATUS: dict[type[Exception], int] = {
     BadRequest: 400,
+    UnknownClass: 400,
     EmptyImage: 400,
     CheckpointError: 400,
     NotAuthenticated: 401,
@@ -82,6 +84,8 @@ STATUS: dict[type[Exception], int] = {
     ServiceStopping: 503,
     InputSizeChanged: 503,
     JobsNotRunHere: 503,
+    ExplainerBusy: 503,
+    ExplanationUnavailable: 503,
     DeadlineExceeded: 504,
 }
 
@@ -94,7 +98,7 @@ def error_response(request: Request, status: int, message: str, headers: dict[st
 async def _expected(request: Request, error: Exception) -> JSONResponse:
     status = next(code for kind, code in STATUS.items() if isinstance(error, kind))
     headers = None
-    if isinstance(error, QueueFull):
+    if isinstance(error, (QueueFull, ExplainerBusy)):
         headers = {"Retry-After": str(error.retry_after_s)}
     elif isinstance(error, (NoModelLoaded, ServiceStopping, InputSizeChanged)):
         headers = {"Retry-After": "5"}

@@ -4,11 +4,13 @@ pipeline's own (``app/classification/answers.py``); the KServe v2 bodies are in 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from app.classification.answers import Prediction
 from app.control.registry import RegisteredModel
+from model.checkpoint import Calibration
 
 
 class ErrorResponse(BaseModel):
@@ -19,12 +21,60 @@ class BatchPrediction(BaseModel):
     predictions: list[Prediction] = Field(description="one per uploaded file, in upload order")
 
 
+class ExplanationResponse(BaseModel):
+    """``POST /explain?format=json``: the prediction and its Grad-CAM heat map."""
+
+    prediction: Prediction = Field(description="as /predict answers it (calibrated the same way)")
+    explained_class: str = Field(description="the class the heat map explains: ?class=, else the predicted one")
+    explained_index: int
+    layer: str = Field(description="the network module whose feature map Grad-CAM weighed")
+    heatmap_width: int = Field(description="the map is the model's input size (32x32), not the upload's")
+    heatmap_height: int
+    heatmap_png_base64: str = Field(description="8-bit grayscale PNG, base64: 255 where the evidence for the "
+                                    "class peaks, 0 where there is none (Selvaraju et al. 2017, Grad-CAM)")
+
+
 class BatchingSettings(BaseModel):
     max_batch_size: int
     max_batch_delay_ms: float
     max_queue: int
     parallel_batches: int
     request_timeout_s: float
+
+
+class OutOfDistributionInfo(BaseModel):
+    score: Literal["energy", "msp"] = Field(description="the kind of every prediction's ood_score: energy = "
+                                            "T·logsumexp(logits/T) (Liu et al. 2020), msp = max softmax(logits/T) "
+                                            "(Hendrycks & Gimpel 2017); higher = more like the training images")
+    temperature: float = Field(description="the T inside the score")
+    threshold: float = Field(description="in_distribution is true when ood_score >= threshold ...")
+    upper_threshold: float | None = Field(description="... and, when this is set, ood_score <= it")
+    target_tpr: float = Field(description="share of holdout images the threshold was chosen to keep")
+    test_tpr: float | None = Field(description="share of CIFAR-10 test images it keeps")
+
+
+class CalibrationInfo(BaseModel):
+    applied: bool = Field(description="whether the served probabilities are temperature-scaled: "
+                          "APP_CALIBRATION=on (the default) and this calibration exists")
+    temperature: float = Field(description="the probabilities are softmax(logits / temperature) when applied")
+    fitted_on: str = Field(description="the images the temperature and the OOD threshold were fitted on")
+    ece_bins: int = Field(description="equal-width confidence bins of the expected calibration error")
+    test_ece_before: float | None = Field(description="test-set ECE, 0..1, of the raw softmax")
+    test_ece_after: float | None = Field(description="the same with the temperature applied")
+    test_nll_before: float | None = Field(description="test-set mean negative log-likelihood (nats), raw")
+    test_nll_after: float | None = Field(description="the same with the temperature applied")
+    ood: OutOfDistributionInfo
+
+    @classmethod
+    def of(cls, calibration: Calibration, applied: bool) -> CalibrationInfo:
+        rule = calibration.ood
+        return cls(applied=applied, temperature=calibration.temperature, fitted_on=calibration.fitted_on,
+                   ece_bins=calibration.ece_bins, test_ece_before=calibration.test_ece_before,
+                   test_ece_after=calibration.test_ece_after, test_nll_before=calibration.test_nll_before,
+                   test_nll_after=calibration.test_nll_after,
+                   ood=OutOfDistributionInfo(score=rule.score, temperature=rule.temperature,
+                                             threshold=rule.threshold, upper_threshold=rule.upper_threshold,
+                                             target_tpr=rule.target_tpr, test_tpr=rule.test_tpr))
 
 
 class ModelInfo(BaseModel):
@@ -42,6 +92,10 @@ class ModelInfo(BaseModel):
     origin: str = Field(description="why this checkpoint is served: the shipped default, APP_WEIGHTS, the "
                         "registry's current version, a promotion or an /admin/reload")
     batching: BatchingSettings
+    calibration: CalibrationInfo | None = Field(
+        description="the card's temperature scaling and OOD rule (model/trust.py), and whether the temperature "
+        "is applied; null for a checkpoint without one: its probabilities are the raw softmax and every "
+        "prediction's in_distribution and ood_score are null")
 
 
 class ReloadRequest(BaseModel):

@@ -1,6 +1,6 @@
 """The classification pipeline: ``Classifier`` is the one path from a request's bytes to its answer, and every
-endpoint that classifies calls it (``/predict``, ``/predict/batch``, the KServe v2 ``infer``); none of them
-runs a stage itself.
+endpoint that classifies calls it (``/predict``, ``/predict/batch``, the KServe v2 ``infer``, ``/explain``);
+none of them runs a stage itself.
 
 The stages, in order, and where each one runs:
 
@@ -11,16 +11,19 @@ The stages, in order, and where each one runs:
  3    normalise       pixels -> float, the model's mean and std                   device thread
                       (``ServedModel.normalise``)
  4    batch           with the images of other requests (``InferenceEngine``)     event loop
- 5    forward         the network (``ServedModel.probabilities``)                 device thread
- 6    probabilities   softmax rows, back in each request's order (the engine)    event loop
- 7    response        one ``Prediction`` per image (``Prediction.from_probabilities``)  event loop
+ 5    forward         the network: logits (``ServedModel.logits``)               device thread
+ 6    probabilities   calibrated softmax and the OOD score and flag, with the     event loop
+                      card of the model that computed the rows
+                      (``probabilities.assess_logits``, ``model.trust``)
+ 7    response        one ``Prediction`` per image (``Prediction.of``)            event loop
 ====  ==============  ==========================================================  ================
 
 The engine owns the input size: stage 2 fits to the size of the model serving when the request arrives,
 and when a model of another input size is swapped in while the request waits, the engine hands the request
 back before computing any of it (``InputSizeChanged``); stage 2 then runs again, from the bytes, for the new
-size. The v2 protocol sends tensors, not files: its own decode stage parses them (``classify_tensors``), and
-it encodes its own response; the stages in between are these.
+size. Stage 6 applies the card's temperature when ``calibrated`` (``APP_CALIBRATION=on``, the default).
+The v2 protocol sends tensors, not files: its own decode stage parses them (``classify_tensors``), and it
+encodes its own response; the stages in between are these.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from PIL import Image
 
 from app.classification.answers import Prediction
 from app.classification.images import image_pixels
+from app.classification.probabilities import AssessedOutput, assess_logits
 from app.engine.engine import InferenceEngine, ModelOutput
 from app.engine.errors import ImageError, InputSizeChanged
 from app.logging import request_id
@@ -57,9 +61,11 @@ ParsedRequest = TypeVar("ParsedRequest", bound=TensorRequest)
 
 
 class Classifier:
-    def __init__(self, engine: InferenceEngine, *, decode_threads: int, max_image_pixels: int) -> None:
+    def __init__(self, engine: InferenceEngine, *, decode_threads: int, max_image_pixels: int,
+                 calibrated: bool = True) -> None:
         self.engine = engine
         self.max_image_pixels = max_image_pixels
+        self.calibrated = calibrated
         # Pillow releases the GIL while it decodes, so these threads decode in parallel.
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         # Pillow's warning for images between its limits is noise: the header check in decode_image decides.
@@ -71,7 +77,7 @@ class Classifier:
         return self.respond(result, top_k)
 
     async def classify_tensors(self, decode: Callable[[int], ParsedRequest], *,
-                               deadline: float) -> tuple[ParsedRequest, ModelOutput]:
+                               deadline: float) -> tuple[ParsedRequest, AssessedOutput]:
         """For a protocol that sends tensors: ``decode(input_size)`` (run on the decode threads) parses the
         request into inputs of that size; the stages from normalise to probabilities follow."""
         parsed: ParsedRequest | None = None
@@ -86,24 +92,28 @@ class Classifier:
         return parsed, result
 
     @staticmethod
-    def respond(result: ModelOutput, top_k: int) -> list[Prediction]:
+    def respond(result: AssessedOutput, top_k: int) -> list[Prediction]:
         """Stage 7: one answer per row, naming the model that computed it."""
         k = min(top_k, len(result.card.class_names))
-        return [Prediction.from_probabilities(row, result.card, k) for row in result.probabilities]
+        return [Prediction.of(result, row, k) for row in range(len(result))]
 
     def close(self) -> None:
         self._decoders.shutdown(wait=False, cancel_futures=True)
 
     async def _predict(self, inputs_for: Callable[[int], Awaitable[Sequence[np.ndarray]]],
-                       deadline: float) -> ModelOutput:
+                       deadline: float) -> AssessedOutput:
         """Stages 1-2 for the serving model's input size (read first, so a request that must fail for want
-        of a model costs no decoding), then 3-6 in the engine; again if the input size changed meanwhile."""
+        of a model costs no decoding), then 3-5 in the engine, again if the input size changed meanwhile;
+        then 6."""
         for _ in range(FIT_ATTEMPTS - 1):
             try:
-                return await self._fit_and_predict(inputs_for, deadline)
+                output = await self._fit_and_predict(inputs_for, deadline)
+                break
             except InputSizeChanged:
                 pass  # a model of another input size took over while the request waited: fit again
-        return await self._fit_and_predict(inputs_for, deadline)
+        else:
+            output = await self._fit_and_predict(inputs_for, deadline)
+        return assess_logits(output.logits, output.card, calibrated=self.calibrated)
 
     async def _fit_and_predict(self, inputs_for: Callable[[int], Awaitable[Sequence[np.ndarray]]],
                                deadline: float) -> ModelOutput:

@@ -5,7 +5,7 @@ Public API (everything else is private)::
     engine = InferenceEngine(torch.device("cpu"), max_batch_size=32, max_batch_delay_s=0.005, max_queue=256)
     await engine.start()                         # starts the batching loop; no model yet
     card = await engine.swap("weights/resnet50")  # load + verify + warm up, then swap in between batches
-    result = await engine.predict([pixels], timeout=30.0)   # -> ModelOutput(probabilities, card)
+    result = await engine.predict([pixels], timeout=30.0)   # -> ModelOutput(logits, card)
     engine.input_size, engine.card, engine.version, engine.model, engine.ready, engine.queued_images
     await engine.stop(timeout=30.0)              # refuses new work, finishes what is queued and running
 
@@ -76,7 +76,7 @@ class EngineObserver(Protocol):
 
 @dataclass(frozen=True)
 class ModelOutput:
-    probabilities: np.ndarray  # (images, classes), float32, rows in input order
+    logits: np.ndarray  # (images, classes), float32, rows in input order
     card: ModelCard  # of the model that computed every row
 
 
@@ -92,7 +92,7 @@ class _Work:
     taken: int = 0  # images handed to a forward pass
     delivered: int = 0
     queued: bool = True  # some images still wait in the queue
-    probabilities: np.ndarray | None = None
+    logits: np.ndarray | None = None
 
 
 _Slice = tuple[_Work, int, int]
@@ -361,15 +361,15 @@ class InferenceEngine:
         return batch
 
     def _compute(self, model: ServedModel, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
-        """On a device thread: the probabilities of ``inputs`` and the seconds the forward pass took."""
+        """On a device thread: the logits of ``inputs`` and the seconds the forward pass took."""
         started = time.perf_counter()
         with self._preparation_gate.shared():
-            probabilities = self._forward(model, inputs)
-        return probabilities.numpy(), time.perf_counter() - started
+            logits = self._forward(model, inputs)
+        return logits.numpy(), time.perf_counter() - started
 
     def _forward(self, model: ServedModel, inputs: list[np.ndarray]) -> torch.Tensor:
         try:
-            return model.probabilities(self._stager.to_device(model, inputs))
+            return model.logits(self._stager.to_device(model, inputs))
         except torch.OutOfMemoryError:
             if len(inputs) == 1:
                 raise
@@ -397,25 +397,25 @@ class InferenceEngine:
                         f"inference failed on this request's batch of {images} images ({type(error).__name__}: "
                         f"{error}); the service is still serving: retry, and report the X-Request-ID if it recurs"))
             return
-        probabilities, seconds = future.result()
+        logits, seconds = future.result()
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / images
         if self._observer:
             self._observer.batch_computed(images, seconds)
         row = 0
         for work, start, stop in batch:
-            rows = probabilities[row: row + stop - start]
+            rows = logits[row: row + stop - start]
             row += stop - start
             if work.future.done():
                 continue  # its deadline passed, or its client went away
             if start == 0 and stop == len(work.inputs):
                 work.future.set_result(ModelOutput(rows, model.card))
                 continue
-            if work.probabilities is None:
-                work.probabilities = np.empty((len(work.inputs), rows.shape[1]), dtype=np.float32)
-            work.probabilities[start:stop] = rows
+            if work.logits is None:
+                work.logits = np.empty((len(work.inputs), rows.shape[1]), dtype=np.float32)
+            work.logits[start:stop] = rows
             work.delivered += stop - start
             if work.delivered == len(work.inputs):
-                work.future.set_result(ModelOutput(work.probabilities, model.card))
+                work.future.set_result(ModelOutput(work.logits, model.card))
 
 
 def _side(item: np.ndarray) -> int:

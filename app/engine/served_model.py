@@ -3,9 +3,10 @@
 ``ServedModel.load(path, device, backend)`` verifies the checkpoint (card, SHA-256) through ``model.checkpoint``
 and prepares it with ``model.inference`` (on the CPU, ``backend``: BatchNorm folded into the convolutions by
 default, see APP_CPU_BACKEND);
-``probabilities(batch)`` maps a normalised float batch to softmax probabilities, in float32 on the CPU
-(bf16 autocast on CUDA, where tensor cores make it ~2x faster; float32 on the CPU, where bf16 is
-emulated on most cores and slower).
+``logits(batch)`` maps a normalised float batch to the network's logits, in float32 on the CPU (bf16
+autocast on CUDA, where tensor cores make it ~2x faster; float32 on the CPU, where bf16 is emulated on
+most cores and slower). Logits, not probabilities: the classification pipeline turns them into calibrated
+probabilities and an OOD score (``model.trust``), and the energy score needs the logits themselves.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ class ServedModel:
     std: torch.Tensor
     backend: str = "eager"  # model.inference backend; on CUDA always eager
     origin: str = ""        # why this checkpoint is served (the shipped default, APP_WEIGHTS, the registry...)
+    path: Path | None = None  # the checkpoint it was loaded from (POST /explain builds its own copy from it)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device, backend: str = DEFAULT_CPU_BACKEND,
@@ -49,7 +52,7 @@ class ServedModel:
         # On the CPU the backend also folds BatchNorm into the convolutions (benchmarks/README.md).
         network = prepare_for_inference(checkpoint.model, device, backend, normalised).requires_grad_(False)
         return cls(card=card, network=network, device=device, mean=mean, std=std,
-                   backend=backend if device.type == "cpu" else "eager", origin=origin)
+                   backend=backend if device.type == "cpu" else "eager", origin=origin, path=Path(path))
 
     @property
     def dtype(self) -> str:
@@ -63,12 +66,12 @@ class ServedModel:
         batch = pixels.permute(0, 3, 1, 2).float()
         return batch.div_(255.0).sub_(self.mean).div_(self.std)
 
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (N, classes), float32, on the CPU."""
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits (N, classes), float32, on the CPU."""
         cuda = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             logits = self.network(batch.contiguous(memory_format=torch.channels_last))
-            return torch.softmax(logits.float(), dim=1).cpu()
+            return logits.float().cpu()
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run each batch size once, so the first real requests do not pay for kernel selection and
@@ -76,7 +79,7 @@ class ServedModel:
         size = self.card.input_size
         for count in batch_sizes:
             pixels = torch.zeros((count, size, size, 3), dtype=torch.uint8, device=self.device)
-            self.probabilities(self.normalise(pixels))
+            self.logits(self.normalise(pixels))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

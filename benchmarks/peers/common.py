@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from app.classification.answers import Prediction
+from app.classification.probabilities import assess_logits
 from app.classification.images import image_pixels
 from app.engine.served_model import ServedModel
 from model.inference import DEFAULT_CPU_BACKEND
@@ -78,9 +79,10 @@ class Classifier:
         return image_pixels(data, self.input_size, MAX_IMAGE_PIXELS)
 
     def probabilities(self, pixels: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-        """(N, classes) float32 probabilities of N uint8 HWC images."""
+        """(N, classes) float32 probabilities of N uint8 HWC images, calibrated as the service's default."""
         batch = torch.from_numpy(np.ascontiguousarray(np.stack(pixels) if isinstance(pixels, list) else pixels))
-        return self.model.probabilities(self.model.normalise(batch)).numpy()
+        return assess_logits(self.model.logits(self.model.normalise(batch)).numpy(), self.model.card,
+                             calibrated=True).probabilities
 
     def answer(self, probabilities: np.ndarray) -> dict:
         return Prediction.from_probabilities(probabilities, self.model.card, TOP_K).model_dump(mode="json")

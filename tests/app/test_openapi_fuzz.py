@@ -27,7 +27,7 @@ def fuzzed_server(tmp_path_factory, tiny_checkpoint):
 def test_the_schema_covers_the_api(fuzzed_server):
     schema = schemathesis.openapi.from_url(f"{fuzzed_server.url}/openapi.json")
     paths = {operation.ok().path for operation in schema.get_all_operations()}
-    assert {"/predict", "/predict/batch", "/model", "/healthz", "/readyz", "/metrics", "/admin/reload",
+    assert {"/predict", "/predict/batch", "/explain", "/model", "/healthz", "/readyz", "/metrics", "/admin/reload",
             "/v2/models/{model_name}/infer", "/v2/health/ready"} <= paths
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from model.architectures import build_model
-from model.checkpoint import CARD_FILE, save_checkpoint
+from model.checkpoint import CARD_FILE, Calibration, OutOfDistributionRule, read_card, save_checkpoint, write_card
 
 
 def make_checkpoint(directory: Path, seed: int = 0, architecture: str = "resnet18",
@@ -30,4 +30,20 @@ def with_input_size(checkpoint: Path, directory: Path, input_size: int) -> Path:
     shutil.copytree(checkpoint, directory)
     card = json.loads((directory / CARD_FILE).read_text())
     (directory / CARD_FILE).write_text(json.dumps(card | {"input_size": input_size}))
+    return directory
+
+
+def with_calibration(checkpoint: Path, directory: Path, temperature: float = 2.0, threshold: float = 0.0,
+                     upper_threshold: float | None = None) -> Path:
+    """A copy of ``checkpoint`` whose card carries a calibration: ``temperature`` and an energy@T=1 OOD rule
+    with ``threshold`` (the card is not covered by the weights' SHA-256, so the copy still verifies)."""
+    shutil.copytree(checkpoint, directory)
+    rule = OutOfDistributionRule(score="energy", temperature=1.0, threshold=threshold,
+                                 upper_threshold=upper_threshold, target_tpr=0.95, holdout_tpr=0.95,
+                                 test_tpr=0.96, selection="set by the test")
+    calibration = Calibration(temperature=temperature, fitted_on="a test's made-up holdout", holdout_images=10,
+                              test_images=10, test_ece_before=0.2, test_ece_after=0.01, test_nll_before=0.5,
+                              test_nll_after=0.3, holdout_nll_before=0.5, holdout_nll_after=0.3, ood=rule)
+    card = read_card(directory).model_copy(update={"calibration": calibration})
+    write_card(card, directory / CARD_FILE)
     return directory

@@ -1,11 +1,11 @@
-"""``GET /model``: what is being served, on which device, with which batching settings."""
+"""``GET /model``: what is being served, on which device, with which batching settings and calibration."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from app.api.deps import EngineDep, SettingsDep
-from app.api.schemas import BatchingSettings, ErrorResponse, ModelInfo
+from app.api.schemas import BatchingSettings, CalibrationInfo, ErrorResponse, ModelInfo
 from app.engine.errors import NoModelLoaded
 
 router = APIRouter(tags=["model"])
@@ -37,4 +37,6 @@ async def model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
             parallel_batches=engine.parallel_batches,
             request_timeout_s=settings.request_timeout_s,
         ),
+        calibration=None if card.calibration is None else CalibrationInfo.of(
+            card.calibration, applied=settings.calibration == "on"),
     )

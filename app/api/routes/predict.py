@@ -19,7 +19,7 @@ router = APIRouter(tags=["predict"])
 TopK = Annotated[int, Query(ge=1, le=10, description="how many of the most probable classes to list")]
 
 _BINARY = {"type": "string", "format": "binary"}
-_SINGLE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+SINGLE_IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}},
     "image/png": {"schema": _BINARY},
     "image/jpeg": {"schema": _BINARY},
@@ -37,8 +37,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _one_file_only(_: int) -> Exception:
-    return BadRequest("send one image per /predict request, in field 'file'; "
+def one_file_only(_: int) -> Exception:
+    return BadRequest("send one image per request, in field 'file'; "
                       "POST several to /predict/batch in the repeated field 'files'")
 
 
@@ -46,12 +46,12 @@ def _too_many_files(limit: int) -> Exception:
     return PayloadTooLarge(f"more than {limit} files in one request (APP_MAX_BATCH_FILES); split the upload")
 
 
-@router.post("/predict", responses=ERRORS, openapi_extra=_SINGLE_BODY)
+@router.post("/predict", responses=ERRORS, openapi_extra=SINGLE_IMAGE_BODY)
 async def predict(request: Request, classifier: ClassifierDep, settings: SettingsDep, top_k: TopK = 3) -> Prediction:
     """Classify one image, sent as multipart field ``file`` or as a raw body with an ``image/*`` Content-Type."""
     deadline = time.monotonic() + settings.request_timeout_s
     uploads = await read_images(request, field="file", max_files=1, limit=settings.max_upload_bytes,
-                                allow_raw=True, too_many=_one_file_only)
+                                allow_raw=True, too_many=one_file_only)
     (prediction,) = await classifier.classify([upload.data for upload in uploads], deadline=deadline, top_k=top_k)
     return prediction
 

@@ -6,10 +6,14 @@ The model is served under the name ``resnet50`` whatever its weights; its versio
 
 One input tensor per request, either ``UINT8 [N, 32, 32, 3]`` raw RGB pixels (normalised by the server with
 the card's mean and std) or ``FP32 [N, 3, 32, 32]`` already normalised; ``data`` flat (row-major) or nested.
-The output ``probabilities`` is ``FP32 [N, 10]``; requesting it with the parameter ``{"classification": k}``
-(Triton's classification extension) returns ``BYTES [N, k]`` strings ``"<probability>:<index>:<label>"``
-instead. Binary tensor data (Triton's binary extension) is not supported: use JSON (``binary_data=False``
-in tritonclient). Errors are ``{"error": "..."}``.
+The output ``probabilities`` is ``FP32 [N, 10]`` (calibrated as ``/predict``'s are); requesting it with the
+parameter ``{"classification": k}`` (Triton's classification extension) returns ``BYTES [N, k]`` strings
+``"<probability>:<index>:<label>"`` instead. A model whose card has a calibration has two more outputs:
+``in_distribution``, ``BOOL [N]``, and ``ood_score``, ``FP32 [N]``, as in ``/predict``'s answer (the score's
+kind and threshold are in ``GET /model``); a model without one has neither, so a BOOL tensor never needs a
+null. A request without ``outputs`` gets every output, one with ``outputs`` gets those it names. Binary
+tensor data (Triton's binary extension) is not supported: use JSON (``binary_data=False`` in tritonclient).
+Errors are ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -28,12 +32,17 @@ from app import __version__
 from app.api.deps import ClassifierDep, EngineDep, SettingsDep
 from app.api.errors import BadRequest, NotFound, PayloadTooLarge
 from app.api.uploads import read_body
-from app.engine.engine import InferenceEngine, ModelOutput
+from app.classification.probabilities import AssessedOutput
+from app.engine.engine import InferenceEngine
 from app.engine.errors import NoModelLoaded
 from app.engine.served_model import ServedModel
+from model.checkpoint import ModelCard
 
 MODEL_NAME = "resnet50"
 OUTPUT_NAME = "probabilities"
+IN_DISTRIBUTION = "in_distribution"
+OOD_SCORE = "ood_score"
+TRUST_OUTPUTS = (IN_DISTRIBUTION, OOD_SCORE)
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 
@@ -146,7 +155,9 @@ async def model_metadata(engine: EngineDep, model_name: str, model_version: str 
         platform="pytorch",
         inputs=[MetadataTensor(name="pixels", datatype="UINT8", shape=[-1, size, size, 3]),
                 MetadataTensor(name="normalized", datatype="FP32", shape=[-1, 3, size, size])],
-        outputs=[MetadataTensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes])],
+        outputs=[MetadataTensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes]),
+                 *([MetadataTensor(name=IN_DISTRIBUTION, datatype="BOOL", shape=[-1]),
+                    MetadataTensor(name=OOD_SCORE, datatype="FP32", shape=[-1])] if served.card.calibration else [])],
     )
 
 
@@ -168,8 +179,7 @@ async def infer(request: Request, engine: EngineDep, classifier: ClassifierDep, 
     if "inference-header-content-length" in request.headers:
         raise BadRequest("binary tensor data is not supported: send the tensors as JSON (binary_data=False)")
     body = await read_body(request, settings.max_upload_bytes)
-    decode = functools.partial(_parse, body, max_images=settings.max_batch_files,
-                               classes=len(served.card.class_names))
+    decode = functools.partial(_parse, body, max_images=settings.max_batch_files, card=served.card)
     parsed, result = await classifier.classify_tensors(decode, deadline=deadline)
     if model_version is not None and result.card.version != model_version:
         raise NotFound(f"version {model_version} was swapped out while this request waited; "
@@ -177,18 +187,30 @@ async def infer(request: Request, engine: EngineDep, classifier: ClassifierDep, 
     return _encode(parsed, result)
 
 
-def _encode(parsed: _ParsedRequest, result: ModelOutput) -> InferenceResponse:
-    probabilities = result.probabilities
-    if parsed.classification:
-        names = result.card.class_names
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, : parsed.classification]
-        data = [f"{float(row[i])}:{i}:{names[i]}" for row, indices in zip(probabilities, order) for i in indices]
-        output = ResponseOutput(name=OUTPUT_NAME, shape=list(order.shape), datatype="BYTES", data=data)
-    else:
-        output = ResponseOutput(name=OUTPUT_NAME, shape=list(probabilities.shape), datatype="FP32",
-                                data=probabilities.ravel().tolist())
+def _encode(parsed: _ParsedRequest, result: AssessedOutput) -> InferenceResponse:
+    outputs: list[ResponseOutput] = []
+    if OUTPUT_NAME in parsed.outputs:
+        outputs.append(_probabilities(result, parsed.classification))
+    # A model swapped in while the request waited may lack a calibration the parsed request relied on.
+    if IN_DISTRIBUTION in parsed.outputs and result.in_distribution is not None:
+        outputs.append(ResponseOutput(name=IN_DISTRIBUTION, shape=[len(result)], datatype="BOOL",
+                                      data=result.in_distribution.tolist()))
+    if OOD_SCORE in parsed.outputs and result.ood_scores is not None:
+        outputs.append(ResponseOutput(name=OOD_SCORE, shape=[len(result)], datatype="FP32",
+                                      data=result.ood_scores.tolist()))
     return InferenceResponse(model_name=MODEL_NAME, model_version=result.card.version, id=parsed.id,
-                             outputs=[output])
+                             outputs=outputs)
+
+
+def _probabilities(result: AssessedOutput, classification: int | None) -> ResponseOutput:
+    probabilities = result.probabilities
+    if classification:
+        names = result.card.class_names
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :classification]
+        data = [f"{float(row[i])}:{i}:{names[i]}" for row, indices in zip(probabilities, order) for i in indices]
+        return ResponseOutput(name=OUTPUT_NAME, shape=list(order.shape), datatype="BYTES", data=data)
+    return ResponseOutput(name=OUTPUT_NAME, shape=list(probabilities.shape), datatype="FP32",
+                          data=probabilities.ravel().tolist())
 
 
 def _served(engine: InferenceEngine, model_name: str, model_version: str | None) -> ServedModel:
@@ -207,9 +229,10 @@ class _ParsedRequest:
     id: str | None
     inputs: list[np.ndarray]
     classification: int | None
+    outputs: tuple[str, ...]  # the names to answer with, in the model's order
 
 
-def _parse(body: bytes, size: int, *, max_images: int, classes: int) -> _ParsedRequest:
+def _parse(body: bytes, size: int, *, max_images: int, card: ModelCard) -> _ParsedRequest:
     """Validate an inference request and turn its tensor into per-image arrays of side ``size`` (the decode
     stage of this protocol; the classifier runs it on its decode threads)."""
     try:
@@ -246,22 +269,31 @@ def _parse(body: bytes, size: int, *, max_images: int, classes: int) -> _ParsedR
         if not np.all(np.isfinite(values)):
             raise BadRequest(f"input {tensor.name!r}: FP32 values must be finite")
         images = values.astype(np.float32)
-    return _ParsedRequest(request.id, list(images), _classification(request, classes))
+    outputs, classification = _outputs(request, card)
+    return _ParsedRequest(request.id, list(images), classification, outputs)
 
 
-def _classification(request: InferenceRequest, classes: int) -> int | None:
+def _outputs(request: InferenceRequest, card: ModelCard) -> tuple[tuple[str, ...], int | None]:
+    """The outputs to answer with, and the classification count asked of ``probabilities``, if any."""
     if request.parameters and request.parameters.get("binary_data_output"):
         raise BadRequest("binary output is not supported: request JSON outputs (binary_data=False)")
+    known = (OUTPUT_NAME, *TRUST_OUTPUTS) if card.calibration else (OUTPUT_NAME,)
+    classes = len(card.class_names)
     count = None
     for output in request.outputs or []:
-        if output.name != OUTPUT_NAME:
-            raise BadRequest(f"unknown output {output.name!r}: this model has one output, {OUTPUT_NAME!r}")
+        if output.name not in known:
+            why = (" (this model's card has no calibration, so it has no OOD outputs)"
+                   if output.name in TRUST_OUTPUTS else "")
+            raise BadRequest(f"unknown output {output.name!r}{why}: this model's outputs are {', '.join(known)}")
         parameters = output.parameters or {}
         if parameters.get("binary_data"):
             raise BadRequest("binary output is not supported: request JSON outputs (binary_data=False)")
         if "classification" in parameters:
+            if output.name != OUTPUT_NAME:
+                raise BadRequest(f"classification applies to the {OUTPUT_NAME!r} output only, not {output.name!r}")
             count = parameters["classification"]
             if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= classes:
                 raise BadRequest(f"classification must be an integer from 1 to {classes}; got {count!r}")
-    return count
+    named = {output.name for output in request.outputs or []}
+    return tuple(name for name in known if not named or name in named), count
 

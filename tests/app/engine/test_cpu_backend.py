@@ -39,14 +39,14 @@ def pixels(count: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8))
 
 
-def test_fused_and_eager_models_give_the_same_probabilities(tiny_checkpoint, one_thread):
+def test_fused_and_eager_models_give_the_same_logits(tiny_checkpoint, one_thread):
     fused = ServedModel.load(tiny_checkpoint, torch.device("cpu"))
     eager = ServedModel.load(tiny_checkpoint, torch.device("cpu"), backend="eager")
     batch = pixels(4)
     assert (fused.backend, batchnorms(fused)) == ("fused", 0)
     assert eager.backend == "eager" and batchnorms(eager) > 0
-    assert torch.allclose(fused.probabilities(fused.normalise(batch)),
-                          eager.probabilities(eager.normalise(batch)), atol=1e-5)
+    assert torch.allclose(fused.logits(fused.normalise(batch)),
+                          eager.logits(eager.normalise(batch)), atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["onnx", "bf16", "int8"])
@@ -57,10 +57,10 @@ def test_opt_in_backends_serve_close_to_fused(tiny_checkpoint, synthetic_cifar10
     served = ServedModel.load(tiny_checkpoint, torch.device("cpu"), backend, calibration)
     fused = ServedModel.load(tiny_checkpoint, torch.device("cpu"))
     batch = pixels(8)
-    result = served.probabilities(served.normalise(batch))
+    result = torch.softmax(served.logits(served.normalise(batch)), dim=1)
     assert served.backend == backend and served.dtype.startswith({"onnx": "float32", "bf16": "bfloat16", "int8": "int8"}[backend])
     assert result.dtype == torch.float32 and torch.allclose(result.sum(dim=1), torch.ones(8), atol=1e-4)
-    assert (result - fused.probabilities(fused.normalise(batch))).abs().max() < 0.1
+    assert (result - torch.softmax(fused.logits(fused.normalise(batch)), dim=1)).abs().max() < 0.1
 
 
 def test_calibration_images_come_from_the_training_set_in_the_data_dir(synthetic_cifar10, tmp_path):

@@ -82,7 +82,7 @@ def images(count: int, seed: int = 0) -> list[np.ndarray]:
 def slow_forward(monkeypatch):
     """Make every forward pass take at least ``delay`` seconds; returns the list of batch sizes run."""
     sizes: list[int] = []
-    original = ServedModel.probabilities
+    original = ServedModel.logits
 
     def install(delay: float) -> list[int]:
         def slow(self, batch):
@@ -90,7 +90,7 @@ def slow_forward(monkeypatch):
             time.sleep(delay)
             return original(self, batch)
 
-        monkeypatch.setattr(ServedModel, "probabilities", slow)
+        monkeypatch.setattr(ServedModel, "logits", slow)
         return sizes
 
     return install
@@ -99,25 +99,25 @@ def slow_forward(monkeypatch):
 async def test_concurrent_requests_share_forward_passes_and_get_the_single_image_answers(tiny_checkpoint):
     inputs = images(16)
     async with started_engine(tiny_checkpoint) as engine:
-        singles = [(await engine.predict([item], timeout=30)).probabilities[0] for item in inputs]
+        singles = [(await engine.predict([item], timeout=30)).logits[0] for item in inputs]
         recorder = engine._observer
         recorder.batches.clear()
         together = await asyncio.gather(*(engine.predict([item], timeout=30) for item in inputs))
     assert max(recorder.batches) > 1, "concurrent requests were not batched"
     assert max(recorder.batches) <= 8 and sum(recorder.batches) == 16
     for single, batched in zip(singles, together):
-        assert np.allclose(batched.probabilities[0], single, atol=TOLERANCE)
+        assert np.allclose(batched.logits[0], single, atol=TOLERANCE)
         assert batched.card.version == engine.card.version
 
 
 async def test_a_request_larger_than_a_batch_spans_several_passes_and_keeps_its_order(tiny_checkpoint):
     inputs = images(20, seed=1)
     async with started_engine(tiny_checkpoint, max_batch_delay_s=0.0) as engine:
-        singles = np.stack([(await engine.predict([item], timeout=30)).probabilities[0] for item in inputs])
+        singles = np.stack([(await engine.predict([item], timeout=30)).logits[0] for item in inputs])
         engine._observer.batches.clear()
         result = await engine.predict(inputs, timeout=30)
     assert engine._observer.batches == [8, 8, 4]
-    assert np.allclose(result.probabilities, singles, atol=TOLERANCE)
+    assert np.allclose(result.logits, singles, atol=TOLERANCE)
 
 
 async def test_pixels_and_prenormalised_tensors_share_a_batch(tiny_checkpoint):
@@ -127,8 +127,8 @@ async def test_pixels_and_prenormalised_tensors_share_a_batch(tiny_checkpoint):
                   / np.array(card.std)[:, None, None]).astype(np.float32)
     async with started_engine(tiny_checkpoint) as engine:
         mixed = await engine.predict([pixels, normalised, pixels], timeout=30)
-    assert np.allclose(mixed.probabilities[0], mixed.probabilities[1], atol=TOLERANCE)
-    assert np.allclose(mixed.probabilities[0], mixed.probabilities[2], atol=TOLERANCE)
+    assert np.allclose(mixed.logits[0], mixed.logits[1], atol=TOLERANCE)
+    assert np.allclose(mixed.logits[0], mixed.logits[2], atol=TOLERANCE)
 
 
 async def test_a_full_queue_refuses_new_work_at_once_and_serves_the_rest(tiny_checkpoint, slow_forward):
@@ -160,11 +160,11 @@ async def test_a_request_past_its_deadline_fails_and_its_queued_images_are_never
         after = await engine.predict(images(1), timeout=30)
     assert sizes == [1, 1], "the expired request's three images must not have been computed"
     assert engine._observer.dropped == {"deadline": 3}
-    assert after.probabilities.shape == (1, 10)
+    assert after.logits.shape == (1, 10)
 
 
 async def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint, monkeypatch):
-    original = ServedModel.probabilities
+    original = ServedModel.logits
     poisoned_pass, healthy_queued = threading.Event(), threading.Event()
 
     def poisoned(self, batch):
@@ -177,7 +177,7 @@ async def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint, monk
     poison = images(1)[0].copy()
     poison[0, 0, 0] = 255
     async with started_engine(tiny_checkpoint, max_batch_delay_s=0.0) as engine:
-        monkeypatch.setattr(ServedModel, "probabilities", poisoned)
+        monkeypatch.setattr(ServedModel, "logits", poisoned)
         failing = asyncio.ensure_future(engine.predict([poison], timeout=30))
         await eventually(poisoned_pass.is_set, what="the poisoned pass")
         healthy = [asyncio.ensure_future(engine.predict(images(1, seed=s), timeout=30)) for s in range(5)]
@@ -187,24 +187,24 @@ async def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint, monk
         with pytest.raises(InferenceFailed, match="simulated kernel failure"):
             await failing
         assert len(healthy) == 5
-        assert (await engine.predict(images(1), timeout=30)).probabilities.shape == (1, 10)
+        assert (await engine.predict(images(1), timeout=30)).logits.shape == (1, 10)
     assert engine._observer.dropped == {}
 
 
 async def test_out_of_memory_is_retried_by_splitting_the_batch(tiny_checkpoint, monkeypatch):
     inputs = images(8, seed=3)
     async with started_engine(tiny_checkpoint) as engine:
-        expected = (await engine.predict(inputs, timeout=30)).probabilities
-        original = ServedModel.probabilities
+        expected = (await engine.predict(inputs, timeout=30)).logits
+        original = ServedModel.logits
 
         def small_memory(self, batch):
             if len(batch) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return original(self, batch)
 
-        monkeypatch.setattr(ServedModel, "probabilities", small_memory)
+        monkeypatch.setattr(ServedModel, "logits", small_memory)
         result = await engine.predict(inputs, timeout=30)
-    assert np.allclose(result.probabilities, expected, atol=TOLERANCE)
+    assert np.allclose(result.logits, expected, atol=TOLERANCE)
     assert engine._observer.splits == 3  # 8 -> 4 + 4 -> (2 + 2) + (2 + 2)
 
 
@@ -213,7 +213,7 @@ async def test_out_of_memory_on_a_single_image_fails_that_request(tiny_checkpoin
         def no_memory(self, batch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-        monkeypatch.setattr(ServedModel, "probabilities", no_memory)
+        monkeypatch.setattr(ServedModel, "logits", no_memory)
         with pytest.raises(InferenceFailed, match="OutOfMemoryError"):
             await engine.predict(images(1), timeout=30)
 
@@ -223,7 +223,7 @@ async def test_a_swap_waits_for_a_split_request_so_no_answer_mixes_models(tiny_c
     inputs = images(12, seed=4)
     async with started_engine(tiny_checkpoint, max_batch_size=4, max_batch_delay_s=0.0) as engine:
         old_version = engine.version
-        expected_old = (await engine.predict(inputs, timeout=30)).probabilities
+        expected_old = (await engine.predict(inputs, timeout=30)).logits
         sizes = slow_forward(0.15)
         split = asyncio.ensure_future(engine.predict(inputs, timeout=30))  # three passes of four
         await eventually(lambda: sizes, what="the split request's first pass")
@@ -231,9 +231,9 @@ async def test_a_swap_waits_for_a_split_request_so_no_answer_mixes_models(tiny_c
         result = await split
         after = await engine.predict(inputs, timeout=30)
     assert result.card.version == old_version
-    assert np.allclose(result.probabilities, expected_old, atol=TOLERANCE), "rows from the new model leaked in"
+    assert np.allclose(result.logits, expected_old, atol=TOLERANCE), "rows from the new model leaked in"
     assert card.version != old_version and after.card.version == card.version
-    assert not np.allclose(after.probabilities, expected_old, atol=1e-3)
+    assert not np.allclose(after.logits, expected_old, atol=1e-3)
     assert engine._observer.installed == [old_version, card.version]
 
 
@@ -270,7 +270,7 @@ async def test_a_model_with_another_input_size_takes_over_and_hands_back_the_wai
             await engine.predict(images(1), timeout=30)
         engine.max_batch_delay_s = 0.0
         result = await engine.predict([np.zeros((64, 64, 3), np.uint8)], timeout=30)
-    assert result.card.input_size == 64 and result.probabilities.shape == (1, 10)
+    assert result.card.input_size == 64 and result.logits.shape == (1, 10)
     assert engine._observer.dropped == {}, "handed-back images are not dropped: they are sent again"
 
 
@@ -281,7 +281,7 @@ async def test_stopping_finishes_queued_requests_then_refuses_new_ones(tiny_chec
         await eventually(lambda: sizes, what="the first pass")  # the other requests are queued by then
         await engine.stop(timeout=30)
         results = await asyncio.gather(*pending)
-        assert all(result.probabilities.shape == (1, 10) for result in results)
+        assert all(result.logits.shape == (1, 10) for result in results)
         assert not engine.ready
         with pytest.raises(ServiceStopping):
             await engine.predict(images(1), timeout=30)
@@ -291,7 +291,7 @@ async def test_an_empty_request_is_answered_without_a_forward_pass(tiny_checkpoi
     async with started_engine(tiny_checkpoint) as engine:
         engine._observer.batches.clear()
         result = await engine.predict([], timeout=30)
-    assert result.probabilities.shape == (0, 10) and engine._observer.batches == []
+    assert result.logits.shape == (0, 10) and engine._observer.batches == []
 
 
 async def test_without_a_model_requests_are_told_why():

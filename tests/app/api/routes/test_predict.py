@@ -3,11 +3,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from app.classification.images import image_pixels
+from model.checkpoint import load_checkpoint
 from model.labels import CLASS_NAMES
 from tests.support import images
-from tests.support.service import UPLOAD_LIMIT
+from tests.support.checkpoints import with_calibration
+from tests.support.service import UPLOAD_LIMIT, running_app, service_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -108,7 +112,8 @@ async def test_top_k_outside_1_to_10_is_refused(client, top_k):
 
 
 def assert_prediction(body: dict, top_k: int) -> None:
-    assert set(body) == {"label", "index", "confidence", "probabilities", "top_k", "model_version"}
+    assert set(body) == {"label", "index", "confidence", "probabilities", "top_k", "in_distribution", "ood_score",
+                         "model_version"}
     probabilities = body["probabilities"]
     assert list(probabilities) == list(CLASS_NAMES)
     assert math.isclose(sum(probabilities.values()), 1.0, abs_tol=1e-5)
@@ -120,6 +125,13 @@ def assert_prediction(body: dict, top_k: int) -> None:
     assert len(ranked) == top_k and ranked == sorted(ranked, reverse=True)
     assert body["top_k"][0]["label"] == best
     assert all(probabilities[entry["label"]] == entry["probability"] for entry in body["top_k"])
+
+
+async def test_a_checkpoint_without_calibration_gives_no_ood_flag(client):
+    body = (await client.post("/predict", **multipart(images.png()))).json()
+    assert body["in_distribution"] is None and body["ood_score"] is None
+    batch = (await client.post("/predict/batch", files=[("files", ("a.png", images.png()))])).json()
+    assert [(p["in_distribution"], p["ood_score"]) for p in batch["predictions"]] == [(None, None)]
 
 
 async def test_the_answer_names_the_served_model_and_honours_top_k(client):
@@ -198,3 +210,65 @@ async def test_answers_do_not_depend_on_which_requests_share_a_batch(client):
             group.start_soon(send, index)
     for single, batched in zip(alone, together):
         assert np.allclose(single, batched, atol=1e-5)
+
+
+TEMPERATURE = 2.5
+TWO_IMAGES = [images.png(seed=11), images.png(32, 32, seed=12)]
+
+
+def energies(checkpoint, uploads: list[bytes]) -> np.ndarray:
+    """logsumexp of the logits, computed here from the checkpoint with the service's own stages 1-3."""
+    loaded = load_checkpoint(checkpoint)
+    card = loaded.card
+    pixels = torch.from_numpy(np.stack([image_pixels(data, card.input_size, 10**8) for data in uploads]))
+    batch = (pixels.permute(0, 3, 1, 2).float() / 255 - torch.tensor(card.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(card.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return torch.logsumexp(loaded.model(batch), dim=1).numpy()
+
+
+@pytest.fixture(scope="module")
+async def calibrated_clients(tiny_checkpoint, tmp_path_factory):
+    """Two services of one calibrated checkpoint, APP_CALIBRATION=on and off; its OOD threshold lies halfway
+    between the energy scores of TWO_IMAGES, so one of them is in distribution and the other is not."""
+    scores = energies(tiny_checkpoint, TWO_IMAGES)
+    threshold = float(scores.mean())
+    checkpoint = with_calibration(tiny_checkpoint, tmp_path_factory.mktemp("calibrated") / "ckpt",
+                                  temperature=TEMPERATURE, threshold=threshold)
+    async with running_app(service_settings(checkpoint)) as (_, on), \
+            running_app(service_settings(checkpoint, calibration="off")) as (_, off):
+        yield {"on": on, "off": off, "scores": scores, "threshold": threshold}
+
+
+async def test_calibration_on_serves_the_temperature_scaled_softmax(calibrated_clients):
+    on = (await calibrated_clients["on"].post("/predict?top_k=10", **multipart(TWO_IMAGES[0]))).json()
+    off = (await calibrated_clients["off"].post("/predict?top_k=10", **multipart(TWO_IMAGES[0]))).json()
+    assert_prediction(on, top_k=10)
+    assert_prediction(off, top_k=10)
+    # log p_off = logits - c, and softmax ignores c: so softmax(log p_off / T) is what "on" must serve.
+    raw = torch.tensor(list(off["probabilities"].values()), dtype=torch.float64)
+    expected = torch.softmax(raw.log() / TEMPERATURE, dim=0).tolist()
+    assert list(on["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
+    assert on["label"] == off["label"] and on["confidence"] < off["confidence"]
+
+
+async def test_every_prediction_carries_the_ood_score_and_flag_of_the_cards_rule(calibrated_clients):
+    scores, threshold = calibrated_clients["scores"], calibrated_clients["threshold"]
+    for client in (calibrated_clients["on"], calibrated_clients["off"]):
+        singles = [(await client.post("/predict", **multipart(data))).json() for data in TWO_IMAGES]
+        batch = (await client.post("/predict/batch", files=[("files", (f"{n}.png", data, "image/png"))
+                                                           for n, data in enumerate(TWO_IMAGES)])).json()
+        for answers in (singles, batch["predictions"]):
+            assert [a["ood_score"] for a in answers] == pytest.approx(scores.tolist(), abs=1e-4)
+            assert [a["in_distribution"] for a in answers] == [bool(s >= threshold) for s in scores]
+            assert sorted(a["in_distribution"] for a in answers) == [False, True]
+
+
+async def test_model_shows_the_calibration_and_whether_it_is_applied(calibrated_clients, client):
+    on = (await calibrated_clients["on"].get("/model")).json()["calibration"]
+    off = (await calibrated_clients["off"].get("/model")).json()["calibration"]
+    assert on["applied"] is True and off["applied"] is False
+    assert on["temperature"] == TEMPERATURE and on["test_ece_before"] == 0.2 and on["test_ece_after"] == 0.01
+    assert on["ood"]["score"] == "energy" and on["ood"]["threshold"] == pytest.approx(calibrated_clients["threshold"])
+    assert on["fitted_on"] and on["ece_bins"] == 15
+    assert (await client.get("/model")).json()["calibration"] is None, "the tiny checkpoint has none"

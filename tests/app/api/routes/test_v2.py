@@ -6,6 +6,8 @@ import pytest
 from model.checkpoint import read_card
 from model.labels import CLASS_NAMES
 from tests.support import images
+from tests.support.checkpoints import with_calibration
+from tests.support.service import running_app, service_settings
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/resnet50/infer"
@@ -94,6 +96,8 @@ async def test_the_classification_parameter_returns_labels(client):
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
       "outputs": [{"name": "logits"}]}, 400, "unknown output"),
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
+      "outputs": [{"name": "in_distribution"}]}, 400, "no calibration"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
       "outputs": [{"name": "probabilities", "parameters": {"classification": 11}}]}, 400, "1 to 10"),
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}, 400, "binary"),
@@ -126,3 +130,47 @@ async def test_binary_tensor_data_is_refused_with_what_to_do(client):
 async def test_malformed_json_is_a_400(client):
     response = await client.post(INFER, content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and "error" in response.json()
+
+
+@pytest.fixture(scope="module")
+async def calibrated(tiny_checkpoint, tmp_path_factory):
+    """A service of a calibrated copy of the tiny checkpoint (its answers are checked against /predict's)."""
+    checkpoint = with_calibration(tiny_checkpoint, tmp_path_factory.mktemp("v2-calibrated") / "ckpt",
+                                  temperature=2.0, threshold=0.0)
+    async with running_app(service_settings(checkpoint)) as (_, client):
+        yield client
+
+
+async def test_a_calibrated_model_adds_the_ood_outputs_equal_to_predicts(calibrated):
+    metadata = (await calibrated.get("/v2/models/resnet50")).json()
+    assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+                                   {"name": "in_distribution", "datatype": "BOOL", "shape": [-1]},
+                                   {"name": "ood_score", "datatype": "FP32", "shape": [-1]}]
+    pixels = np.stack([images.pixels(32, 32, seed) for seed in range(3)])
+    body = (await calibrated.post(INFER, json=uint8_request(pixels))).json()
+    outputs = {output["name"]: output for output in body["outputs"]}
+    assert list(outputs) == ["probabilities", "in_distribution", "ood_score"]
+    assert outputs["in_distribution"]["datatype"] == "BOOL" and outputs["in_distribution"]["shape"] == [3]
+    assert outputs["ood_score"]["datatype"] == "FP32" and outputs["ood_score"]["shape"] == [3]
+    probabilities = np.array(outputs["probabilities"]["data"]).reshape(3, 10)
+    for index, image in enumerate(pixels):
+        png = images.encode(__import__("PIL.Image").Image.fromarray(image), "PNG")
+        single = (await calibrated.post("/predict", content=png, headers={"content-type": "image/png"})).json()
+        assert np.allclose(probabilities[index], list(single["probabilities"].values()), atol=1e-5)
+        assert outputs["in_distribution"]["data"][index] is single["in_distribution"]
+        assert outputs["ood_score"]["data"][index] == pytest.approx(single["ood_score"], abs=1e-4)
+
+
+async def test_naming_outputs_returns_only_those(calibrated):
+    pixels = images.pixels(32, 32, seed=4)[None]
+    body = (await calibrated.post(INFER, json=uint8_request(pixels, outputs=[{"name": "ood_score"}]))).json()
+    assert [output["name"] for output in body["outputs"]] == ["ood_score"]
+    request = uint8_request(pixels, outputs=[{"name": "in_distribution", "parameters": {"classification": 2}}])
+    response = await calibrated.post(INFER, json=request)
+    assert response.status_code == 400 and "probabilities" in response.json()["error"]
+
+
+async def test_an_uncalibrated_model_has_only_the_probabilities(client):
+    pixels = images.pixels(32, 32, seed=4)[None]
+    body = (await client.post(INFER, json=uint8_request(pixels))).json()
+    assert [output["name"] for output in body["outputs"]] == ["probabilities"]

@@ -1,27 +1,32 @@
 """The web page at ``GET /``, driven in a real headless Chromium against a real service.
 
-The service runs as ``uvicorn app.main:app`` in a subprocess, serving a random-init resnet18 on the CPU, so
-the page is checked against the API exactly as a person's browser would meet it. The browser is Debian's
-``chromium`` (``apt-get install -y chromium``; CI installs it): Playwright's own browser download needs the
-internet, which this project's machines do not have.
+The service runs as ``uvicorn app.main:app`` in a subprocess, serving the shipped weights/fastcnn (calibrated,
+with an OOD rule) on the CPU, so the page is checked against the API exactly as a person's browser would meet
+it. ``PAGE_SCREENSHOT=docs/page.png`` makes the example test save its screenshot there (the README's). The
+browser is Debian's ``chromium`` (``apt-get install -y chromium``; CI installs it): Playwright's own browser
+download needs the internet, which this project's machines do not have.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from app.api.errors import install_error_handlers
+from app.api.routes import web
 from app.api.routes.web import router
 from model.labels import CLASS_NAMES
-from tests.support import images
-from tests.support.checkpoints import make_checkpoint
+from tests.support import REPO_ROOT, images
 from tests.support.service import live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,7 +37,9 @@ CHROMIUM_ARGS = [
 PHONE = {"width": 390, "height": 844}  # CSS pixels of a common phone in portrait
 PAGE_TIMEOUT_MS = 30_000
 PAGE_IDS = ("file", "drop", "error", "model-version", "result-label", "result-confidence", "bars",
-            "result-model-version", "busy", "preview")
+            "result-model-version", "busy", "preview", "heatmap", "ood-warning", "examples", "model-calibration")
+SHIPPED = REPO_ROOT / "weights" / "fastcnn"
+TOP_K = 5  # bars the page shows
 
 # Records every state the page passes through, with whether the busy indicator showed, so the test can see
 # the busy state however quickly the CPU answers.
@@ -61,12 +68,32 @@ def test_page_is_served_self_contained() -> None:
     assert "http://" not in response.text and "https://" not in response.text
 
 
+def test_the_examples_are_listed_and_served_read_only_from_examples_only(tmp_path) -> None:
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(router)
+    with TestClient(app) as client:
+        listed = client.get("/examples").json()["examples"]
+        assert listed == sorted(path.name for path in (REPO_ROOT / "examples").glob("*.png")) and "cat.png" in listed
+        cat = client.get("/examples/cat.png")
+        assert cat.status_code == 200 and cat.headers["content-type"] == "image/png"
+        assert cat.content == (REPO_ROOT / "examples" / "cat.png").read_bytes()
+        for name in ("README.md", "..%2Fweights%2Ffastcnn%2Fcard.json", "unicorn.png", "%2Fetc%2Fpasswd"):
+            assert client.get(f"/examples/{name}").status_code == 404, name
+        assert client.post("/examples/cat.png").status_code == 405
+    # A link inside the folder is not followed, and no folder at all (a deployment without it) lists nothing.
+    (tmp_path / "real.png").write_bytes(images.png())
+    (tmp_path / "link.png").symlink_to(REPO_ROOT / "examples" / "cat.png")
+    assert list(web.example_files(tmp_path)) == ["real.png"]
+    assert web.example_files(tmp_path / "missing") == {}
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a live ``uvicorn app.main:app`` serving a random-init resnet18 on the CPU."""
-    weights = make_checkpoint(tmp_path_factory.mktemp("web-checkpoint"))
+    """Base URL of a live ``uvicorn app.main:app`` serving the shipped weights/fastcnn on the CPU."""
     # Only the settings named here: an APP_* left in the caller's shell must not change what is tested.
-    environment = {"APP_WEIGHTS": str(weights), "APP_DEVICE": "cpu"}
+    environment = {"APP_WEIGHTS": str(SHIPPED), "APP_DEVICE": "cpu",
+                   "APP_STATE_DIR": str(tmp_path_factory.mktemp("web-state"))}
     command = ("-m", "uvicorn", "app.main:app", "--host", "127.0.0.1")
     with live_server(tmp_path_factory.mktemp("web-service"), environment, command=command) as server:
         yield server.url
@@ -125,7 +152,8 @@ def test_page_classifies_a_chosen_image_as_the_api_does(
     page: Page, service: str, page_errors: list[str], tmp_path: Path
 ) -> None:
     image = images.png()
-    answer = httpx.post(f"{service}/predict", files={"file": ("gradient.png", image, "image/png")}, timeout=30)
+    answer = httpx.post(f"{service}/predict?top_k={TOP_K}", files={"file": ("gradient.png", image, "image/png")},
+                        timeout=30)
     assert answer.status_code == 200, answer.text
     prediction = answer.json()
     model = open_page(page, service)
@@ -141,12 +169,13 @@ def test_page_classifies_a_chosen_image_as_the_api_does(
     expect(page.locator("#error")).to_be_hidden()
 
     bars = page.locator("#bars .bar")
-    expect(bars).to_have_count(10)
-    assert page.locator("#bars .bar-label").all_text_contents() == list(CLASS_NAMES)
+    expect(bars).to_have_count(TOP_K)
+    assert page.locator("#bars .bar-label").all_text_contents() == [entry["label"] for entry in prediction["top_k"]]
     shown = [float(text.rstrip("%")) for text in page.locator("#bars .bar-pct").all_text_contents()]
-    assert abs(sum(shown) - 100) < 0.6, f"percentages sum to {sum(shown)}"  # ten roundings of ≤0.05 each
-    for name, percent in zip(CLASS_NAMES, shown, strict=True):
-        assert percent == pytest.approx(100 * prediction["probabilities"][name], abs=0.051), name
+    assert shown == sorted(shown, reverse=True)
+    for entry, percent in zip(prediction["top_k"], shown, strict=True):
+        assert percent == pytest.approx(100 * entry["probability"], abs=0.051), entry["label"]
+    expect(page.locator("#bars-title")).to_have_text(f"The {TOP_K} most likely classes (calibrated probabilities)")
     top = page.locator("#bars .bar.top")
     expect(top).to_have_count(1)
     assert top.get_attribute("data-label") == label
@@ -156,6 +185,7 @@ def test_page_classifies_a_chosen_image_as_the_api_does(
     assert states[0]["busyShown"] and states[0]["ariaBusy"] == "true", "no busy state while waiting"
     expect(page.locator("#busy")).to_be_hidden()
 
+    expect(page.locator("body")).to_have_attribute("data-heatmap", "done")
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], "scrolls sideways"
     assert unexpected(page_errors) == []
     page.screenshot(path=tmp_path / "result-phone.png", full_page=True)
@@ -225,3 +255,94 @@ def test_the_header_shows_why_no_model_answers(page: Page) -> None:
     expect(problem).to_be_visible()
     expect(problem).to_contain_text(detail)
     expect(page.locator("#model-version")).to_be_hidden()
+
+
+def heatmap_alpha(page: Page) -> list[list[int]]:
+    """The overlay canvas's opacity per pixel (the page draws the map's gray level as opacity)."""
+    return page.evaluate("""() => {
+      const canvas = document.getElementById("heatmap");
+      const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      const rows = [];
+      for (let y = 0; y < canvas.height; y++) {
+        rows.push([]);
+        for (let x = 0; x < canvas.width; x++) rows[y].push(data[4 * (y * canvas.width + x) + 3]);
+      }
+      return rows;
+    }""")
+
+
+@pytest.mark.server
+def test_an_example_click_shows_the_calibrated_answer_the_model_and_the_heat_map_over_it(
+    page: Page, service: str, page_errors: list[str], tmp_path: Path
+) -> None:
+    cat = (REPO_ROOT / "examples" / "cat.png").read_bytes()
+    prediction = httpx.post(f"{service}/predict?top_k={TOP_K}", files={"file": ("cat.png", cat, "image/png")},
+                            timeout=30).json()
+    explanation = httpx.post(f"{service}/explain", files={"file": ("cat.png", cat, "image/png")}, timeout=30)
+    model = open_page(page, service)
+    page.set_viewport_size({"width": 1024, "height": 900})
+    expect(page.locator("#model-accuracy")).to_have_text("91.6%")
+    calibration = model["calibration"]
+    expect(page.locator("#model-calibration")).to_contain_text(f"temperature {calibration['temperature']:.3f}")
+    expect(page.locator("#model-calibration")).to_contain_text("17.4% → 1.4%")
+    expect(page.locator("#example-list .example")).to_have_count(10)
+
+    page.locator('.example[data-name="cat.png"]').click()
+    expect(page.locator("body")).to_have_attribute("data-heatmap", "done")
+    expect(page.locator("#result-label")).to_have_text("cat")
+    assert prediction["label"] == "cat" and prediction["in_distribution"] is True
+    expect(page.locator("#result-confidence")).to_have_text(f"{100 * prediction['confidence']:.1f}% confident")
+    expect(page.locator("#ood-warning")).to_be_hidden()
+    assert page.get_attribute("body", "data-ood") == "in"
+    expect(page.locator("#heatmap")).to_be_visible()
+    expect(page.locator("#heatmap-note")).to_contain_text("“cat”")
+    # The overlay is the service's map: its opacity follows the PNG's gray level, peak where the PNG peaks.
+    served = np.asarray(Image.open(io.BytesIO(explanation.content)), dtype=np.float64)
+    alpha = np.array(heatmap_alpha(page), dtype=np.float64)
+    assert alpha.shape == served.shape == (32, 32)
+    assert np.abs(alpha - 0.7 * served).max() <= 1.0
+    # Over the upload: the canvas covers the preview's box exactly.
+    assert page.locator("#heatmap").bounding_box() == page.locator("#preview").bounding_box()
+    assert unexpected(page_errors) == []
+    page.screenshot(path=os.environ.get("PAGE_SCREENSHOT") or tmp_path / "page.png", full_page=True)
+
+
+@pytest.mark.server
+def test_an_image_unlike_any_photo_gets_the_warning_in_plain_words(page: Page, service: str) -> None:
+    noise = images.encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+                          "PNG")
+    answer = httpx.post(f"{service}/predict", files={"file": ("noise.png", noise, "image/png")}, timeout=30).json()
+    assert answer["in_distribution"] is False, "the shipped model's energy rule flags uniform noise (AUROC 1.0)"
+    open_page(page, service)
+    page.set_input_files("#file", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": noise}])
+    expect(page.locator("body")).to_have_attribute("data-state", "done")
+    warning = page.locator("#ood-warning")
+    expect(warning).to_be_visible()
+    expect(warning).to_contain_text("does not look like the photos this model learned from")
+    assert page.get_attribute("body", "data-ood") == "out"
+
+
+@pytest.mark.server
+def test_a_model_without_an_ood_rule_warns_of_nothing(page: Page, service: str) -> None:
+    image = images.png()
+    answer = httpx.post(f"{service}/predict?top_k={TOP_K}", files={"file": ("a.png", image, "image/png")},
+                        timeout=30).json()
+    uncalibrated = answer | {"in_distribution": None, "ood_score": None}
+    page.route("**/predict?*", lambda route: route.fulfill(status=200, json=uncalibrated))
+    open_page(page, service)
+    page.set_input_files("#file", files=[{"name": "a.png", "mimeType": "image/png", "buffer": image}])
+    expect(page.locator("body")).to_have_attribute("data-state", "done")
+    expect(page.locator("#ood-warning")).to_be_hidden()
+    assert page.get_attribute("body", "data-ood") == "unknown"
+
+
+@pytest.mark.server
+def test_a_busy_explainer_leaves_the_answer_and_says_why_there_is_no_map(page: Page, service: str) -> None:
+    detail = "all 1 explanation slots are busy (APP_EXPLAIN_CONCURRENCY=1); retry in 1 s"
+    page.route("**/explain?*", lambda route: route.fulfill(status=503, json={"detail": detail}))
+    open_page(page, service)
+    page.set_input_files("#file", files=[{"name": "a.png", "mimeType": "image/png", "buffer": images.png()}])
+    expect(page.locator("body")).to_have_attribute("data-heatmap", "error")
+    expect(page.locator("#heatmap-note")).to_contain_text(detail)
+    expect(page.locator("#heatmap")).to_be_hidden()
+    expect(page.locator("#result")).to_be_visible()
