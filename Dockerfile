@@ -40,6 +40,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     APP_SHIPPED_WEIGHTS=/app/weights \
+    APP_EXAMPLES_DIR=/app/examples \
     APP_STATE_DIR=/var/lib/cifar-serve/state \
     APP_REGISTRY_DIR=/var/lib/cifar-serve/registry \
     APP_DATA_DIR=/var/lib/cifar-serve/data
@@ -61,6 +62,8 @@ WORKDIR /app
 # The shipped checkpoint (weights/README.md), made readable in the builder; owned by root, so the service
 # cannot change it.
 COPY --from=builder /src/weights/ weights/
+# The example images the web page offers (APP_EXAMPLES_DIR below).
+COPY examples/ examples/
 # Numeric, so that a runtime (Kubernetes' runAsNonRoot, for one) can tell it is not root without /etc/passwd.
 USER 10001:10001
 EXPOSE 8000

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
                                  "both. When it does not exist the service starts without a model")
     shipped_weights: Path = Field(SHIPPED_WEIGHTS, description="the folder of shipped checkpoints (one "
                                   "directory each) that the default is chosen from when APP_WEIGHTS is unset")
+    examples_dir: Path = Field(EXAMPLES_DIR, description="the CIFAR-10 test images the web page offers to click "
+                               "(PNG files directly in it, served read-only); a missing folder offers none")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     max_batch_size: int = Field(0, ge=0, le=4096, description="most images in one forward pass; 0 = automatic "
                                 "(16 on the CPU, 128 on CUDA)")

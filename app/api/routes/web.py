@@ -8,8 +8,8 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse
 
+from app.api.deps import SettingsDep
 from app.api.errors import NotFound
-from app.config import EXAMPLES_DIR
 
 router = APIRouter(include_in_schema=False)
 
@@ -44,7 +44,7 @@ def index() -> HTMLResponse:
     )
 
 
-def example_files(folder: Path = EXAMPLES_DIR) -> dict[str, Path]:
+def example_files(folder: Path) -> dict[str, Path]:
     """The example images by file name: regular PNG files directly in ``folder`` (no links, no subfolders)."""
     if not folder.is_dir():
         return {}
@@ -53,14 +53,14 @@ def example_files(folder: Path = EXAMPLES_DIR) -> dict[str, Path]:
 
 
 @router.get("/examples")
-def examples() -> dict[str, list[str]]:
+def examples(settings: SettingsDep) -> dict[str, list[str]]:
     """The example images' file names, for the page to offer; empty where the folder is not deployed."""
-    return {"examples": list(example_files())}
+    return {"examples": list(example_files(settings.examples_dir))}
 
 
 @router.get("/examples/{name}")
-def example(name: str) -> FileResponse:
-    path = example_files().get(name)
+def example(name: str, settings: SettingsDep) -> FileResponse:
+    path = example_files(settings.examples_dir).get(name)
     if path is None:
         raise NotFound(f"no example image {name!r}: GET /examples lists them")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})

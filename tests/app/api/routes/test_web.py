@@ -25,6 +25,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from app.api.errors import install_error_handlers
 from app.api.routes import web
 from app.api.routes.web import router
+from app.config import Settings
 from model.labels import CLASS_NAMES
 from tests.support import REPO_ROOT, images
 from tests.support.service import live_server
@@ -72,6 +73,7 @@ def test_the_examples_are_listed_and_served_read_only_from_examples_only(tmp_pat
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
+    app.state.settings = Settings()  # APP_EXAMPLES_DIR's default: the repository's examples/
     with TestClient(app) as client:
         listed = client.get("/examples").json()["examples"]
         assert listed == sorted(path.name for path in (REPO_ROOT / "examples").glob("*.png")) and "cat.png" in listed
@@ -86,6 +88,11 @@ def test_the_examples_are_listed_and_served_read_only_from_examples_only(tmp_pat
     (tmp_path / "link.png").symlink_to(REPO_ROOT / "examples" / "cat.png")
     assert list(web.example_files(tmp_path)) == ["real.png"]
     assert web.example_files(tmp_path / "missing") == {}
+    # APP_EXAMPLES_DIR moves the folder (the image keeps it at /app/examples).
+    app.state.settings = Settings(examples_dir=tmp_path)
+    with TestClient(app) as client:
+        assert client.get("/examples").json()["examples"] == ["real.png"]
+        assert client.get("/examples/cat.png").status_code == 404
 
 
 @pytest.fixture(scope="module")
