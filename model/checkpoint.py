@@ -18,10 +18,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from model.architectures import ARCHITECTURES, build_model, parameter_count
+from model.durable import write_atomically
 from model.labels import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, INPUT_SIZE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -148,9 +149,9 @@ def save_checkpoint(
         name: (t.to(target) if t.is_floating_point() else t).detach().cpu().contiguous()
         for name, t in model.state_dict().items()
     }
-    temporary = weights_path.with_suffix(".tmp")
-    save_file(tensors, temporary, metadata={"architecture": architecture})
-    os.replace(temporary, weights_path)
+    # safetensors' save_file creates its file with mode 0600, which a container running as another UID
+    # cannot read; the bytes go through write_atomically instead, which keeps the usual 0644.
+    write_atomically(weights_path, save(tensors, metadata={"architecture": architecture}))
     card = ModelCard(
         architecture=architecture,
         weights_sha256=file_sha256(weights_path),
@@ -163,9 +164,7 @@ def save_checkpoint(
 
 
 def write_card(card: ModelCard, card_path: Path) -> None:
-    temporary = card_path.with_suffix(".tmp")
-    temporary.write_text(card.model_dump_json(indent=2) + "\n")
-    os.replace(temporary, card_path)
+    write_atomically(card_path, card.model_dump_json(indent=2) + "\n")
 
 
 def read_card(path: str | os.PathLike[str]) -> ModelCard:
