@@ -35,6 +35,9 @@ class Settings(BaseSettings):
                                  "at start-up; unset = the shipped checkpoint under weights/ with the highest "
                                  "test accuracy. The registry's current version, when there is one, wins over "
                                  "both. When it does not exist the service starts without a model")
+    reload_roots: list[Path] = Field(default_factory=list, description="folders (a JSON list) whose checkpoint "
+                                     "directories POST /admin/reload may load, besides registry versions, the "
+                                     "shipped weights and APP_WEIGHTS")
     shipped_weights: Path = Field(SHIPPED_WEIGHTS, description="the folder of shipped checkpoints (one "
                                   "directory each) that the default is chosen from when APP_WEIGHTS is unset")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")

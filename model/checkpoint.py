@@ -174,8 +174,20 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
                               f"{WEIGHTS_FILE} and {CARD_FILE}, as written by `python -m training`")
     try:
         return ModelCard.model_validate(json.loads(card_path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as error:
-        raise CheckpointError(f"model card {card_path} is not valid: {error}") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"model card {card_path} is not JSON ({error.msg} at line {error.lineno}, "
+                              f"column {error.colno})") from None
+    except (ValidationError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"model card {card_path} is not valid: {_without_values(error)}") from None
+
+
+def _without_values(error: ValidationError | UnicodeDecodeError) -> str:
+    """What is wrong with a card, field by field, without the values: an error message must not become a
+    way to read a file's contents (the card may not be one)."""
+    if isinstance(error, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    return "; ".join(f"{'.'.join(str(part) for part in detail['loc']) or 'the card'}: {detail['msg']}"
+                     for detail in error.errors(include_input=False, include_url=False))
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:

@@ -83,13 +83,18 @@ class ModelPromoter:
         # One swap at a time, so a manual promotion and a finishing job cannot interleave swap and pointer.
         self._lock = asyncio.Lock()
 
-    async def promote(self, version: str) -> RegisteredModel:
+    async def promote(self, version: str, origin: str = "") -> RegisteredModel:
         """Serve ``version`` (raises ``UnknownVersion``), then point the registry at it."""
         registered = self.registry.get(version)
         async with self._lock:
-            await self.engine.swap(Path(registered.path), origin=f"registry version {version}, promoted")
-            self.registry.set_current(version)
+            await self.engine.swap(Path(registered.path), origin=origin or f"registry version {version}, promoted")
+            await asyncio.to_thread(self.registry.set_current, version)
         return registered
+
+    async def serve_checkpoint(self, checkpoint: Path, origin: str) -> RegisteredModel:
+        """Register a checkpoint directory (raises ``CheckpointError``), then serve and point at it."""
+        registered = await asyncio.to_thread(self.registry.register, checkpoint)
+        return await self.promote(registered.version, origin=origin)
 
     async def register_run(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> Conclusion:
         """The runner's success handler: register the run's checkpoint, then promote it by policy. A failed
