@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     run_jobs: bool = Field(True, description="whether this replica runs training jobs; exactly one should")
     jobs_url: str | None = Field(None, description="where the replica that runs jobs is reached; named in "
                                  "the 503 that replicas with APP_RUN_JOBS=false answer POST /train with")
+    keep_runs: int = Field(50, ge=0, description="run directories kept (the newest jobs'; a queued or running "
+                           "job's always); older ones are deleted, their job records stay; 0 = keep all")
+    keep_versions: int = Field(20, ge=0, description="registry versions kept (the newest registered, plus the "
+                               "current and previous ones always); 0 = keep all")
     registry_poll_s: float = Field(5.0, ge=0, description="how often to check the registry's current version "
                                    "and serve one another replica promoted; 0 = never")
 

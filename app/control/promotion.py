@@ -49,8 +49,8 @@ def should_promote(policy: PromotePolicy, candidate: float | None, serving: Mode
 
 def decide(policy: PromotePolicy, candidate: float | None, test_images: int | None,
            incumbent: ModelCard | None) -> tuple[bool, str]:
-    """Whether to promote a run scoring ``candidate`` on ``test_images`` test images over ``incumbent``,
-    and why, in a sentence for the job's result."""
+    """Whether to promote a run scoring ``candidate`` over ``incumbent``, and why, in a sentence for the job's
+    result; ``test_images``: how many test images a run with a ``test_limit`` was scored on, else None."""
     if policy == "never":
         return False, "APP_PROMOTE=never: promote by hand with POST /admin/promote/{version}"
     if test_images is not None and test_images < TEST_IMAGES:
@@ -101,7 +101,10 @@ class ModelPromoter:
         swap leaves the model registered and the pointer alone, and says so in the conclusion's error."""
         registered = await asyncio.to_thread(self.registry.register, checkpoint, source_job=job.id)
         accuracy = final.get("test_accuracy", registered.card.test_accuracy)
-        test_images = final.get("test_images", job.params.model_dump().get("test_limit"))
+        # Only a test_limit makes a score partial: a run on a smaller data set (the tests' synthetic one)
+        # is scored on all of its test images.
+        limit = job.params.model_dump().get("test_limit")
+        test_images = None if limit is None else final.get("test_images", limit)
         promote, reason = decide(self.policy, accuracy, test_images, await asyncio.to_thread(self._incumbent))
         result = JobResult(model_version=registered.version, test_accuracy=accuracy, promoted=False,
                            reason=reason.replace("{version}", registered.version))
