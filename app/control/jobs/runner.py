@@ -10,6 +10,7 @@ overwrite one another's outcome.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import subprocess
@@ -210,10 +211,27 @@ class JobRunner:
             await self._conclude(job, child.returncode, metrics.final)
         except Exception as error:  # the job must end in a final status whatever went wrong here
             logger.exception("following job %s failed", job.id)
-            self.store.finish(job.id, JobStatus.FAILED, error=f"the job runner failed: {error!r}")
+            await self._fail(job.id, child, _runner_failure(error, self.runs_dir))
         finally:
             self._children.pop(job.id, None)
             self._monitors.pop(job.id, None)
+
+    async def _fail(self, job_id: str, child: subprocess.Popen[bytes], error: str) -> None:
+        """Following the job broke (a full disk, say): stop its training and record the failure, retrying
+        while the job database cannot be written, so the job never stays ``running`` and blocks every
+        later ``POST /train`` with a 409."""
+        if child.poll() is None:
+            await asyncio.to_thread(processes.stop_group, child.pid, None, self.stop_timeout_s, child)
+        delay = self.poll_interval_s
+        while True:
+            try:
+                self.store.finish(job_id, JobStatus.FAILED, error=error, only_from=ACTIVE_STATUSES)
+                logger.error("job %s failed: %s", job_id, error)
+                return
+            except Exception:
+                logger.exception("could not record job %s as failed; retrying in %.2g s", job_id, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     async def _conclude(self, job: Job, returncode: int, final: dict[str, Any] | None) -> None:
         stopped_as = self._stopping.pop(job.id, None)
@@ -260,6 +278,14 @@ class JobRunner:
         if monitor is not None:
             await monitor
         self._stopping.pop(job_id, None)
+
+
+def _runner_failure(error: Exception, runs_dir: Path) -> str:
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "disk is full" in str(error)
+    if full:
+        return (f"the disk holding {runs_dir} is full ({error}); the training was stopped. Free some space "
+                "(APP_KEEP_RUNS and APP_KEEP_VERSIONS prune old runs and versions), then POST /train again")
+    return f"the job runner failed: {error!r}"
 
 
 def _interrupted_message(job_id: str) -> str:
