@@ -40,7 +40,7 @@ HOW_TO_GET_A_MODEL = ("train one with `python -m training` (it writes a checkpoi
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = FastAPI(
         title="cifar-serve",
         version=__version__,

@@ -175,7 +175,7 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
     try:
         return ModelCard.model_validate(json.loads(card_path.read_text()))
     except json.JSONDecodeError as error:
-        raise CheckpointError(f"model card {card_path} is not JSON ({error.msg} at line {error.lineno}, "
+        raise CheckpointError(f"model card {card_path} is not valid JSON ({error.msg} at line {error.lineno}, "
                               f"column {error.colno})") from None
     except (ValidationError, UnicodeDecodeError) as error:
         raise CheckpointError(f"model card {card_path} is not valid: {_without_values(error)}") from None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,12 @@ class ControlPlane:
     runner: JobRunner | None
     runs_dir: Path
     jobs_url: str | None = None
+    # What stops this process when a background task dies: SIGTERM, so uvicorn shuts down gracefully (jobs
+    # marked interrupted) and then re-raises it, so the process ends killed by SIGTERM (status 143 in a
+    # shell, non-zero for a supervisor to restart), rather than serving on with a replica that silently
+    # stopped following the registry. Tests replace it.
+    stop_process: Callable[[], None] = field(default=lambda: signal.raise_signal(signal.SIGTERM))
+    failure: str | None = None
     _follower: asyncio.Task[None] | None = None
 
     def job(self, job_id: str) -> Job:
@@ -69,6 +77,15 @@ class ControlPlane:
         if interval_s > 0:
             self._follower = asyncio.create_task(_follow(self.registry, engine, interval_s),
                                                  name="registry follower")
+            self._follower.add_done_callback(self._stop_if_failed)
+
+    def _stop_if_failed(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failure = f"the {task.get_name()} failed: {task.exception()!r}"
+        logger.critical("%s; stopping the service so that it is restarted", self.failure,
+                        exc_info=task.exception())
+        self.stop_process()
 
     async def close(self) -> None:
         if self._follower is not None:
