@@ -197,6 +197,8 @@ class JobRunner:
         if not resume:
             self.store.update_progress(job.id, JobProgress(epoch=0, epochs=job.params.epochs))
         self.store.mark_running(job.id, child.pid, processes.start_time(child.pid))
+        logger.info("job %s %s: pid %d, logs in %s", job.id, "resumed" if continuing else "started", child.pid,
+                    log_path)
         self._monitors[job.id] = asyncio.create_task(self._follow(job, child), name=f"training job {job.id}")
 
     async def _follow(self, job: Job, child: subprocess.Popen[bytes]) -> None:
@@ -238,8 +240,9 @@ class JobRunner:
         if stopped_as is not None:
             return  # _stop records the outcome
         if returncode != 0 or final is None:
-            self.store.finish(job.id, JobStatus.FAILED, error=self._failure(job.id, returncode),
-                              only_from=(JobStatus.RUNNING,))
+            error = self._failure(job.id, returncode)
+            self.store.finish(job.id, JobStatus.FAILED, error=error, only_from=(JobStatus.RUNNING,))
+            logger.warning("job %s failed: %s", job.id, error)
             return
         checkpoint = Path(final.get("checkpoint") or CHECKPOINT_DIR)
         checkpoint = checkpoint if checkpoint.is_absolute() else self.run_dir(job.id) / checkpoint
@@ -252,6 +255,8 @@ class JobRunner:
             return
         self.store.finish(job.id, JobStatus.SUCCEEDED, result=conclusion.result, error=conclusion.error,
                           only_from=(JobStatus.RUNNING,))
+        logger.info("job %s succeeded: test accuracy %s, model %s", job.id, conclusion.result.test_accuracy,
+                    conclusion.result.model_version)
 
     def _failure(self, job_id: str, returncode: int) -> str:
         """The training module's own ``error:`` line when it wrote one (it does for usage and data problems)."""

@@ -147,3 +147,14 @@ def test_never_says_how_to_promote_by_hand(tmp_path: Path, checkpoints: list[Pat
                                  f"{result.model_version}")
 
     asyncio.run(scenario())
+
+
+def test_the_service_log_says_whether_a_job_model_was_promoted(tmp_path: Path, checkpoints: list[Path],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> str:
+        promoter = ModelPromoter(ModelRegistry(tmp_path / "registry"), FakeEngine(None), "if-better")
+        return (await promoter.register_run(job(), checkpoints[0], {"test_accuracy": 0.1})).result.model_version
+
+    with caplog.at_level("INFO", logger="app.control.promotion"):
+        version = asyncio.run(scenario())
+    assert f"job job1: promoted {version}: nothing with a known test accuracy was served" in caplog.messages

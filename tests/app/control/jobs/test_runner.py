@@ -278,3 +278,19 @@ def test_a_full_disk_fails_the_job_stops_its_training_and_frees_the_slot(tmp_pat
         await runner.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_the_service_log_has_a_line_when_a_job_starts_and_when_it_ends(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        runner, _ = make_runner(tmp_path, "--accuracy", "0.5")
+        job = await runner.submit(TrainParams(epochs=3))
+        await wait_for(runner, job.id, finished)
+        await eventually(lambda: not runner._monitors, what="the monitor to end")
+        return job.id
+
+    with caplog.at_level("INFO", logger="app.control.jobs.runner"):
+        job_id = asyncio.run(scenario())
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith(f"job {job_id} started: pid ") for m in messages), messages
+    assert f"job {job_id} succeeded: test accuracy 0.5, model resnet18-abc" in messages
