@@ -85,8 +85,8 @@ class TrainingCommand:
         if folder.is_dir():
             return None
         return (f"no CIFAR-10 in APP_DATA_DIR ({self.data_dir}): expected the folder {folder}. Put the dataset "
-                "there (the official cifar-10-python.tar.gz unpacked, or `python3 ../shared/cifar10/compact/"
-                f"unpack.py --out {self.data_dir}` with APP_DATA_SKIP_INTEGRITY_CHECK=true), or point "
+                "there (the official cifar-10-python.tar.gz unpacked, or `.venv/bin/python ../shared/cifar10/"
+                f"compact/unpack.py --out {self.data_dir}` with APP_DATA_SKIP_INTEGRITY_CHECK=true), or point "
                 "APP_DATA_DIR at the folder that holds it; then POST /train again")
 
     def _launcher(self, params: TrainParams) -> list[str]:
