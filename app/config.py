@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 from training.devices import DEVICE_NAMES, is_device_name
 
@@ -139,6 +140,10 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as error:
         raise SettingsError("\n".join(_explain(detail) for detail in error.errors(include_url=False))) from None
+    except SourceError as error:  # a list setting whose value is not JSON
+        names = [f"APP_{name.upper()}" for name in Settings.model_fields if f'"{name}"' in str(error)]
+        raise SettingsError(f"{' '.join(names) or 'a list setting'} must be a JSON list, such as "
+                            '["/models"]') from None
 
 
 def _explain(detail: ErrorDetails) -> str:

@@ -81,3 +81,9 @@ def test_a_dead_background_task_stops_python_m_app_with_a_non_zero_exit(tmp_path
     assert returncode == -signal.SIGTERM, log  # uvicorn re-raises the SIGTERM after a graceful shutdown
     assert "CRITICAL app.control.plane: the registry follower failed: IsADirectoryError" in log
     assert "Application shutdown complete" in log
+
+
+def test_a_list_setting_that_is_not_json_is_one_line_too(monkeypatch):
+    monkeypatch.setenv("APP_RELOAD_ROOTS", "/models")
+    with pytest.raises(SettingsError, match=r'^APP_RELOAD_ROOTS must be a JSON list, such as \["/models"\]$'):
+        load_settings()
