@@ -64,8 +64,11 @@ def reload_roots(settings: Settings) -> list[Path]:
 
 def allowed_checkpoint(weights: str, settings: Settings) -> str:
     """``weights`` if it resolves (links and ``..`` followed) to a folder under an allowed root."""
-    resolved = Path(weights).resolve()
-    if not any(resolved == root or resolved.is_relative_to(root) for root in reload_roots(settings)):
+    try:
+        resolved = Path(weights).resolve()
+    except (ValueError, OSError):  # a NUL byte, a symlink loop
+        resolved = None
+    if resolved is None or not any(resolved.is_relative_to(root) for root in reload_roots(settings)):
         raise BadRequest(f"{weights} is not under a folder /admin/reload may load from (the shipped weights, "
                          "APP_WEIGHTS, APP_RELOAD_ROOTS); name a registry version instead, "
                          '{"version": "..."} (GET /models lists them), or add its folder to APP_RELOAD_ROOTS')

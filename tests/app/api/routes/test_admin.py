@@ -62,7 +62,7 @@ async def test_reload_moves_the_registry_pointer_so_every_replica_follows(servic
     await client.post("/admin/reload", headers=AUTH, json={"version": first})
 
 
-@pytest.mark.parametrize("outside", ["/etc", "/nonexistent/checkpoint", "{other}/../../.."])
+@pytest.mark.parametrize("outside", ["/etc", "/nonexistent/checkpoint", "{other}/../../..", "nul\x00byte"])
 async def test_a_path_outside_the_allowed_folders_is_refused_before_it_is_read(client, other_checkpoint, outside):
     response = await client.post("/admin/reload", headers=AUTH,
                                  json={"weights": outside.format(other=other_checkpoint)})
