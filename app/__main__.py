@@ -7,11 +7,17 @@ batches best. Settings come from ``APP_*`` environment variables (see ``app/conf
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import socket
+import sys
 
 import uvicorn
 
-from app.config import Settings
+from app.config import SettingsError, load_settings, unknown_variables
 from app.logging import configure_logging
+
+logger = logging.getLogger("app")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,10 +26,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     args = parser.parse_args(argv)
-    settings = Settings()  # fail here, with pydantic's message, before uvicorn starts workers
-    configure_logging(settings.log_level)
+    try:
+        settings = load_settings()  # fail here, one line per bad variable, before uvicorn starts workers
+    except SettingsError as error:
+        sys.exit("\n".join(f"error: {line}" for line in str(error).splitlines()))
+    configure_logging(settings.log_level, settings.log_format)
+    for warning in unknown_variables():
+        logger.warning(warning)
+    if (taken := port_problem(args.host, args.port)) is not None:
+        sys.exit(f"error: {taken}")
     uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_config=None,
                 access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on ``host:port``, in our words, or None."""
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            return None
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            return (f"port {port} on {host} is already in use (another server is running?): stop it, or use "
+                    f"--port to pick another, e.g. python -m app --port {port + 1}")
+        return None  # anything else, uvicorn reports itself
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ with a message saying what to set instead.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 from training.devices import DEVICE_NAMES, is_device_name
 
@@ -37,6 +42,9 @@ class Settings(BaseSettings):
                                  "at start-up; unset = the shipped checkpoint under weights/ with the highest "
                                  "test accuracy. The registry's current version, when there is one, wins over "
                                  "both. When it does not exist the service starts without a model")
+    reload_roots: list[Path] = Field(default_factory=list, description="folders (a JSON list) whose checkpoint "
+                                     "directories POST /admin/reload may load, besides registry versions, the "
+                                     "shipped weights and APP_WEIGHTS")
     shipped_weights: Path = Field(SHIPPED_WEIGHTS, description="the folder of shipped checkpoints (one "
                                   "directory each) that the default is chosen from when APP_WEIGHTS is unset")
     examples_dir: Path = Field(EXAMPLES_DIR, description="the CIFAR-10 test images the web page offers to click "
@@ -68,6 +76,9 @@ class Settings(BaseSettings):
     parallel_batches: int = Field(0, ge=0, description="forward passes run at once; 0 = automatic")
     decode_threads: int = Field(0, ge=0, description="threads decoding images; 0 = automatic")
     log_level: str = Field("info", description="debug, info, warning or error")
+    log_format: Literal["auto", "json", "text"] = Field("auto", description="json = one JSON object per line; "
+                                                        "text = human-readable lines; auto = text on a "
+                                                        "terminal, else json")
     # Training jobs and the model registry (docs/jobs.md).
     state_dir: Path = Field(Path("state"), description="the job database (jobs.db) and each training run's "
                             "directory (runs/<id>/)")
@@ -81,6 +92,10 @@ class Settings(BaseSettings):
     run_jobs: bool = Field(True, description="whether this replica runs training jobs; exactly one should")
     jobs_url: str | None = Field(None, description="where the replica that runs jobs is reached; named in "
                                  "the 503 that replicas with APP_RUN_JOBS=false answer POST /train with")
+    keep_runs: int = Field(50, ge=0, description="run directories kept (the newest jobs'; a queued or running "
+                           "job's always); older ones are deleted, their job records stay; 0 = keep all")
+    keep_versions: int = Field(20, ge=0, description="registry versions kept (the newest registered, plus the "
+                               "current and previous ones always); 0 = keep all")
     registry_poll_s: float = Field(5.0, ge=0, description="how often to check the registry's current version "
                                    "and serve one another replica promoted; 0 = never")
 
@@ -124,3 +139,49 @@ class Settings(BaseSettings):
                 "full batch upload could never be queued; raise APP_MAX_QUEUE or lower APP_MAX_BATCH_FILES"
             )
         return self
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work: one line per bad variable, naming it and what to set."""
+
+
+def load_settings() -> Settings:
+    """``Settings()`` from the environment, with pydantic's errors turned into one line per variable."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise SettingsError("\n".join(_explain(detail) for detail in error.errors(include_url=False))) from None
+    except SourceError as error:  # a list setting whose value is not JSON
+        names = [f"APP_{name.upper()}" for name in Settings.model_fields if f'"{name}"' in str(error)]
+        raise SettingsError(f"{' '.join(names) or 'a list setting'} must be a JSON list, such as "
+                            '["/models"]') from None
+
+
+def _explain(detail: ErrorDetails) -> str:
+    location = detail["loc"]
+    message = detail["msg"].removeprefix("Value error, ")
+    if not location:
+        return message  # a rule between settings: its message names them
+    name = str(location[0])
+    field = Settings.model_fields.get(name)
+    variable = f"APP_{name.upper()}"
+    if variable in message:  # the validator already wrote a whole sentence
+        return message
+    value = "" if name == "admin_token" else f"={detail.get('input')!r}"
+    hint = f"; it is the {field.description}" if field is not None and field.description else ""
+    default = "" if field is None else f" (unset: {field.get_default(call_default_factory=True)!r})"
+    return f"{variable}{value}: {message}{hint}{default}"
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A warning for each ``APP_*`` variable that is no setting (a typo is otherwise silently ignored)."""
+    known = {f"APP_{name.upper()}" for name in Settings.model_fields}
+    warnings = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith("APP_") or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        guess = f"; did you mean {close[0]}?" if close else "; docs/service.md lists the settings"
+        warnings.append(f"{variable} is not a setting and is ignored{guess}")
+    return warnings

@@ -12,7 +12,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -42,7 +41,7 @@ HOW_TO_GET_A_MODEL = ("train one with `python -m training` (it writes a checkpoi
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = FastAPI(
         title="cifar-serve",
         version=__version__,
@@ -113,13 +112,20 @@ def start_loading(engine: InferenceEngine, choice: InitialModel) -> asyncio.Task
         return None
     logger.info("serving %s: %s", weights, choice.origin)
     engine.unavailable_reason = f"the model at {weights} is loading and warming up; retry in a few seconds"
-    return asyncio.create_task(_load_initial_model(engine, weights, choice.origin), name="initial-model")
+    return asyncio.create_task(_load_initial_model(engine, choice), name="initial-model")
 
 
-async def _load_initial_model(engine: InferenceEngine, weights: Path, origin: str) -> None:
-    try:
-        await engine.swap(weights, origin=origin)
-    except Exception as error:  # a bad checkpoint must not stop the service: /admin/reload can still fix it
-        engine.unavailable_reason = (f"no model is loaded: the checkpoint at {weights} could not be served "
-                                     f"({error}); {HOW_TO_GET_A_MODEL}")
-        logger.error(engine.unavailable_reason, exc_info=True)
+async def _load_initial_model(engine: InferenceEngine, choice: InitialModel) -> None:
+    """Serve the chosen checkpoint, else its fallback (the registry's previous version), else nothing."""
+    attempt: InitialModel | None = choice
+    while attempt is not None and attempt.path is not None:
+        try:
+            await engine.swap(attempt.path, origin=attempt.origin)
+            return
+        except Exception as error:  # a bad checkpoint must not stop the service: /admin/reload can still fix it
+            engine.unavailable_reason = (f"no model is loaded: the checkpoint at {attempt.path} could not be "
+                                         f"served ({error}); {HOW_TO_GET_A_MODEL}")
+            logger.error(engine.unavailable_reason, exc_info=True)
+            attempt = attempt.fallback
+            if attempt is not None and attempt.path is not None:
+                logger.warning("falling back to %s: %s", attempt.path, attempt.origin)

@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line, naming the request they belong to.
+"""Structured logs: one JSON object per line, naming the request they belong to; on a terminal, or with
+``APP_LOG_FORMAT=text``, one human-readable line instead (``APP_LOG_FORMAT=json`` forces JSON).
 
 The request ID is held in a context variable set by the request middleware, so any log line written while
 handling a request (in the route, or in a thread started from it with ``asyncio.to_thread``) names it
@@ -39,13 +40,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str = "info") -> None:
-    """Send the service's and uvicorn's logs to stderr as JSON lines. Idempotent.
+class TextFormatter(logging.Formatter):
+    """``12:00:00.123 INFO    app.factory: message  key=value request_id=...``: the JSON's fields, for a person."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        clock = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        fields = {key: value for key, value in vars(record).items() if key not in _STANDARD and not key.startswith("_")}
+        if (current := request_id.get()) is not None:
+            fields["request_id"] = current
+        extra = "".join(f" {key}={value}" for key, value in fields.items())
+        line = f"{clock} {record.levelname:<7} {record.name}: {record.getMessage()}{'  ' + extra if extra else ''}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def use_text(log_format: str, stream: object = sys.stderr) -> bool:
+    if log_format == "auto":
+        return bool(getattr(stream, "isatty", lambda: False)())
+    return log_format == "text"
+
+
+def configure_logging(level: str = "info", log_format: str = "auto") -> None:
+    """Send the service's and uvicorn's logs to stderr, as JSON lines or (``use_text``) text lines. Idempotent.
 
     uvicorn's own access log is silenced: the request middleware writes one richer line per request.
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if use_text(log_format, sys.stderr) else JsonFormatter())
     for name in _SERVICE_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [handler]

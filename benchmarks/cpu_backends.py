@@ -7,7 +7,7 @@ and test-set accuracy (or, without trained weights, agreement) relative to the f
 Run it from ``.venv-bench`` (``pip install -e '.[bench]'``): the ``onnx`` and ``int8-pt2e`` rows need
 ONNX Runtime and torchao, which the service's venv does not have; under ``.venv`` those rows say why they
 were skipped. The real CIFAR-10 test images come from ``--data-dir`` (unpack ../shared/cifar10 with
-``python3 ../shared/cifar10/compact/unpack.py --out .cache/cifar10``).
+``.venv/bin/python ../shared/cifar10/compact/unpack.py --out .cache/cifar10``).
 
 Throughput is measured in interleaved rounds (every backend and batch size once per round, then again),
 and the median round is reported, so a burst of load from other processes on a shared machine hits all
@@ -84,7 +84,7 @@ def read_batch(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     path = data_dir / "cifar-10-batches-py" / name
     if not path.is_file():
         sys.exit(f"no {path}: unpack CIFAR-10 first with "
-                 "`python3 ../shared/cifar10/compact/unpack.py --out .cache/cifar10`, or pass --data-dir")
+                 "`.venv/bin/python ../shared/cifar10/compact/unpack.py --out .cache/cifar10`, or pass --data-dir")
     with open(path, "rb") as handle:
         entry = pickle.load(handle, encoding="latin1")
     images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from model.durable import write_atomically
+
 FORMAT_VERSION: Literal[1] = 1
 BATCH_SIZES = (1, 16, 64)
 # APP_MAX_ACCURACY_DROP's default (issue 11): 0.2 points is 20 of the 10,000 test images.
@@ -152,9 +154,7 @@ class BackendReport(BaseModel):
 def write_backend_report(report: BackendReport, directory: str | os.PathLike[str]) -> Path:
     """Write ``report`` into the checkpoint ``directory``, atomically; returns the file's path."""
     path = Path(directory) / report_file(report.machine.device_type)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(report.model_dump_json(indent=2) + "\n")
-    os.replace(temporary, path)
+    write_atomically(path, report.model_dump_json(indent=2) + "\n")
     return path
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from model.durable import write_atomically
 
 CALIBRATION_FILE = "calibration.safetensors"
 FORMAT_VERSION = "1"
@@ -36,10 +38,8 @@ def save_calibration_set(directory: str | os.PathLike[str], pixels: np.ndarray |
     tensor = torch.as_tensor(pixels)
     _check_pixels(tensor, "pixels to save")
     path = Path(directory) / CALIBRATION_FILE
-    temporary = path.with_suffix(".tmp")
-    save_file({_TENSOR: tensor.contiguous()}, temporary,
-              metadata={"format_version": FORMAT_VERSION, "weights_sha256": weights_sha256, "source": source})
-    os.replace(temporary, path)
+    write_atomically(path, save({_TENSOR: tensor.contiguous()}, metadata={
+        "format_version": FORMAT_VERSION, "weights_sha256": weights_sha256, "source": source}))
     return path
 
 

@@ -18,10 +18,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from model.architectures import ARCHITECTURES, build_model, parameter_count
+from model.durable import write_atomically
 from model.labels import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, INPUT_SIZE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -148,9 +149,9 @@ def save_checkpoint(
         name: (t.to(target) if t.is_floating_point() else t).detach().cpu().contiguous()
         for name, t in model.state_dict().items()
     }
-    temporary = weights_path.with_suffix(".tmp")
-    save_file(tensors, temporary, metadata={"architecture": architecture})
-    os.replace(temporary, weights_path)
+    # safetensors' save_file creates its file with mode 0600, which a container running as another UID
+    # cannot read; the bytes go through write_atomically instead, which keeps the usual 0644.
+    write_atomically(weights_path, save(tensors, metadata={"architecture": architecture}))
     card = ModelCard(
         architecture=architecture,
         weights_sha256=file_sha256(weights_path),
@@ -163,9 +164,7 @@ def save_checkpoint(
 
 
 def write_card(card: ModelCard, card_path: Path) -> None:
-    temporary = card_path.with_suffix(".tmp")
-    temporary.write_text(card.model_dump_json(indent=2) + "\n")
-    os.replace(temporary, card_path)
+    write_atomically(card_path, card.model_dump_json(indent=2) + "\n")
 
 
 def read_card(path: str | os.PathLike[str]) -> ModelCard:
@@ -175,8 +174,20 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
                               f"{WEIGHTS_FILE} and {CARD_FILE}, as written by `python -m training`")
     try:
         return ModelCard.model_validate(json.loads(card_path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as error:
-        raise CheckpointError(f"model card {card_path} is not valid: {error}") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"model card {card_path} is not valid JSON ({error.msg} at line {error.lineno}, "
+                              f"column {error.colno})") from None
+    except (ValidationError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"model card {card_path} is not valid: {_without_values(error)}") from None
+
+
+def _without_values(error: ValidationError | UnicodeDecodeError) -> str:
+    """What is wrong with a card, field by field, without the values: an error message must not become a
+    way to read a file's contents (the card may not be one)."""
+    if isinstance(error, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    return "; ".join(f"{'.'.join(str(part) for part in detail['loc']) or 'the card'}: {detail['msg']}"
+                     for detail in error.errors(include_input=False, include_url=False))
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:

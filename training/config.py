@@ -10,13 +10,13 @@ saved whole in RUN/config.json and in the model card.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from model.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from model.durable import write_atomically
 from model.labels import INPUT_SIZE
 from training.devices import DEVICE_NAMES, is_device_name
 from training.layout import CONFIG_FILE
@@ -214,9 +214,7 @@ def write_config(run_dir: Path, config: TrainingConfig, **provenance: Any) -> No
     """RUN/config.json: the resolved configuration plus where it ran (git commit, torch version)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG_FILE
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"config": config.to_dict(), **provenance}, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps({"config": config.to_dict(), **provenance}, indent=2) + "\n")
 
 
 def read_config(run_dir: Path) -> TrainingConfig:

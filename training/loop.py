@@ -25,6 +25,9 @@ from training.optimizer import build_optimizer, build_scheduler
 from training.sampling import epoch_batches, seeded_generator
 
 PROGRESS_EVERY = 25  # steps between loss read-outs on the progress bar; each one waits for the GPU
+# Without a terminal the bar is off (tqdm's disable=None), so a log (a job's train.log, `| tee`) would show
+# nothing until the first epoch ends, minutes in on a CPU: a plain progress line this often instead.
+PROGRESS_LINE_EVERY_S = 30.0
 # On a CPU an epoch can take many minutes (ResNet-50: about half an hour): after this many steps, timed from
 # the second step on so the first step's one-off set-up is left out, the run says how long it will take.
 ESTIMATE_AFTER_STEPS = 6
@@ -137,6 +140,12 @@ def speed_estimate(seconds_per_step: float, steps_per_epoch: int, batch_size: in
             f"{epochs_left} epoch(s) left")
 
 
+def progress_line(epoch: int, epochs: int, step: int, steps: int, loss: float, images_per_s: float) -> str:
+    """``epoch 1/35: step 120/390 (31 %), loss 1.234, 412 images/s``; ``epoch`` 1-based."""
+    return (f"epoch {epoch}/{epochs}: step {step}/{steps} ({100 * step / steps:.0f} %), loss {loss:.3f}, "
+            f"{images_per_s:.0f} images/s")
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -174,7 +183,8 @@ def train_one_epoch(
     correct = torch.zeros((), device=device)
     progress = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False,
                     disable=None if worker.is_main else True)
-    timed_from = start
+    timed_from = line_at = start
+    lines = progress.disable and worker.is_main
     for step, indices in enumerate(batches):
         labels = data.labels[indices]
         loss, logits = train_step(learner, data.images[indices], labels, generator, config, autocast)
@@ -191,6 +201,10 @@ def train_one_epoch(
                                           config.epochs - epoch))
         if not progress.disable and step % PROGRESS_EVERY == 0:
             progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{learner.scheduler.get_last_lr()[0]:.4f}")
+        if lines and (now := time.perf_counter()) - line_at >= PROGRESS_LINE_EVERY_S:
+            line_at = now
+            rate = (step + 1) * config.batch_size * worker.world_size / (now - start)
+            print(progress_line(epoch + 1, config.epochs, step + 1, len(batches), loss.item(), rate), flush=True)
     progress.close()
     images = batches.numel() * worker.world_size
     totals = worker.all_reduce_sum(torch.stack([loss_sum, correct]))

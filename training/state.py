@@ -3,19 +3,21 @@
 It holds the model, optimizer (momentum buffers), scheduler and EMA state, the number of finished epochs, the
 training seconds spent so far, the length of metrics.jsonl at that point, and the global RNG states. The
 per-epoch shuffle and augmentation generators need no saving: training/sampling.py derives them from the
-seed and the epoch number. Written atomically (a temporary file, then os.replace), so a kill mid-write leaves
-the previous state.pt intact; read with ``weights_only=True``, so loading it never runs pickled code.
+seed and the epoch number. Written atomically and durably (a temporary file, fsynced, then renamed:
+``model.durable``), so a kill or power cut mid-write leaves the previous state.pt intact; read with
+``weights_only=True``, so loading it never runs pickled code.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from model.durable import replace_durably
 
 
 class StateError(RuntimeError):
@@ -43,7 +45,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     temporary = path.with_suffix(".tmp")
     try:
         torch.save(state, temporary)
-        os.replace(temporary, path)
+        replace_durably(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -99,8 +99,9 @@ class ModelInfo(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    weights: str | None = Field(None, description="checkpoint directory to load; default: the one chosen at "
-                                "start-up (APP_WEIGHTS, else the shipped default)")
+    version: str | None = Field(None, description="registry version to serve (GET /models lists them)")
+    weights: str | None = Field(None, description="checkpoint directory to load, under the shipped weights, "
+                                "APP_WEIGHTS or APP_RELOAD_ROOTS; default: the one chosen at start-up")
 
 
 class ReloadResponse(BaseModel):

@@ -3,8 +3,10 @@
 The imports go one way::
 
     plane ──┬──> promotion ──┬──> registry ──> model.checkpoint
-            │                v
-            └──────────────> jobs  (schemas, store, runner, processes, progress)
+            │                v       ^
+            ├──────────────> jobs  (schemas, store, runner, processes, progress)
+            │                ^       |
+            └──> retention ──┴───────┘
 
 ``jobs`` knows nothing of the registry or of promotion: its runner hands a finished run's checkpoint to a
 success handler, ``ModelPromoter.register_run``, which registers it and serves it by policy. ``plane``

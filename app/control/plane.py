@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from app.config import SHIPPED_WEIGHTS, Settings
+from app.control import retention
 from app.control.jobs.progress import tail_lines
-from app.control.jobs.runner import JobRunner, TrainingCommand
+from app.control.jobs.runner import Conclusion, JobRunner, TrainingCommand
 from app.control.jobs.schemas import Job
 from app.control.jobs.store import JobStore, UnknownJob
 from app.control.promotion import HotSwappable, ModelPromoter
@@ -40,6 +44,12 @@ class ControlPlane:
     runner: JobRunner | None
     runs_dir: Path
     jobs_url: str | None = None
+    # What stops this process when a background task dies: SIGTERM, so uvicorn shuts down gracefully (jobs
+    # marked interrupted) and then re-raises it, so the process ends killed by SIGTERM (status 143 in a
+    # shell, non-zero for a supervisor to restart), rather than serving on with a replica that silently
+    # stopped following the registry. Tests replace it.
+    stop_process: Callable[[], None] = field(default=lambda: signal.raise_signal(signal.SIGTERM))
+    failure: str | None = None
     _follower: asyncio.Task[None] | None = None
 
     def job(self, job_id: str) -> Job:
@@ -67,6 +77,15 @@ class ControlPlane:
         if interval_s > 0:
             self._follower = asyncio.create_task(_follow(self.registry, engine, interval_s),
                                                  name="registry follower")
+            self._follower.add_done_callback(self._stop_if_failed)
+
+    def _stop_if_failed(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failure = f"the {task.get_name()} failed: {task.exception()!r}"
+        logger.critical("%s; stopping the service so that it is restarted", self.failure,
+                        exc_info=task.exception())
+        self.stop_process()
 
     async def close(self) -> None:
         if self._follower is not None:
@@ -86,8 +105,18 @@ async def open_control_plane(settings: Settings, engine: HotSwappable) -> Contro
     if settings.run_jobs:
         command = TrainingCommand(data_dir=settings.data_dir.resolve(), device=settings.training_device,
                                   skip_integrity_check=settings.data_skip_integrity_check)
-        runner = JobRunner(store, runs_dir.resolve(), command, promoter.register_run)
+
+        def apply_retention() -> None:
+            retention.prune(store, runs_dir, registry, settings.keep_runs, settings.keep_versions)
+
+        async def register_then_prune(job: Job, checkpoint: Path, final: dict[str, Any]) -> Conclusion:
+            conclusion = await promoter.register_run(job, checkpoint, final)
+            await asyncio.to_thread(apply_retention)
+            return conclusion
+
+        runner = JobRunner(store, runs_dir.resolve(), command, register_then_prune)
         await asyncio.to_thread(runner.recover)
+        await asyncio.to_thread(apply_retention)
     return ControlPlane(store=store, registry=registry, promoter=promoter, runner=runner, runs_dir=runs_dir,
                         jobs_url=settings.jobs_url)
 
@@ -98,18 +127,29 @@ class InitialModel:
 
     path: Path | None
     origin: str
+    # What to serve if ``path`` fails to load (the registry's previous version), rather than nothing.
+    fallback: InitialModel | None = None
 
 
 def initial_model(registry: ModelRegistry, configured: Path | None,
                   shipped_root: Path = SHIPPED_WEIGHTS) -> InitialModel:
-    """The registry's current version if there is one, else ``APP_WEIGHTS``, else the best shipped checkpoint."""
+    """The registry's current version if there is one, else ``APP_WEIGHTS``, else the best shipped checkpoint.
+    A current version comes with the previous one as its fallback, or, without one, what would be served if
+    there were no registry."""
     current = registry.current()
     if current is not None:
+        fallback = _previous_version(registry) or _without_registry(configured, shipped_root)
         try:
             return InitialModel(registry.path(current), f"registry version {current}, the registry's current "
-                                "(it wins over APP_WEIGHTS and the shipped default)")
+                                "(it wins over APP_WEIGHTS and the shipped default)", fallback)
         except UnknownVersion:
-            logger.error("the registry names %s as current, but it has no such version", current)
+            logger.error("the registry names %s as current, but it has no such version; serving %s (%s)",
+                         current, fallback.path, fallback.origin)
+            return fallback
+    return _without_registry(configured, shipped_root)
+
+
+def _without_registry(configured: Path | None, shipped_root: Path) -> InitialModel:
     if configured is not None:
         return InitialModel(configured, "APP_WEIGHTS")
     shipped = best_shipped_checkpoint(shipped_root)
@@ -117,6 +157,17 @@ def initial_model(registry: ModelRegistry, configured: Path | None,
         return InitialModel(None, f"no APP_WEIGHTS and no shipped checkpoint under {shipped_root}")
     return InitialModel(shipped, f"the shipped default: the checkpoint under {shipped_root.name}/ with the "
                         "highest test accuracy")
+
+
+def _previous_version(registry: ModelRegistry) -> InitialModel | None:
+    previous = registry.previous()
+    if previous is None:
+        return None
+    try:
+        return InitialModel(registry.path(previous), f"registry version {previous}, the registry's previous: "
+                            "its current version could not be served")
+    except UnknownVersion:
+        return None
 
 
 def best_shipped_checkpoint(root: Path = SHIPPED_WEIGHTS) -> Path | None:

@@ -7,11 +7,14 @@ Layout under ``APP_REGISTRY_DIR`` (default ``$APP_STATE_DIR/registry``)::
     versions/<version>/SHA256SUMS          both files' SHA-256, in ``sha256sum -c`` format
     versions/<version>/registration.json   when it was registered, and from which training job
     current                                the served version's name, one line
+    previous                               the version ``current`` named before, one line: the fallback
 
 A version is assembled in a temporary directory and renamed into place, so ``versions/`` never holds half a
-version; ``current`` is written to a temporary file and ``os.replace``d, so a reader sees the old pointer or
-the new one, never a torn one. The version name is the card's ``.version`` (architecture + weights hash), so
-registering the same weights twice yields the same version rather than a duplicate.
+version; ``current`` is written to a temporary file and renamed (``model.durable``: data, rename and
+directory fsynced), so a reader sees the old pointer or the new one, never a torn one, even after a crash.
+``prune`` deletes the oldest versions beyond a count, never ``current`` or ``previous``. The version name is
+the card's ``.version`` (architecture + weights hash), so registering the same weights twice yields the same
+version rather than a duplicate.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from model.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, ModelCard, file_sha256, read_card
+from model.durable import replace_durably, write_atomically
 
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
@@ -53,6 +57,7 @@ class ModelRegistry:
         self.versions_dir = root / "versions"
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self._pointer = root / "current"
+        self._previous = root / "previous"
 
     def register(self, checkpoint_dir: Path, *, source_job: str | None = None) -> RegisteredModel:
         """Copy a verified checkpoint into the registry; the version is the card's. Idempotent."""
@@ -78,7 +83,7 @@ class ModelRegistry:
             (staging / "registration.json").write_text(json.dumps(registration) + "\n")
             for child in staging.iterdir():
                 child.chmod(_READ_ONLY)
-            os.rename(staging, final)
+            replace_durably(staging, final)
         except OSError:
             # Another registration of the same weights won the rename; its copy is identical.
             shutil.rmtree(staging, ignore_errors=True)
@@ -106,14 +111,40 @@ class ModelRegistry:
 
     def current(self) -> str | None:
         """The version the service should serve, or None if none was ever promoted."""
-        try:
-            version = self._pointer.read_text().strip()
-        except FileNotFoundError:
-            return None
-        return version or None
+        return _read_pointer(self._pointer)
+
+    def previous(self) -> str | None:
+        """The version that was current before the current one: what to serve if the current fails to load."""
+        return _read_pointer(self._previous)
 
     def set_current(self, version: str) -> None:
         self.path(version)
-        temporary = self.root / f".current-{uuid.uuid4().hex}.tmp"
-        temporary.write_text(version + "\n")
-        os.replace(temporary, self._pointer)
+        before = self.current()
+        if before is not None and before != version:
+            write_atomically(self._previous, before + "\n")
+        write_atomically(self._pointer, version + "\n")
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the ``keep`` newest registered versions, always keeping ``current`` and ``previous``
+        (they may be older); ``keep`` 0 keeps everything. Returns the deleted versions."""
+        if keep <= 0:
+            return []
+        protected = {self.current(), self.previous()}
+        deleted = []
+        for model in self.versions()[keep:]:
+            if model.version in protected:
+                continue
+            # Renamed out of versions/ first, so no reader ever sees a half-deleted version.
+            doomed = self.versions_dir / f".deleting-{uuid.uuid4().hex}"
+            os.rename(model.path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            deleted.append(model.version)
+        return deleted
+
+
+def _read_pointer(path: Path) -> str | None:
+    try:
+        version = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return version or None

@@ -23,6 +23,19 @@ class CalibrationUnavailable(RuntimeError):
     """No calibration images where the settings say they are; the message says what to set."""
 
 
+# A CIFAR-10 batch is a dict of lists, strings and numpy arrays; pickle would otherwise call any global a
+# file names, so a planted data_batch_1 could run code in the service. These are the only ones it needs.
+_ARRAY_GLOBALS = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                            ("numpy", "ndarray"), ("numpy", "dtype")})
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never does")
+        return super().find_class(module, name)
+
+
 def calibration_pixels(data_dir: Path, count: int = CALIBRATION_IMAGES) -> np.ndarray:
     """``(count, 32, 32, 3)`` uint8 pixels from ``data_dir/cifar-10-batches-py/data_batch_1``."""
     path = Path(data_dir) / DATA_FOLDER / BATCH_FILE
@@ -30,7 +43,11 @@ def calibration_pixels(data_dir: Path, count: int = CALIBRATION_IMAGES) -> np.nd
         raise CalibrationUnavailable(
             f"APP_CPU_BACKEND=int8 calibrates on CIFAR-10 training images, but {path} does not exist: set "
             "APP_DATA_DIR to the folder holding cifar-10-batches-py/, or use APP_CPU_BACKEND=fused")
-    with open(path, "rb") as handle:  # the local training data set, the same files training unpickles
-        entry = pickle.load(handle, encoding="latin1")
-    data = np.asarray(entry["data"][:count], dtype=np.uint8)
+    try:
+        with open(path, "rb") as handle:
+            entry = _ArraysOnly(handle, encoding="latin1").load()
+        data = np.asarray(entry["data"][:count], dtype=np.uint8)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+        raise CalibrationUnavailable(f"{path} is not a CIFAR-10 batch file ({error}); point APP_DATA_DIR at an "
+                                     "unpacked cifar-10-python.tar.gz, or use APP_CPU_BACKEND=fused") from None
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))

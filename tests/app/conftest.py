@@ -33,9 +33,11 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-async def service(tiny_checkpoint: Path) -> AsyncIterator[Service]:
-    """The app serving ``tiny_checkpoint``, shared by one test module."""
-    async with running_app(service_settings(tiny_checkpoint, max_upload_bytes=UPLOAD_LIMIT)) as (app, client):
+async def service(tiny_checkpoint: Path, other_checkpoint: Path) -> AsyncIterator[Service]:
+    """The app serving ``tiny_checkpoint``, shared by one test module; ``/admin/reload`` may load
+    ``other_checkpoint``."""
+    settings = service_settings(tiny_checkpoint, max_upload_bytes=UPLOAD_LIMIT, reload_roots=[other_checkpoint])
+    async with running_app(settings) as (app, client):
         yield Service(app, client)
 
 

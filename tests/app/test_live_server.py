@@ -20,8 +20,9 @@ AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint):
-    with live_server(tmp_path_factory.mktemp("live"), live_environment(tiny_checkpoint)) as running:
+def server(tmp_path_factory, tiny_checkpoint, other_checkpoint):
+    environment = live_environment(tiny_checkpoint, APP_RELOAD_ROOTS=json.dumps([str(other_checkpoint)]))
+    with live_server(tmp_path_factory.mktemp("live"), environment) as running:
         yield running
 
 

@@ -3,6 +3,7 @@ a live server, and its settings tables name every setting with its default."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ def test_the_settings_tables_name_every_setting_with_its_default():
     rows = {cells[0].strip("`"): cells[1] for cells in table_rows(page(PAGE)) if cells[0].startswith("`APP_")}
     assert set(rows) == {f"APP_{name.upper()}" for name in Settings.model_fields}
     for name, field in Settings.model_fields.items():
-        default = documented_default(field.default)
+        default = documented_default(field.get_default(call_default_factory=True))
         assert rows[f"APP_{name.upper()}"].startswith(default), f"APP_{name.upper()}: the default is {default}"
 
 
@@ -52,7 +53,8 @@ def test_the_curl_examples_run_against_a_live_server(tmp_path, tiny_checkpoint, 
     (workdir / "cat.png").write_bytes(images.png(seed=1))
     Image.fromarray(images.pixels(seed=2)).save(workdir / "dog.jpg")
     shutil.copytree(other_checkpoint, workdir / "other-checkpoint")
-    with live_server(tmp_path, live_environment(tiny_checkpoint)) as server:
+    environment = live_environment(tiny_checkpoint, APP_RELOAD_ROOTS=json.dumps([str(workdir)]))
+    with live_server(tmp_path, environment) as server:
         for block in blocks:
             script = FAIL_ON_HTTP_ERRORS + block.replace("http://localhost:8000", server.url)
             result = subprocess.run(["bash", "-e", "-c", script], cwd=workdir, capture_output=True, text=True,

@@ -88,9 +88,10 @@ def healthcheck_command(stage: list[Instruction]) -> list[str]:
     return value
 
 
-def run_healthcheck(port: int) -> int:
-    """Exit status of the image's HEALTHCHECK command, with `python` this interpreter and the port moved."""
-    command = healthcheck_command(final_stage())
+def run_healthcheck(port: int, command: list[str] | None = None) -> int:
+    """Exit status of the image's HEALTHCHECK command (or ``command``, such as a compose file's), with
+    `python` this interpreter and the port moved."""
+    command = command or healthcheck_command(final_stage())
     command = [sys.executable if part == "python" else part.replace(":8000/", f":{port}/") for part in command]
     return subprocess.run(command, capture_output=True, timeout=30).returncode
 

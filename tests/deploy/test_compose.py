@@ -98,11 +98,12 @@ def test_publishes_port_8000() -> None:
     assert _api(BASE)["ports"] == ["8000:8000"]
 
 
-def test_healthcheck_is_the_images_healthcheck_on_healthz() -> None:
+def test_healthcheck_is_the_images_command_on_readiness() -> None:
+    # Compose routes on it (depends_on: service_healthy), so it must wait for a warm model: /readyz.
     check = _api(BASE)["healthcheck"]
     assert check["test"][0] == "CMD"
-    assert check["test"][1:] == healthcheck_command(final_stage())
-    assert "/healthz" in " ".join(check["test"])
+    assert check["test"][1:] == [part.replace("/healthz", "/readyz") for part in healthcheck_command(final_stage())]
+    assert "/readyz" in " ".join(check["test"]) and "/healthz" not in " ".join(check["test"])
     assert check["retries"] >= 1 and check["start_period"]
 
 

@@ -1,5 +1,6 @@
 """The image's HEALTHCHECK command, run here against stand-in servers: it must pass on a 200 from
-/healthz and fail on an error status, on another path's success, and on no answer at all."""
+/healthz and fail on an error status, on another path's success, and on no answer at all. The compose
+files' check is the same command on /readyz."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.deploy.compose_model import project
 from tests.deploy.dockerfile_model import run_healthcheck
 from tests.support.net import free_port
 
@@ -43,6 +45,14 @@ def test_passes_when_healthz_answers_200(server: int) -> None:
 @pytest.mark.parametrize("server", [{"/healthz": 503}, {"/healthz": 500}, {"/": 200}], indirect=True)
 def test_fails_when_healthz_does_not_answer_200(server: int) -> None:
     assert run_healthcheck(server) != 0
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(("server", "passes"), [({"/readyz": 200}, True), ({"/readyz": 503, "/healthz": 200}, False)],
+                         indirect=["server"])
+def test_the_compose_healthcheck_passes_only_once_the_service_is_ready(server: int, passes: bool) -> None:
+    command = project("docker-compose.yml")["services"]["api"]["healthcheck"]["test"][1:]
+    assert (run_healthcheck(server, command) == 0) is passes
 
 
 def test_fails_when_nothing_listens() -> None:

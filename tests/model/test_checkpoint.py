@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pytest
@@ -18,6 +19,7 @@ from model.checkpoint import (
 )
 from model.labels import CLASS_NAMES
 from tests.support.checkpoints import make_checkpoint
+from tests.support.durability import record_fsyncs
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):
@@ -140,3 +142,16 @@ def test_a_malformed_calibration_is_rejected(tmp_path, tiny_checkpoint, change):
     (tmp_path / "ckpt" / CARD_FILE).write_text(json.dumps(card))
     with pytest.raises(CheckpointError, match="card.json is not valid"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_weights_and_card_are_written_durably_and_readable_by_other_users(tmp_path, monkeypatch):
+    log = record_fsyncs(monkeypatch)
+    previous = os.umask(0o022)
+    try:
+        directory = make_checkpoint(tmp_path.resolve() / "checkpoint")
+    finally:
+        os.umask(previous)
+    for name in (WEIGHTS_FILE, CARD_FILE):
+        # safetensors' own save_file creates 0600, unreadable to a container's other UID.
+        assert (directory / name).stat().st_mode & 0o777 == 0o644
+        assert log.durably_replaced(directory / name)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ UPLOAD_LIMIT = 2_000_000  # bytes, for the in-process service fixture: low, so "
 
 
 def service_settings(weights: Path, **overrides: object) -> Settings:
-    """Small, fast settings for CPU tests; ``overrides`` win."""
+    """Small, fast settings for CPU tests, with a fresh state directory (a reload moves the registry's
+    pointer, which would otherwise decide what the next test's service starts with); ``overrides`` win."""
     values: dict[str, object] = dict(
         weights=weights, device="cpu", max_batch_size=8, max_batch_delay_ms=5, max_queue=64, max_batch_files=16,
         admin_token=ADMIN_TOKEN, torch_threads=1, parallel_batches=1, decode_threads=2,
+        state_dir=Path(tempfile.mkdtemp(prefix="service-state-")),
     )
     return Settings(**(values | overrides))  # type: ignore[arg-type]
 
@@ -67,7 +70,8 @@ def live_server(tmp_path: Path, environment: dict[str, str], wait_ready: bool = 
     """``python -m app`` (or ``python <command>``) in a subprocess on a free port, with ``APP_*`` from
     ``environment`` only; stopped with SIGTERM (then killed) on exit."""
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("APP_")} | environment
+    env = {key: value for key, value in os.environ.items() if not key.startswith("APP_")}
+    env |= {"APP_STATE_DIR": str(tmp_path / "state")} | environment
     log = tmp_path / f"server-{port}.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen([sys.executable, *command, "--port", str(port)], cwd=REPO_ROOT, env=env,

@@ -32,3 +32,23 @@ def test_a_network_with_a_data_dependent_start_is_initialised_from_the_training_
     initialised = build_learner(config, worker, steps_per_epoch=5, train_images=images).model.whiten.weight
     other = build_learner(config, worker, steps_per_epoch=5, train_images=images.flip(2)).model.whiten.weight
     assert not torch.equal(untouched, initialised) and not torch.equal(initialised, other)
+
+
+def test_without_a_terminal_training_prints_progress_lines_within_an_epoch(synthetic_cifar10, tmp_path, capsys,
+                                                                           monkeypatch):
+    from tests.training.conftest import tiny_run_args
+    from training.__main__ import main
+
+    monkeypatch.setattr("training.loop.PROGRESS_LINE_EVERY_S", 0.0)  # a line after every step
+    assert main(tiny_run_args(synthetic_cifar10, tmp_path / "run", "--epochs", "1", "--no-plots")) == 0
+    out = capsys.readouterr().out  # captured: not a terminal, so tqdm's bar is off
+    lines = [line for line in out.splitlines() if line.startswith("epoch 1/1: step ")]
+    assert [line.split(" (")[0] for line in lines] == [f"epoch 1/1: step {n}/4" for n in range(1, 5)]
+    assert all(", loss " in line and line.endswith(" images/s") for line in lines)
+
+
+def test_progress_line():
+    from training.loop import progress_line
+
+    assert progress_line(1, 35, 120, 390, 1.23456, 411.7) == ("epoch 1/35: step 120/390 (31 %), loss 1.235, "
+                                                              "412 images/s")

@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from tests.support.durability import record_fsyncs
 from training.state import StateError, load_state, restore_rng_states, rng_states, save_state
 
 
@@ -41,3 +42,10 @@ def test_missing_or_unreadable_state_is_a_state_error(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(StateError, match="state.pt"):
         load_state(path, torch.device("cpu"))
+
+
+def test_the_state_reaches_the_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
+    log = record_fsyncs(monkeypatch)
+    path = tmp_path.resolve() / "state.pt"
+    save_state(path, {"epoch": 1})
+    assert log.durably_replaced(path)

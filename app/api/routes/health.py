@@ -14,9 +14,10 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> Readiness:
-    """200 while the process is alive (it answers even while the model loads)."""
-    return Readiness(status="alive")
+async def healthz(engine: EngineDep) -> Readiness:
+    """200 while the process is alive (it answers even while the model loads); ``model_version`` names the
+    model being served, null while none is."""
+    return Readiness(status="alive", model_version=engine.version)
 
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse, "description": "no warm model yet"}})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from app.control.jobs.schemas import JobProgress
 
@@ -15,36 +16,55 @@ logger = logging.getLogger(__name__)
 class MetricsFollower:
     """Keeps the latest epoch event and the final event of a run's metrics file.
 
-    The whole file is re-read on each poll: it holds one short line per epoch, and a resumed run first cuts it
-    back to the length recorded in its training state, which would strand a reader that kept an offset.
-    A line still being written (no newline yet) is left for the next poll.
+    Each poll reads only what was appended since the last one (the runner polls every 250 ms, on the event
+    loop). A resumed run first cuts the file back to the length recorded in its training state, then appends
+    again: the follower notices because the last line it read is no longer where it was, and starts over from
+    the beginning. A line still being written (no newline yet) is left for the next poll.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.last_epoch: dict[str, Any] | None = None
         self.final: dict[str, Any] | None = None
+        self._offset = 0           # bytes of complete lines read so far
+        self._last_line = b""      # the last complete line read, which ends at _offset
 
     def poll(self) -> bool:
-        """Re-read the events; True if the latest epoch changed."""
+        """Read the new events; True if the latest epoch changed."""
         try:
-            data = self.path.read_bytes()
+            handle = open(self.path, "rb")
         except FileNotFoundError:
             return False
-        last_epoch, final = None, None
-        for line in data[: data.rfind(b"\n") + 1].splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                logger.warning("skipping a line of %s that is not JSON: %r", self.path, line[:200])
-                continue
-            if isinstance(event, dict) and event.get("event") == "epoch":
-                last_epoch = event
-            elif isinstance(event, dict) and event.get("event") == "final":
-                final = event
-        changed = last_epoch != self.last_epoch
-        self.last_epoch, self.final = last_epoch, final
-        return changed
+        before = self.last_epoch
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < self._offset or not self._unchanged_up_to_offset(handle):
+                self.last_epoch, self.final, self._offset, self._last_line = None, None, 0, b""
+            handle.seek(self._offset)
+            data = handle.read(max(0, size - self._offset))
+        complete = data[: data.rfind(b"\n") + 1]
+        for line in complete.splitlines(keepends=True):
+            self._read(line)
+            self._last_line = line
+        self._offset += len(complete)
+        return self.last_epoch != before
+
+    def _unchanged_up_to_offset(self, handle: BinaryIO) -> bool:
+        if not self._last_line:
+            return True
+        handle.seek(self._offset - len(self._last_line))
+        return handle.read(len(self._last_line)) == self._last_line
+
+    def _read(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("skipping a line of %s that is not JSON: %r", self.path, line[:200])
+            return
+        if isinstance(event, dict) and event.get("event") == "epoch":
+            self.last_epoch = event
+        elif isinstance(event, dict) and event.get("event") == "final":
+            self.final = event
 
     def progress(self, epochs: int) -> JobProgress:
         if self.last_epoch is None:

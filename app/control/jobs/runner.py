@@ -10,6 +10,7 @@ overwrite one another's outcome.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import subprocess
@@ -84,8 +85,8 @@ class TrainingCommand:
         if folder.is_dir():
             return None
         return (f"no CIFAR-10 in APP_DATA_DIR ({self.data_dir}): expected the folder {folder}. Put the dataset "
-                "there (the official cifar-10-python.tar.gz unpacked, or `python3 ../shared/cifar10/compact/"
-                f"unpack.py --out {self.data_dir}` with APP_DATA_SKIP_INTEGRITY_CHECK=true), or point "
+                "there (the official cifar-10-python.tar.gz unpacked, or `.venv/bin/python ../shared/cifar10/"
+                f"compact/unpack.py --out {self.data_dir}` with APP_DATA_SKIP_INTEGRITY_CHECK=true), or point "
                 "APP_DATA_DIR at the folder that holds it; then POST /train again")
 
     def _launcher(self, params: TrainParams) -> list[str]:
@@ -196,6 +197,8 @@ class JobRunner:
         if not resume:
             self.store.update_progress(job.id, JobProgress(epoch=0, epochs=job.params.epochs))
         self.store.mark_running(job.id, child.pid, processes.start_time(child.pid))
+        logger.info("job %s %s: pid %d, logs in %s", job.id, "resumed" if continuing else "started", child.pid,
+                    log_path)
         self._monitors[job.id] = asyncio.create_task(self._follow(job, child), name=f"training job {job.id}")
 
     async def _follow(self, job: Job, child: subprocess.Popen[bytes]) -> None:
@@ -210,18 +213,36 @@ class JobRunner:
             await self._conclude(job, child.returncode, metrics.final)
         except Exception as error:  # the job must end in a final status whatever went wrong here
             logger.exception("following job %s failed", job.id)
-            self.store.finish(job.id, JobStatus.FAILED, error=f"the job runner failed: {error!r}")
+            await self._fail(job.id, child, _runner_failure(error, self.runs_dir))
         finally:
             self._children.pop(job.id, None)
             self._monitors.pop(job.id, None)
+
+    async def _fail(self, job_id: str, child: subprocess.Popen[bytes], error: str) -> None:
+        """Following the job broke (a full disk, say): stop its training and record the failure, retrying
+        while the job database cannot be written, so the job never stays ``running`` and blocks every
+        later ``POST /train`` with a 409."""
+        if child.poll() is None:
+            await asyncio.to_thread(processes.stop_group, child.pid, None, self.stop_timeout_s, child)
+        delay = self.poll_interval_s
+        while True:
+            try:
+                self.store.finish(job_id, JobStatus.FAILED, error=error, only_from=ACTIVE_STATUSES)
+                logger.error("job %s failed: %s", job_id, error)
+                return
+            except Exception:
+                logger.exception("could not record job %s as failed; retrying in %.2g s", job_id, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     async def _conclude(self, job: Job, returncode: int, final: dict[str, Any] | None) -> None:
         stopped_as = self._stopping.pop(job.id, None)
         if stopped_as is not None:
             return  # _stop records the outcome
         if returncode != 0 or final is None:
-            self.store.finish(job.id, JobStatus.FAILED, error=self._failure(job.id, returncode),
-                              only_from=(JobStatus.RUNNING,))
+            error = self._failure(job.id, returncode)
+            self.store.finish(job.id, JobStatus.FAILED, error=error, only_from=(JobStatus.RUNNING,))
+            logger.warning("job %s failed: %s", job.id, error)
             return
         checkpoint = Path(final.get("checkpoint") or CHECKPOINT_DIR)
         checkpoint = checkpoint if checkpoint.is_absolute() else self.run_dir(job.id) / checkpoint
@@ -234,6 +255,8 @@ class JobRunner:
             return
         self.store.finish(job.id, JobStatus.SUCCEEDED, result=conclusion.result, error=conclusion.error,
                           only_from=(JobStatus.RUNNING,))
+        logger.info("job %s succeeded: test accuracy %s, model %s", job.id, conclusion.result.test_accuracy,
+                    conclusion.result.model_version)
 
     def _failure(self, job_id: str, returncode: int) -> str:
         """The training module's own ``error:`` line when it wrote one (it does for usage and data problems)."""
@@ -260,6 +283,14 @@ class JobRunner:
         if monitor is not None:
             await monitor
         self._stopping.pop(job_id, None)
+
+
+def _runner_failure(error: Exception, runs_dir: Path) -> str:
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "disk is full" in str(error)
+    if full:
+        return (f"the disk holding {runs_dir} is full ({error}); the training was stopped. Free some space "
+                "(APP_KEEP_RUNS and APP_KEEP_VERSIONS prune old runs and versions), then POST /train again")
+    return f"the job runner failed: {error!r}"
 
 
 def _interrupted_message(job_id: str) -> str:

@@ -38,6 +38,7 @@ class JobResult(BaseModel):
     model_version: str
     test_accuracy: float | None = Field(description="final-epoch top-1 on the test set, 0..1")
     promoted: bool
+    reason: str | None = Field(None, description="why the model was or was not promoted")
 
 
 class Job(BaseModel):

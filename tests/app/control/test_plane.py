@@ -57,3 +57,36 @@ def test_the_best_shipped_checkpoint_is_the_most_accurate_readable_one(tmp_path:
     assert best_shipped_checkpoint(tmp_path / "absent") is None
     chosen = initial_model(ModelRegistry(tmp_path / "registry"), None, tmp_path / "absent")
     assert chosen.path is None and "no shipped checkpoint" in chosen.origin
+
+
+def test_a_current_version_that_fails_to_load_falls_back_to_the_previous_one(tmp_path: Path,
+                                                                             tiny_checkpoint: Path) -> None:
+    settings = job_settings(tmp_path / "state", tmp_path / "data", tiny_checkpoint, run_jobs=False)
+    registry = ModelRegistry(settings.registry_path)
+    previous = registry.register(make_checkpoint(tmp_path / "previous", seed=3)).version
+    broken = registry.register(make_checkpoint(tmp_path / "broken", seed=4)).version
+    registry.set_current(previous)
+    registry.set_current(broken)
+    weights = registry.path(broken) / "model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # bit rot: its SHA-256 no longer matches its card
+    with TestClient(create_app(settings)) as replica:
+        assert wait_ready(replica) == previous
+        assert "previous" in replica.get("/model").json()["origin"]
+    # Without a previous version, what would be served with no registry at all.
+    registry.root.joinpath("previous").unlink()
+    assert initial_model(registry, tiny_checkpoint).fallback == InitialModel(tiny_checkpoint, "APP_WEIGHTS")
+
+
+def test_a_registry_follower_that_dies_stops_the_service(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    settings = job_settings(tmp_path / "state", tmp_path / "data", tiny_checkpoint, run_jobs=False,
+                            registry_poll_s=0.05)
+    with TestClient(create_app(settings)) as replica:
+        wait_ready(replica)
+        plane = replica.app.state.control_plane
+        stops: list[str] = []
+        plane.stop_process = lambda: stops.append("SIGTERM")
+        # The pointer becomes unreadable (a directory where the file was): the follower's next poll raises.
+        (settings.registry_path / "current").mkdir()
+        wait_until(lambda: stops, what="the dead follower to stop the service")
+        assert "registry follower failed" in plane.failure and "IsADirectoryError" in plane.failure

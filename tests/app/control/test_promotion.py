@@ -86,3 +86,75 @@ def test_a_failed_swap_leaves_the_pointer_alone(tmp_path: Path, checkpoints: lis
         assert registry.versions()[0].version == conclusion.result.model_version
 
     asyncio.run(scenario())
+
+
+def smoke_job(**params: int) -> Job:
+    return Job(id="smoke", status=JobStatus.RUNNING, params=TrainParams(**params), created_at=datetime.now(UTC))
+
+
+@pytest.mark.parametrize("policy", ["if-better", "always"])
+def test_a_run_scored_on_part_of_the_test_set_is_registered_but_never_promoted(tmp_path: Path, policy: str,
+                                                                               checkpoints: list[Path]) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(tmp_path / "registry")
+        engine = FakeEngine(read_card(checkpoints[0]))
+        promoter = ModelPromoter(registry, engine, policy)
+        # The case: one test image, scored 1.0, against a far better model measured on all of them.
+        final = {"test_accuracy": 1.0, "test_images": 1}
+        result = (await promoter.register_run(smoke_job(test_limit=1), checkpoints[1], final)).result
+        assert not result.promoted and registry.current() is None and engine.swapped == []
+        assert "1 of the 10000 test images" in result.reason
+        assert f"POST /admin/promote/{result.model_version}" in result.reason
+
+    asyncio.run(scenario())
+
+
+def test_a_run_limited_to_part_of_the_training_set_is_compared_honestly(tmp_path: Path,
+                                                                        checkpoints: list[Path]) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(tmp_path / "registry")
+        promoter = ModelPromoter(registry, FakeEngine(read_card(checkpoints[0])), "if-better")
+        final = {"test_accuracy": 0.2, "test_images": 10_000}
+        result = (await promoter.register_run(smoke_job(train_limit=64), checkpoints[1], final)).result
+        assert result.promoted and "0.2000 >= 0.1000" in result.reason
+
+    asyncio.run(scenario())
+
+
+def test_if_better_compares_with_the_registry_current_not_this_replica_model(tmp_path: Path,
+                                                                             checkpoints: list[Path]) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(tmp_path / "registry")
+        # Another replica promoted the better model (0.15); this replica still serves the worse one (0.10).
+        better = registry.register(checkpoints[1]).version
+        registry.set_current(better)
+        engine = FakeEngine(read_card(checkpoints[0]))
+        promoter = ModelPromoter(registry, engine, "if-better")
+        other = make_checkpoint(tmp_path / "other", seed=3)  # claims 0.13
+        result = (await promoter.register_run(job(), other, {"test_accuracy": 0.13, "test_images": 10_000})).result
+        assert not result.promoted and registry.current() == better
+        assert result.reason == f"test accuracy 0.1300 < 0.1500 of {better}"
+
+    asyncio.run(scenario())
+
+
+def test_never_says_how_to_promote_by_hand(tmp_path: Path, checkpoints: list[Path]) -> None:
+    async def scenario() -> None:
+        promoter = ModelPromoter(ModelRegistry(tmp_path / "registry"), FakeEngine(None), "never")
+        result = (await promoter.register_run(job(), checkpoints[0], {"test_accuracy": 0.1})).result
+        assert not result.promoted
+        assert result.reason == ("APP_PROMOTE=never: promote by hand with POST /admin/promote/"
+                                 f"{result.model_version}")
+
+    asyncio.run(scenario())
+
+
+def test_the_service_log_says_whether_a_job_model_was_promoted(tmp_path: Path, checkpoints: list[Path],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> str:
+        promoter = ModelPromoter(ModelRegistry(tmp_path / "registry"), FakeEngine(None), "if-better")
+        return (await promoter.register_run(job(), checkpoints[0], {"test_accuracy": 0.1})).result.model_version
+
+    with caplog.at_level("INFO", logger="app.control.promotion"):
+        version = asyncio.run(scenario())
+    assert f"job job1: promoted {version}: nothing with a known test accuracy was served" in caplog.messages

@@ -6,6 +6,7 @@ import pytest
 from app.control.registry import ModelRegistry, UnknownVersion
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_card
 from tests.support.checkpoints import make_checkpoint
+from tests.support.durability import record_fsyncs
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,36 @@ def test_a_checkpoint_whose_weights_do_not_match_its_card_is_refused(tmp_path: P
     with pytest.raises(CheckpointError, match="SHA-256"):
         registry.register(torn)
     assert registry.versions() == []
+
+
+def test_versions_and_the_pointer_reach_the_disk_before_they_are_renamed_into_place(tmp_path, monkeypatch,
+                                                                                    checkpoints):
+    log = record_fsyncs(monkeypatch)
+    registry = ModelRegistry(tmp_path.resolve() / "registry")
+    version = registry.register(checkpoints[0]).version
+    registry.set_current(version)
+    assert log.durably_replaced(registry.versions_dir / version)
+    assert {"model.safetensors", "card.json"} <= {path.name for path in log.synced()}
+    assert log.durably_replaced(registry.root / "current")
+
+
+def test_set_current_remembers_the_previous_version(tmp_path, checkpoints):
+    registry = ModelRegistry(tmp_path / "registry")
+    first, second = (registry.register(c).version for c in checkpoints)
+    registry.set_current(first)
+    assert registry.previous() is None
+    registry.set_current(second)
+    registry.set_current(second)  # promoting the current one again must not lose the fallback
+    assert (registry.current(), registry.previous()) == (second, first)
+
+
+def test_prune_keeps_the_newest_and_never_the_current_or_previous(tmp_path):
+    registry = ModelRegistry(tmp_path / "registry")
+    versions = [registry.register(make_checkpoint(tmp_path / f"c{seed}", seed=seed)).version for seed in range(5)]
+    registry.set_current(versions[0])
+    registry.set_current(versions[1])
+    assert registry.prune(keep=0) == []
+    deleted = registry.prune(keep=2)  # the two newest: versions[4], versions[3]
+    assert sorted(deleted) == [versions[2]]
+    assert {m.version for m in registry.versions()} == {versions[0], versions[1], versions[3], versions[4]}
+    assert not any(p.name.startswith(".") for p in registry.versions_dir.iterdir())

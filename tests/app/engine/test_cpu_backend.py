@@ -1,5 +1,9 @@
 """APP_CPU_BACKEND: the engine serves the model in the form model/inference.py prepares (default fused)."""
 
+import os
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +83,17 @@ async def test_the_engine_prepares_every_model_it_swaps_in_with_its_backend(tiny
         assert engine.model.backend == "eager" and batchnorms(engine.model) > 0
     finally:
         await engine.stop(timeout=30)
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > planted",))
+
+
+def test_calibration_never_runs_code_a_planted_batch_file_names(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"data": _Planted()}))
+    with pytest.raises(CalibrationUnavailable, match="posix.system|os.system"):
+        calibration_pixels(tmp_path)
+    assert not (tmp_path / "planted").exists() and not Path("planted").exists()

@@ -47,11 +47,47 @@ async def test_reload_swaps_to_the_given_checkpoint_and_back_to_the_configured_o
     assert back["model_version"] == first and back["weights"] == str(tiny_checkpoint)
 
 
-@pytest.mark.parametrize(("weights", "detail"), [("/nonexistent/checkpoint", "no model card"),
-                                                 ("", "no model card")])
-async def test_a_bad_checkpoint_is_a_400_and_the_old_model_keeps_serving(client, weights, detail, tmp_path):
+async def test_reload_moves_the_registry_pointer_so_every_replica_follows(service, other_checkpoint):
+    client = service.client
+    response = await client.post("/admin/reload", headers=AUTH, json={"weights": str(other_checkpoint)})
+    version = response.json()["model_version"]
+    registry = service.app.state.control_plane.registry
+    assert registry.current() == version and registry.get(version).card.version == version
+    # By version, too: the start-up model is now a registry version as well.
+    first = (await client.post("/admin/reload", headers=AUTH)).json()["model_version"]
+    again = await client.post("/admin/reload", headers=AUTH, json={"version": version})
+    assert again.status_code == 200 and registry.current() == version and registry.previous() == first
+    assert (await client.post("/admin/reload", headers=AUTH, json={"version": "resnet18-ffffffffffff"})
+            ).status_code == 404
+    await client.post("/admin/reload", headers=AUTH, json={"version": first})
+
+
+@pytest.mark.parametrize("outside", ["/etc", "/nonexistent/checkpoint", "{other}/../../..", "nul\x00byte"])
+async def test_a_path_outside_the_allowed_folders_is_refused_before_it_is_read(client, other_checkpoint, outside):
+    response = await client.post("/admin/reload", headers=AUTH,
+                                 json={"weights": outside.format(other=other_checkpoint)})
+    assert response.status_code == 400
+    assert "APP_RELOAD_ROOTS" in response.json()["detail"]
+
+
+async def test_a_reload_error_never_shows_the_file_contents(client, other_checkpoint):
+    secret = other_checkpoint / "secret"
+    secret.mkdir(exist_ok=True)
+    (secret / "card.json").write_text('{"architecture": "hunter2-the-password", "weights_sha256": "s3cr3t"}')
+    response = await client.post("/admin/reload", headers=AUTH, json={"weights": str(secret)})
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert "weights_sha256" in detail and "hunter2" not in detail and "s3cr3t" not in detail
+
+
+@pytest.mark.parametrize(("weights", "detail"), [("{other}/nothing-here", "no model card"),
+                                                 ("{other}/empty", "no model card")])
+async def test_a_bad_checkpoint_is_a_400_and_the_old_model_keeps_serving(client, weights, detail,
+                                                                         other_checkpoint):
+    (other_checkpoint / "empty").mkdir(exist_ok=True)
     before = (await client.get("/model")).json()["version"]
-    response = await client.post("/admin/reload", headers=AUTH, json={"weights": weights or str(tmp_path)})
+    body = {"weights": weights.format(other=other_checkpoint)}
+    response = await client.post("/admin/reload", headers=AUTH, json=body)
     assert response.status_code == 400
     assert detail in response.json()["detail"]
     assert (await client.get("/model")).json()["version"] == before

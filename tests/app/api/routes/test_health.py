@@ -10,16 +10,19 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_alive_and_ready_with_a_warm_model(client):
-    assert (await client.get("/healthz")).status_code == 200
+    alive = await client.get("/healthz")
+    assert alive.status_code == 200
     ready = await client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["model_version"] == (await client.get("/model")).json()["version"]
+    assert alive.json()["model_version"] == ready.json()["model_version"], "healthz names the served model too"
 
 
 async def test_without_a_model_the_service_lives_but_is_not_ready_and_says_how_to_get_one(tmp_path):
     missing = tmp_path / "weights" / "resnet50"
     async with running_app(service_settings(missing), wait_ready=False) as (_, client):
-        assert (await client.get("/healthz")).status_code == 200
+        alive = await client.get("/healthz")
+        assert alive.status_code == 200 and alive.json()["model_version"] is None
         for path in ("/readyz", "/model"):
             response = await client.get(path)
             assert response.status_code == 503

@@ -272,3 +272,17 @@ def test_a_replica_that_does_not_run_jobs_says_which_does(tmp_path: Path) -> Non
         assert response.status_code == 503 and "http://trainer:8000" in response.json()["detail"]
         assert "APP_RUN_JOBS=false" in response.json()["detail"]
         assert client.get("/train", headers=ADMIN).json() == []
+
+
+def test_a_smoke_run_on_part_of_the_test_set_is_never_promoted_by_itself(tmp_path: Path,
+                                                                         synthetic_cifar10: Path) -> None:
+    # The case: a one-image test set can score 1.0 and would have replaced any served model.
+    serving = make_checkpoint(tmp_path / "serving", test_accuracy=0.0)
+    settings = job_settings(tmp_path / "state", synthetic_cifar10, serving, promote="always")
+    with TestClient(create_app(settings)) as client:
+        before = wait_ready(client)
+        job_id = client.post("/train", json=TINY_JOB | {"epochs": 1, "test_limit": 1}, headers=ADMIN).json()["id"]
+        done = wait_for_status(client, job_id, *FINISHED)
+        assert done["status"] == "succeeded" and done["result"]["promoted"] is False, done
+        assert "1 of the 10000 test images" in done["result"]["reason"]
+        assert client.get("/model").json()["version"] == before

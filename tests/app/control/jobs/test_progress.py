@@ -41,3 +41,31 @@ def test_follower_copes_with_a_resumed_run_cutting_the_file_back(tmp_path: Path)
     path.write_text(lines[0] + json.dumps({"event": "epoch", "epoch": 2, "epochs": 9, "train_loss": 0.5}) + "\n")
     assert follower.poll()
     assert follower.progress(9).epoch == 2 and follower.progress(9).train_loss == 0.5
+
+
+def test_follower_reads_only_what_was_appended(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"event": "epoch", "epoch": n, "epochs": 900}) + "\n" for n in range(500)))
+    follower = MetricsFollower(path)
+    assert follower.poll() and follower.progress(900).epoch == 499
+    parsed: list[bytes] = []
+    real_loads = json.loads
+    monkeypatch.setattr("app.control.jobs.progress.json.loads", lambda line: parsed.append(line) or real_loads(line))
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"event": "epoch", "epoch": 500, "epochs": 900}) + "\n")
+    assert follower.poll() and follower.progress(900).epoch == 500
+    assert not follower.poll()
+    assert len(parsed) == 1, "only the appended line is parsed, not the 500 before it"
+
+
+def test_follower_starts_over_when_a_resume_cuts_the_file_back_and_it_grows_again(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"event": "epoch", "epoch": n, "epochs": 9}) + "\n" for n in range(1, 4)]
+    path.write_text("".join(lines))
+    follower = MetricsFollower(path)
+    follower.poll()
+    # Cut back to epoch 1, then epochs 2, 3 and 4 redone before the next poll: longer than before.
+    redone = [json.dumps({"event": "epoch", "epoch": n, "epochs": 9, "train_loss": 0.5}) + "\n" for n in (2, 3, 4)]
+    path.write_text(lines[0] + "".join(redone))
+    assert follower.poll()
+    assert follower.progress(9).epoch == 4 and follower.progress(9).train_loss == 0.5

@@ -1,4 +1,6 @@
 import asyncio
+import errno
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -236,3 +238,59 @@ def test_the_training_process_does_not_inherit_the_admin_token(tmp_path: Path, m
     script = "import os; print(os.environ.get('APP_ADMIN_TOKEN'), os.environ['APP_DATA_DIR'])"
     processes.launch([sys.executable, "-c", script], tmp_path / "log").wait()
     assert (tmp_path / "log").read_text() == "None /kept\n"
+
+
+class FullDiskStore(JobStore):
+    """A job store on a disk that fills up mid-job: progress cannot be written, and recording the failure
+    fails ``finish_failures`` times before space comes back."""
+
+    def __init__(self, path: Path, finish_failures: int) -> None:
+        super().__init__(path)
+        self.full = False
+        self.finish_failures = finish_failures
+
+    def update_progress(self, job_id: str, progress: Any) -> None:
+        if self.full:
+            raise sqlite3.OperationalError("database or disk is full")
+        super().update_progress(job_id, progress)
+
+    def finish(self, job_id: str, status: JobStatus, **kwargs: Any) -> bool:
+        if self.full and self.finish_failures > 0:
+            self.finish_failures -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().finish(job_id, status, **kwargs)
+
+
+def test_a_full_disk_fails_the_job_stops_its_training_and_frees_the_slot(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = FullDiskStore(tmp_path / "jobs.sqlite3", finish_failures=2)
+        runner = JobRunner(store, tmp_path / "runs", FakeCommand(("--epoch-seconds", "0.3")), Recorder(),
+                           poll_interval_s=0.02, stop_timeout_s=5.0)
+        job = await runner.submit(TrainParams(epochs=50))
+        await wait_for(runner, job.id, lambda j: (j.progress.epoch or 0) >= 1)
+        pid, started = store.process(job.id)
+        store.full = True
+        failed = await wait_for(runner, job.id, finished)
+        assert failed.status == JobStatus.FAILED and "disk" in failed.error and "POST /train" in failed.error
+        assert not processes.is_alive(pid, started)
+        store.full = False
+        assert (await runner.submit(TrainParams(epochs=3))).status == JobStatus.RUNNING  # no 409
+        await runner.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_the_service_log_has_a_line_when_a_job_starts_and_when_it_ends(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        runner, _ = make_runner(tmp_path, "--accuracy", "0.5")
+        job = await runner.submit(TrainParams(epochs=3))
+        await wait_for(runner, job.id, finished)
+        await eventually(lambda: not runner._monitors, what="the monitor to end")
+        return job.id
+
+    with caplog.at_level("INFO", logger="app.control.jobs.runner"):
+        job_id = asyncio.run(scenario())
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith(f"job {job_id} started: pid ") for m in messages), messages
+    assert f"job {job_id} succeeded: test accuracy 0.5, model resnet18-abc" in messages
