@@ -16,12 +16,13 @@ CHW tensor already normalised; it raises ``QueueFull`` at once when ``max_queue`
 ``InputSizeChanged`` when a model of another input size took over before any of its images was computed
 (the classification pipeline then fits the images again; ``app/classification/classifier.py``).
 
-``swap(path) -> ModelCard`` is how a job system promotes a model: it loads and verifies the checkpoint and
-warms it up off the batching loop, while the old model keeps serving; the new one is installed between
-two batches, and never while a request split over several batches is half computed, so no response mixes
-models. Every ``ModelOutput`` carries the card of the model that computed it. Swaps are serialised. The engine
-owns the input size: the new model may take another one, and the waiting requests fitted to the old size
-are handed back (``InputSizeChanged``) the moment it is installed.
+``swap(path) -> ModelCard`` is how a job system promotes a model: it loads and verifies the checkpoint, chooses
+its backend anew (``app.engine.backend_choice``) and warms it up off the batching loop, while the old model
+keeps serving; the new one is installed between two batches, and never while a request split over several
+batches is half computed, so no response mixes models. Every ``ModelOutput`` carries the card of the model
+that computed it. Swaps are serialised. The engine owns the input size: the new model may take another one,
+and the waiting requests fitted to the old size are handed back (``InputSizeChanged``) the moment it is
+installed.
 
 Batching: the images of all waiting requests are coalesced into forward passes of up to ``max_batch_size``
 images. A batch is dispatched when it is full, or when ``max_batch_delay_s`` has passed since its oldest
@@ -50,6 +51,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from app.engine.backend_choice import DEFAULT_POLICY, BackendPolicy
 from app.engine.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -60,7 +62,6 @@ from app.engine.errors import (
 )
 from app.engine.served_model import BatchStager, ServedModel
 from model.checkpoint import CheckpointError, ModelCard
-from model.inference import DEFAULT_CPU_BACKEND
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +108,11 @@ class InferenceEngine:
         max_batch_delay_s: float,
         max_queue: int,
         parallel_batches: int = 1,
-        cpu_backend: str = DEFAULT_CPU_BACKEND,
-        calibration: np.ndarray | None = None,
+        backend_policy: BackendPolicy = DEFAULT_POLICY,
         observer: EngineObserver | None = None,
     ) -> None:
         self.device = device
-        self.cpu_backend = cpu_backend
-        self.calibration = calibration  # uint8 HWC training images, for the int8 backend
+        self.backend_policy = backend_policy  # decided again for every checkpoint swapped in
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
@@ -202,15 +201,18 @@ class InferenceEngine:
             self._installed = asyncio.get_running_loop().create_future()
             self._install_if_safe()
             await asyncio.shield(self._installed)
-            logger.info("model swapped in", extra={"model_version": candidate.card.version, "origin": origin,
-                                                   "previous_version": current.card.version if current else None,
-                                                   "seconds": round(time.perf_counter() - started, 3)})
+            logger.info("model swapped in, serving on %s", candidate.backend_reason,
+                        extra={"model_version": candidate.card.version, "origin": origin,
+                               "backend": candidate.backend,
+                               "previous_version": current.card.version if current else None,
+                               "seconds": round(time.perf_counter() - started, 3)})
             return candidate.card
 
     def _prepare(self, checkpoint: Path, origin: str) -> ServedModel:
         try:
             with self._preparation_gate.exclusive():
-                served = ServedModel.load(checkpoint, self.device, self.cpu_backend, self.calibration, origin)
+                served = ServedModel.load(checkpoint, self.device, self.backend_policy,
+                                          ranking_batch=self.max_batch_size, origin=origin)
         except OSError as error:  # unreadable files; CheckpointError covers the rest
             raise CheckpointError(f"cannot read the checkpoint at {checkpoint}: {error}") from None
         served.warm_up(sorted({1, self.max_batch_size}))
