@@ -18,11 +18,11 @@ CHW tensor already normalised; it raises ``QueueFull`` at once when ``max_queue`
 
 ``swap(path) -> ModelCard`` is how a job system promotes a model: it loads and verifies the checkpoint, chooses
 its backend anew (``app.engine.backend_choice``) and warms it up off the batching loop, while the old model
-keeps serving; the new one is installed between two batches, and never while a request split over several
-batches is half computed, so no response mixes models. Every ``ModelOutput`` carries the card of the model
-that computed it. Swaps are serialised. The engine owns the input size: the new model may take another one,
-and the waiting requests fitted to the old size are handed back (``InputSizeChanged``) the moment it is
-installed.
+keeps serving every batch (only int8's torch.fx trace holds passes back, ``_PreparationGate``); the new one
+is installed between two batches, and never while a request split over several batches is half computed, so
+no response mixes models. Every ``ModelOutput`` carries the card of the model that computed it. Swaps are
+serialised. The engine owns the input size: the new model may take another one, and the waiting requests
+fitted to the old size are handed back (``InputSizeChanged``) the moment it is installed.
 
 Batching: the images of all waiting requests are coalesced into forward passes of up to ``max_batch_size``
 images. A batch is dispatched when it is full, or when ``max_batch_delay_s`` has passed since its oldest
@@ -210,9 +210,9 @@ class InferenceEngine:
 
     def _prepare(self, checkpoint: Path, origin: str) -> ServedModel:
         try:
-            with self._preparation_gate.exclusive():
-                served = ServedModel.load(checkpoint, self.device, self.backend_policy,
-                                          ranking_batch=self.max_batch_size, origin=origin)
+            # Forward passes of the serving model go on meanwhile; only torch.fx's tracing step holds them back.
+            served = ServedModel.load(checkpoint, self.device, self.backend_policy, ranking_batch=self.max_batch_size,
+                                      origin=origin, tracing=self._preparation_gate.exclusive)
         except OSError as error:  # unreadable files; CheckpointError covers the rest
             raise CheckpointError(f"cannot read the checkpoint at {checkpoint}: {error}") from None
         served.warm_up(sorted({1, self.max_batch_size}))
@@ -431,13 +431,15 @@ def _other_size(size: int, serving: int) -> InputSizeChanged:
 
 
 class _PreparationGate:
-    """Forward passes share the device; preparing a model excludes them.
+    """Forward passes share the device; tracing a model with torch.fx excludes them.
 
-    The CPU backends fold BatchNorm (and int8 prepares its graph) with torch.fx, whose tracer patches
-    ``nn.Module.__call__`` for the whole process while it runs: a forward pass on another thread at that
-    moment is routed into the tracer and fails ("module is not installed as a submodule"), which made a hot
-    swap under load fail a batch. So loading a model waits for running passes and holds new ones back
-    for its duration (a fraction of a second for the default backend; int8's calibration takes longer).
+    int8's ``prepare_fx`` traces the model, and fx's tracer patches ``nn.Module.__call__`` for the whole
+    process while it runs: a forward pass on another thread at that moment is routed into the tracer and
+    fails ("module is not installed as a submodule"), which once made a hot swap under load fail a batch.
+    So that one step (``model.inference``'s ``tracing`` hook, well under a second) waits for running passes
+    and holds new ones back; the rest of a swap (reading and hashing the file, folding BatchNorm, which no
+    longer traces, calibrating, the ONNX export, warming up) runs alongside them
+    (benchmarks/swap_under_load.py measures it).
     """
 
     def __init__(self) -> None:
