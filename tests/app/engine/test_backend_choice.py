@@ -2,6 +2,7 @@
 APP_MAX_ACCURACY_DROP, the exact one without a valid report, an explicit setting as set; int8 calibrates on
 the checkpoint's calibration set; and every swap decides again, for the new checkpoint."""
 
+import logging
 import shutil
 
 import numpy as np
@@ -132,9 +133,22 @@ def test_on_cuda_auto_weighs_bf16_autocast_against_fp32_by_the_cuda_report(check
     assert plan(checkpoint, CUDA, GPU, cpu_backend="int8").backend == "fp32", "APP_CPU_BACKEND is the CPU's"
 
 
+class Recorded(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 async def test_every_swap_chooses_again_from_the_new_checkpoints_own_report(checkpoint, tmp_path, tiny_checkpoint):
     measured(checkpoint, *CPU_ROWS, machine=machine_identity(CPU))
     engine = InferenceEngine(CPU, max_batch_size=4, max_batch_delay_s=0.001, max_queue=16)
+    log, recorded = logging.getLogger("app.engine.engine"), Recorded()
+    log.addHandler(recorded)
+    previous_level = log.level
+    log.setLevel(logging.INFO)
     await engine.start()
     try:
         await engine.swap(checkpoint)
@@ -143,3 +157,9 @@ async def test_every_swap_chooses_again_from_the_new_checkpoints_own_report(chec
         assert engine.model.backend == "fused" and "no backend report" in engine.model.backend_reason
     finally:
         await engine.stop(timeout=30)
+        log.removeHandler(recorded)
+        log.setLevel(previous_level)
+    swapped = [message for message in recorded.messages if message.startswith("model swapped in")]
+    # Ranked at the engine's largest batch, 4, so by the largest measured batch below it, 1.
+    assert swapped[0].startswith("model swapped in, serving on bf16: the fastest at batch 1 ")
+    assert swapped[1].startswith("model swapped in, serving on fused, the exact float32 backend: no backend report")
