@@ -9,6 +9,7 @@ precision, the latter ~2x faster on tensor cores).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.engine.backend_choice import DEFAULT_POLICY, BackendPolicy, plan_backend
-from model.backend_report import DEFAULT_RANKING_BATCH
+from app.engine.backend_choice import AUTO, DEFAULT_POLICY, BackendPlan, BackendPolicy, plan_backend
+from model.backend_report import DEFAULT_RANKING_BATCH, EXACT_BACKEND
 from model.checkpoint import ModelCard, load_checkpoint
 from model.inference import prepare_for_inference
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,8 +60,18 @@ class ServedModel:
         # On the CPU the backend also folds BatchNorm into the convolutions (benchmarks/README.md); on CUDA
         # the precision is the engine's own autocast, over the model as trained.
         backend = "eager" if device.type == "cuda" else plan.backend
-        network = prepare_for_inference(checkpoint.model, device, backend, normalised,
-                                        tracing=tracing).requires_grad_(False)
+        try:
+            network = prepare_for_inference(checkpoint.model, device, backend, normalised, tracing=tracing)
+        except Exception as error:
+            exact = EXACT_BACKEND["cpu"]
+            if device.type == "cuda" or policy.cpu_backend != AUTO or backend == exact:
+                raise  # an explicit choice that cannot run is the operator's to fix: the swap fails, saying why
+            # auto's choice is an optimisation: one that cannot be prepared here must not cost the model.
+            plan = BackendPlan(exact, f"{exact}, the exact float32 backend: auto chose {backend}, which failed to "
+                                      f"prepare ({type(error).__name__}: {error})")
+            logger.warning(plan.reason, exc_info=True)
+            network = prepare_for_inference(checkpoint.model, device, exact)
+        network.requires_grad_(False)
         return cls(card=card, network=network, device=device, mean=mean, std=std, backend=plan.backend,
                    backend_reason=plan.reason, origin=origin)
 

@@ -11,6 +11,7 @@ import torch
 
 from app.engine.backend_choice import BackendPolicy, plan_backend
 from app.engine.engine import InferenceEngine
+from app.engine.served_model import ServedModel
 from model.backend_report import (
     BackendMeasurement,
     BackendReport,
@@ -131,6 +132,26 @@ def test_on_cuda_auto_weighs_bf16_autocast_against_fp32_by_the_cuda_report(check
     assert plan(checkpoint, CUDA, GPU).backend == "fp32", "bf16 0.5 points below float32"
     assert plan(checkpoint, CUDA, GPU, cuda_precision="bf16").backend == "bf16"
     assert plan(checkpoint, CUDA, GPU, cpu_backend="int8").backend == "fp32", "APP_CPU_BACKEND is the CPU's"
+
+
+def test_an_auto_choice_that_cannot_be_prepared_falls_back_to_fused_and_an_explicit_one_fails(checkpoint,
+                                                                                            monkeypatch):
+    import app.engine.served_model as served_model
+
+    measured(checkpoint, *CPU_ROWS, machine=machine_identity(CPU))
+    prepare = served_model.prepare_for_inference
+
+    def without_bf16(model, device, backend, *args, **kwargs):
+        if backend == "bf16":
+            raise RuntimeError("no bf16 kernels here")
+        return prepare(model, device, backend, *args, **kwargs)
+
+    monkeypatch.setattr(served_model, "prepare_for_inference", without_bf16)
+    served = ServedModel.load(checkpoint, CPU)
+    assert served.backend == "fused"
+    assert "auto chose bf16, which failed to prepare (RuntimeError: no bf16 kernels here)" in served.backend_reason
+    with pytest.raises(RuntimeError, match="no bf16 kernels"):
+        ServedModel.load(checkpoint, CPU, BackendPolicy(cpu_backend="bf16"))
 
 
 class Recorded(logging.Handler):
