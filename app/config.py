@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.backend_report import DEFAULT_MAX_DROP_POINTS
 from training.devices import DEVICE_NAMES, is_device_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +60,8 @@ class Settings(BaseSettings):
         "auto", description="how the model runs on CUDA: auto = bf16 autocast when the checkpoint's "
         "backends-cuda.json verifies it within APP_MAX_ACCURACY_DROP of float32 and faster, else fp32; "
         "fp32; bf16 = autocast")
-    max_accuracy_drop: float = Field(0.2, ge=0, le=100, description="auto's tolerance: most percentage points "
-                                     "of test accuracy below float32 that a faster backend may lose")
+    max_accuracy_drop: float = Field(DEFAULT_MAX_DROP_POINTS, ge=0, le=100, description="auto's tolerance: most "
+                                     "percentage points of test accuracy below float32 that a faster backend may lose")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of each forward pass; 0 = automatic")
     parallel_batches: int = Field(0, ge=0, description="forward passes run at once; 0 = automatic")
     decode_threads: int = Field(0, ge=0, description="threads decoding images; 0 = automatic")

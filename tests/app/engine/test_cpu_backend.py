@@ -1,6 +1,8 @@
 """APP_CPU_BACKEND: the engine serves the model in the form model/inference.py prepares (default auto, which
 is fused without a backend report; app/engine/backend_choice.py and its tests decide the rest)."""
 
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from app.config import Settings
-from app.engine.backend_choice import BackendPolicy
+from app.engine.backend_choice import CPU_BACKEND_SETTINGS, CUDA_PRECISION_SETTINGS, BackendPolicy
 from app.engine.calibration import CalibrationUnavailable, calibration_pixels
 from app.engine.engine import InferenceEngine
 from app.engine.served_model import ServedModel
@@ -23,6 +25,8 @@ def batchnorms(model: ServedModel) -> int:
 def test_the_setting_takes_the_known_backends_and_refuses_others(monkeypatch):
     assert Settings().cpu_backend == "auto" and Settings().cuda_precision == "auto"
     assert Settings().max_accuracy_drop == 0.2
+    assert set(get_args(Settings.model_fields["cpu_backend"].annotation)) == set(CPU_BACKEND_SETTINGS)
+    assert set(get_args(Settings.model_fields["cuda_precision"].annotation)) == set(CUDA_PRECISION_SETTINGS)
     for backend in ("eager", "bf16", "int8"):
         monkeypatch.setenv("APP_CPU_BACKEND", backend)
         assert Settings().cpu_backend == backend
