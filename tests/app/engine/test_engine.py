@@ -1,4 +1,5 @@
 import asyncio
+import os
 import shutil
 import threading
 import time
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.engine import InferenceEngine
+from app.engine.engine import PREPARATION_NICENESS, InferenceEngine
 from app.engine.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -308,11 +309,12 @@ async def test_a_forward_pass_runs_while_another_model_is_being_prepared(tiny_ch
     serving one; only the step it brackets with ``tracing`` (int8's fx trace) does."""
     import app.engine.served_model as served_model
 
-    preparing, release, tracing_hooks = threading.Event(), threading.Event(), []
+    preparing, release, tracing_hooks, niceness = threading.Event(), threading.Event(), [], []
     prepare = served_model.prepare_for_inference
 
     def held_preparation(*args, **kwargs):
         tracing_hooks.append(kwargs["tracing"])
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         preparing.set()
         release.wait(60)
         return prepare(*args, **kwargs)
@@ -330,6 +332,7 @@ async def test_a_forward_pass_runs_while_another_model_is_being_prepared(tiny_ch
             release.set()
         card = await swap
     assert card.version != old and tracing_hooks == [engine._preparation_gate.exclusive]
+    assert niceness == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + PREPARATION_NICENESS)], "a background thread"
 
 
 def test_tracing_a_model_waits_for_running_passes_and_holds_new_ones_back():
