@@ -18,6 +18,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
+from model.backend_report import DEFAULT_MAX_DROP_POINTS
 from training.devices import DEVICE_NAMES, is_device_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +61,19 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height), from its header")
     max_batch_files: int = Field(64, ge=1, description="most images in one /predict/batch or v2 infer request")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*; unset disables them")
-    cpu_backend: Literal["fused", "eager", "onnx", "bf16", "int8"] = Field(
-        "fused", description="how the model runs on the CPU (model/inference.py): fused = BatchNorm folded into "
-        "the convolutions, exact and faster; eager = as trained; onnx = ONNX Runtime, exact, needs the [onnx] "
-        "extra; bf16 and int8 = much faster but not exact, opt-in until a trained model's accuracy with them "
-        "is checked (int8 calibrates on APP_DATA_DIR)")
+    cpu_backend: Literal["auto", "fused", "eager", "onnx", "bf16", "int8"] = Field(
+        "auto", description="how the model runs on the CPU (model/inference.py). auto = the fastest backend "
+        "whose test accuracy, verified for these weights on this kind of machine by the checkpoint's "
+        "backends-cpu.json (python -m training.verify_backends), is within APP_MAX_ACCURACY_DROP of float32's; "
+        "without a valid report, fused. fused = BatchNorm folded into the convolutions, exact; eager = as "
+        "trained; onnx = ONNX Runtime, exact, needs the [onnx] extra; bf16 and int8 = faster, not exact (int8 "
+        "calibrates on the checkpoint's calibration.safetensors, else on APP_DATA_DIR's training images)")
+    cuda_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="how the model runs on CUDA: auto = bf16 autocast when the checkpoint's "
+        "backends-cuda.json verifies it within APP_MAX_ACCURACY_DROP of float32 and faster, else fp32; "
+        "fp32; bf16 = autocast")
+    max_accuracy_drop: float = Field(DEFAULT_MAX_DROP_POINTS, ge=0, le=100, description="auto's tolerance: most "
+                                     "percentage points of test accuracy below float32 that a faster backend may lose")
     calibration: Literal["on", "off"] = Field("on", description="on: the served probabilities are "
                                                "temperature-scaled with the card's calibration, when it has one "
                                                "(model/trust.py); off: the raw softmax. The OOD flag is the same "

@@ -13,7 +13,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 
 from app import __version__
@@ -25,7 +24,7 @@ from app.classification.explanations import Explainer
 from app.classification.images import pillow_pixel_limit
 from app.config import Settings
 from app.control.plane import InitialModel, initial_model, open_control_plane
-from app.engine.calibration import calibration_pixels
+from app.engine.backend_choice import BackendPolicy
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
 from app.logging import configure_logging
@@ -57,10 +56,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def needs_calibration(settings: Settings, device: torch.device) -> bool:
-    return settings.cpu_backend == "int8" and device.type == "cpu"
-
-
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -73,8 +68,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch_delay_s=settings.max_batch_delay_ms / 1000,
         max_queue=settings.max_queue,
         parallel_batches=plan.parallel_batches,
-        cpu_backend=settings.cpu_backend,
-        calibration=calibration_pixels(settings.data_dir) if needs_calibration(settings, device) else None,
+        backend_policy=BackendPolicy(settings.cpu_backend, settings.cuda_precision, settings.max_accuracy_drop,
+                                     data_dir=settings.data_dir),
         observer=app.state.metrics,
     )
     app.state.metrics.track_queue(lambda: engine.queued_images)

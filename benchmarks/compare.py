@@ -4,9 +4,10 @@
     .venv-bench/bin/python -m benchmarks.compare --knobs-from benchmarks/results/compare-<time>.json
 
 Every server serves the same checkpoint (``--weights``, else a random-init resnet50: speed does not
-depend on the weights) with the same CPU backend (``model.inference``'s default, BatchNorm folded; the
-peers load it through the service's own ``ServedModel``), the same image decoding and the same JSON answer
-(``benchmarks/peers/common.py``). Each is started in turn on 127.0.0.1, warmed up, driven by the same
+depend on the weights); ours with its default backend (``APP_CPU_BACKEND=auto``: what the checkpoint's
+verified report allows, else fused), the peers with ``--peer-backend`` (default fused; ``eager`` is the fp32
+model their docs show), loaded through the service's own ``ServedModel``; the same image decoding and the
+same JSON answer (``benchmarks/peers/common.py``). Each is started in turn on 127.0.0.1, warmed up, driven by the same
 closed-loop generator (``benchmarks/load.py``: multipart upload of one real CIFAR-10 test image, the PNG
 of test image 0) at each concurrency level for ``--duration`` seconds, and stopped.
 
@@ -56,6 +57,7 @@ BIN = Path(sys.executable).parent
 class ServerConfig:
     server: str  # ours, litserve, bentoml, fastapi
     knobs: dict[str, float] = field(default_factory=dict)
+    peer_backend: str = "fused"  # PEER_CPU_BACKEND of a peer; ours runs its own default
 
     @property
     def label(self) -> str:
@@ -80,7 +82,8 @@ class ServerConfig:
                  "fast_queue": "PEER_FAST_QUEUE"}
         knobs = {names[name]: f"{value:g}" for name, value in self.knobs.items()}
         return base | knobs | {"PEER_WEIGHTS": str(weights), "PEER_PORT": str(port),
-                               "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(REPO_ROOT)}
+                               "PEER_CPU_BACKEND": self.peer_backend, "BENTOML_DO_NOT_TRACK": "true",
+                               "PYTHONPATH": str(REPO_ROOT)}
 
 
 # Each peer's knob settings to try (2 cores: one model process with 2 threads, or two with 1 each).
@@ -155,11 +158,12 @@ def measure(config: ServerConfig, weights: Path, upload: Upload, levels: list[in
     return {"server": config.server, "knobs": config.knobs, "startup_s": startup, "levels": results}
 
 
-def tune(server: str, weights: Path, upload: Upload, duration: float, log: Path) -> tuple[ServerConfig, list]:
-    trials = [measure(ServerConfig(server, knobs), weights, upload, [32, 64], duration, log)
+def tune(server: str, weights: Path, upload: Upload, duration: float, log: Path,
+         peer_backend: str) -> tuple[ServerConfig, list]:
+    trials = [measure(ServerConfig(server, knobs, peer_backend), weights, upload, [32, 64], duration, log)
               for knobs in TUNING[server]]
     best = max(trials, key=lambda trial: sum(level["requests_per_s"] for level in trial["levels"]))
-    return ServerConfig(server, best["knobs"]), trials
+    return ServerConfig(server, best["knobs"], peer_backend), trials
 
 
 def offline_limit(weights: Path, batch_sizes: list[int], seconds: float) -> dict:
@@ -241,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--knobs-from", type=Path, help="reuse the peers' knobs chosen in this results JSON")
     parser.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-min load average below this")
     parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for that (default 600)")
+    parser.add_argument("--peer-backend", default="fused", help="the peers' CPU backend (PEER_CPU_BACKEND): "
+                        "fused (default), eager = the fp32 model as trained, or any other of model.inference")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/compare-<time>.json)")
     args = parser.parse_args(argv)
     if "ours" in args.servers:
@@ -263,9 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     configs = [ServerConfig("ours")]
     for server in servers[1:]:
         if server not in chosen:
-            config, tuning[server] = tune(server, weights, upload, args.tune_duration, log)
+            config, tuning[server] = tune(server, weights, upload, args.tune_duration, log, args.peer_backend)
             chosen[server] = config.knobs
-        configs.append(ServerConfig(server, chosen[server]))
+        configs.append(ServerConfig(server, chosen[server], args.peer_backend))
     entries = [measure(config, weights, upload, args.concurrency, args.duration, log) for config in configs]
     result = {
         "benchmark": "compare",
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         "image": "CIFAR-10 test image 0 as PNG, multipart field 'file'",
         "duration_s": args.duration,
         "offline": offline,
+        "peer_backend": args.peer_backend,
         "servers": entries,
         "tuning": tuning,
         "knobs_from": str(args.knobs_from) if args.knobs_from else None,

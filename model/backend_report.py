@@ -224,8 +224,8 @@ def choose_backend(
     best = max(candidates, key=lambda row: row.images_per_s[batch_size])
     return BackendChoice(
         best.backend,
-        f"{best.backend}: the fastest verified backend at batch {batch_size} ({best.images_per_s[batch_size]:.0f} "
-        f"images/s against {reference.images_per_s[batch_size]:.0f} for float32) whose test accuracy, "
-        f"{100 * best.accuracy:.2f} % on {report.test_images} images, is within {max_drop_points:g} points of "
-        f"float32's {100 * reference.accuracy:.2f} %",
+        f"{best.backend}: the fastest at batch {batch_size} ({best.images_per_s[batch_size]:.0f} images/s, float32 "
+        f"{reference.images_per_s[batch_size]:.0f}) within {max_drop_points:g} points of float32 by "
+        f"{report_file(device_type)} (test accuracy {100 * best.accuracy:.2f} % vs {100 * reference.accuracy:.2f} % "
+        f"on {report.test_images} images)",
     )

@@ -89,6 +89,11 @@ class ModelInfo(BaseModel):
     std: list[float]
     device: str
     dtype: str
+    backend: str = Field(description="how the model runs: a CPU backend of model/inference.py (fused, eager, onnx, "
+                         "bf16, int8), or fp32 or bf16 on CUDA; chosen again at every swap (APP_CPU_BACKEND, "
+                         "APP_CUDA_PRECISION)")
+    backend_reason: str = Field(description="why this backend serves: the verified accuracy and speed from the "
+                                "checkpoint's backends-<device>.json, an explicit setting, or why no report holds")
     origin: str = Field(description="why this checkpoint is served: the shipped default, APP_WEIGHTS, the "
                         "registry's current version, a promotion or an /admin/reload")
     batching: BatchingSettings

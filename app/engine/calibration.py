@@ -1,5 +1,7 @@
-"""Calibration images for ``APP_CPU_BACKEND=int8``: the first training images of the CIFAR-10 copy in
-``APP_DATA_DIR`` (the folder training jobs read), as uint8 HWC pixels.
+"""The fallback calibration images of an explicit ``APP_CPU_BACKEND=int8``: the first training images of the
+CIFAR-10 copy in ``APP_DATA_DIR`` (the folder training jobs read), as uint8 HWC pixels. They are read only for
+a checkpoint without a usable ``calibration.safetensors`` (``app.engine.backend_choice``), which is the set
+its verified int8 accuracy was measured with, so a service normally needs no dataset at all.
 
 Static int8 quantization fixes each activation's range from what the network sees on these images
 (``model.inference.quantize_int8``); training images, never test images, so a test-set accuracy measured
@@ -41,8 +43,8 @@ def calibration_pixels(data_dir: Path, count: int = CALIBRATION_IMAGES) -> np.nd
     path = Path(data_dir) / DATA_FOLDER / BATCH_FILE
     if not path.is_file():
         raise CalibrationUnavailable(
-            f"APP_CPU_BACKEND=int8 calibrates on CIFAR-10 training images, but {path} does not exist: set "
-            "APP_DATA_DIR to the folder holding cifar-10-batches-py/, or use APP_CPU_BACKEND=fused")
+            f"no CIFAR-10 training images at {path} either: set APP_DATA_DIR to the folder holding "
+            "cifar-10-batches-py/, or use APP_CPU_BACKEND=auto or fused")
     try:
         with open(path, "rb") as handle:
             entry = _ArraysOnly(handle, encoding="latin1").load()

@@ -1,19 +1,20 @@
 """One verified checkpoint made ready to serve: on its device, in eval mode, channels_last, warmed up.
 
-``ServedModel.load(path, device, backend)`` verifies the checkpoint (card, SHA-256) through ``model.checkpoint``
-and prepares it with ``model.inference`` (on the CPU, ``backend``: BatchNorm folded into the convolutions by
-default, see APP_CPU_BACKEND);
-``logits(batch)`` maps a normalised float batch to the network's logits, in float32 on the CPU (bf16
-autocast on CUDA, where tensor cores make it ~2x faster; float32 on the CPU, where bf16 is emulated on
-most cores and slower). Logits, not probabilities: the classification pipeline turns them into calibrated
-probabilities and an OOD score (``model.trust``), and the energy score needs the logits themselves.
+``ServedModel.load(path, device, policy)`` verifies the checkpoint (card, SHA-256) through ``model.checkpoint``,
+decides its backend (``app.engine.backend_choice``: by default the fastest one its backend report verified,
+else the exact one) and prepares it with ``model.inference``; ``logits(batch)`` maps a normalised float batch
+to the network's logits, in float32 on the CPU (on CUDA the ``fp32`` or ``bf16`` autocast precision, the
+latter ~2x faster on tensor cores). Logits, not probabilities: the classification pipeline turns them into
+calibrated probabilities and an OOD score (``model.trust``), and the energy score needs the logits themselves.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from app.engine.backend_choice import AUTO, DEFAULT_POLICY, BackendPlan, BackendPolicy, plan_backend
+from model.backend_report import DEFAULT_RANKING_BATCH, EXACT_BACKEND
 from model.checkpoint import ModelCard, load_checkpoint
-from model.inference import DEFAULT_CPU_BACKEND, prepare_for_inference
+from model.inference import prepare_for_inference
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,32 +37,50 @@ class ServedModel:
     device: torch.device
     mean: torch.Tensor  # (1, 3, 1, 1), float32, on device, on the 0..1 scale
     std: torch.Tensor
-    backend: str = "eager"  # model.inference backend; on CUDA always eager
+    backend: str = "fused"  # a model.inference backend on the CPU; fp32 or bf16 (autocast) on CUDA
+    backend_reason: str = ""  # why this backend serves (app.engine.backend_choice)
     origin: str = ""        # why this checkpoint is served (the shipped default, APP_WEIGHTS, the registry...)
     path: Path | None = None  # the checkpoint it was loaded from (POST /explain builds its own copy from it)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: torch.device, backend: str = DEFAULT_CPU_BACKEND,
-             calibration: np.ndarray | None = None, origin: str = "") -> ServedModel:
-        """``calibration``: uint8 HWC training images, for the int8 backend only."""
+    def load(cls, path: str | os.PathLike[str], device: torch.device, policy: BackendPolicy = DEFAULT_POLICY,
+             *, ranking_batch: int = DEFAULT_RANKING_BATCH, origin: str = "",
+             tracing: Callable[[], AbstractContextManager] = nullcontext) -> ServedModel:
+        """``ranking_batch``: the batch size backends are compared at (the engine's largest). ``tracing`` is
+        entered around the one step that must not run alongside forward passes (``model.inference``)."""
         checkpoint = load_checkpoint(path, device)
         card = checkpoint.card
+        plan = plan_backend(policy, Path(path), card.weights_sha256, device, ranking_batch=ranking_batch)
         shape = (1, 3, 1, 1)
         mean = torch.tensor(card.mean, dtype=torch.float32, device=device).view(shape)
         std = torch.tensor(card.std, dtype=torch.float32, device=device).view(shape)
         normalised = None
-        if calibration is not None:
-            normalised = (torch.from_numpy(calibration).permute(0, 3, 1, 2).float().div(255.0) - mean) / std
+        if plan.calibration is not None:
+            pixels = torch.from_numpy(plan.calibration).to(device)
+            normalised = (pixels.permute(0, 3, 1, 2).float().div(255.0) - mean) / std
         # oneDNN and cuDNN both run convolutions natively in NHWC; NCHW costs a layout reorder per layer.
-        # On the CPU the backend also folds BatchNorm into the convolutions (benchmarks/README.md).
-        network = prepare_for_inference(checkpoint.model, device, backend, normalised).requires_grad_(False)
-        return cls(card=card, network=network, device=device, mean=mean, std=std,
-                   backend=backend if device.type == "cpu" else "eager", origin=origin, path=Path(path))
+        # On the CPU the backend also folds BatchNorm into the convolutions (benchmarks/README.md); on CUDA
+        # the precision is the engine's own autocast, over the model as trained.
+        backend = "eager" if device.type == "cuda" else plan.backend
+        try:
+            network = prepare_for_inference(checkpoint.model, device, backend, normalised, tracing=tracing)
+        except Exception as error:
+            exact = EXACT_BACKEND["cpu"]
+            if device.type == "cuda" or policy.cpu_backend != AUTO or backend == exact:
+                raise  # an explicit choice that cannot run is the operator's to fix: the swap fails, saying why
+            # auto's choice is an optimisation: one that cannot be prepared here must not cost the model.
+            plan = BackendPlan(exact, f"{exact}, the exact float32 backend: auto chose {backend}, which failed to "
+                                      f"prepare ({type(error).__name__}: {error})")
+            logger.warning(plan.reason, exc_info=True)
+            network = prepare_for_inference(checkpoint.model, device, exact)
+        network.requires_grad_(False)
+        return cls(card=card, network=network, device=device, mean=mean, std=std, backend=plan.backend,
+                   backend_reason=plan.reason, origin=origin, path=Path(path))
 
     @property
     def dtype(self) -> str:
         if self.device.type == "cuda":
-            return "bfloat16 (autocast)"
+            return "bfloat16 (autocast)" if self.backend == "bf16" else "float32"
         return {"bf16": "bfloat16", "int8": "int8 (static quantization)"}.get(self.backend, "float32")
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -68,8 +91,8 @@ class ServedModel:
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits (N, classes), float32, on the CPU."""
-        cuda = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        autocast = self.device.type == "cuda" and self.backend == "bf16"
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             logits = self.network(batch.contiguous(memory_format=torch.channels_last))
             return logits.float().cpu()
 

@@ -8,7 +8,7 @@ Each peer reads its settings from the environment, so compare.py can start it wi
 
     PEER_WEIGHTS            checkpoint directory (required)
     PEER_PORT               TCP port on 127.0.0.1 (default 8000)
-    PEER_CPU_BACKEND        model.inference backend (default: the service's default, fused)
+    PEER_CPU_BACKEND        model.inference backend, or auto as the service (default fused)
     PEER_WORKERS            model processes (default 1)
     PEER_TORCH_THREADS      intra-op threads per model process (default: cores // workers)
     PEER_MAX_BATCH_SIZE     most images per forward pass (batching peers; default 32)
@@ -30,6 +30,7 @@ import torch
 from app.classification.answers import Prediction
 from app.classification.probabilities import assess_logits
 from app.classification.images import image_pixels
+from app.engine.backend_choice import BackendPolicy
 from app.engine.served_model import ServedModel
 from model.inference import DEFAULT_CPU_BACKEND
 
@@ -71,7 +72,8 @@ class Classifier:
 
     def __init__(self, settings: PeerSettings) -> None:
         torch.set_num_threads(settings.torch_threads)
-        self.model = ServedModel.load(settings.weights, torch.device("cpu"), backend=settings.backend)
+        policy = BackendPolicy(cpu_backend=settings.backend)
+        self.model = ServedModel.load(settings.weights, torch.device("cpu"), policy)
         self.model.warm_up(sorted({1, settings.max_batch_size}))
         self.input_size = self.model.card.input_size
 

@@ -1,4 +1,5 @@
-"""``GET /model``: what is being served, on which device, with which batching settings and calibration."""
+"""``GET /model``: what is being served, on which device and backend (and why), with which batching settings
+and calibration."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ async def model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         std=list(card.std),
         device=str(served.device),
         dtype=served.dtype,
+        backend=served.backend,
+        backend_reason=served.backend_reason,
         origin=served.origin,
         batching=BatchingSettings(
             max_batch_size=engine.max_batch_size,

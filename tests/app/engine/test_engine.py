@@ -1,4 +1,5 @@
 import asyncio
+import os
 import shutil
 import threading
 import time
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.engine import InferenceEngine
+from app.engine.engine import PREPARATION_NICENESS, InferenceEngine
 from app.engine.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -302,9 +303,41 @@ async def test_without_a_model_requests_are_told_why():
             await engine.predict(images(1), timeout=30)
 
 
-def test_preparing_a_model_waits_for_running_passes_and_holds_new_ones_back():
-    """torch.fx tracing (the CPU backends' BatchNorm fold) patches nn.Module.__call__ process-wide, so no
-    forward pass may run while a model is prepared."""
+async def test_a_forward_pass_runs_while_another_model_is_being_prepared(tiny_checkpoint, other_checkpoint,
+                                                                        monkeypatch):
+    """Swaps never pause inference (issue 11): the new model's preparation holds back no forward pass of the
+    serving one; only the step it brackets with ``tracing`` (int8's fx trace) does."""
+    import app.engine.served_model as served_model
+
+    preparing, release, tracing_hooks, niceness = threading.Event(), threading.Event(), [], []
+    prepare = served_model.prepare_for_inference
+
+    def held_preparation(*args, **kwargs):
+        tracing_hooks.append(kwargs["tracing"])
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        preparing.set()
+        release.wait(60)
+        return prepare(*args, **kwargs)
+
+    async with started_engine(tiny_checkpoint) as engine:
+        old = engine.version
+        monkeypatch.setattr(served_model, "prepare_for_inference", held_preparation)
+        swap = asyncio.ensure_future(engine.swap(other_checkpoint))
+        try:
+            await eventually(preparing.is_set, what="the new model's preparation to start")
+            result = await engine.predict(images(3), timeout=30)
+            assert result.card.version == old and result.probabilities.shape == (3, 10)
+            assert not swap.done(), "the answer came while the new model was still being prepared"
+        finally:
+            release.set()
+        card = await swap
+    assert card.version != old and tracing_hooks == [engine._preparation_gate.exclusive]
+    assert niceness == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + PREPARATION_NICENESS)], "a background thread"
+
+
+def test_tracing_a_model_waits_for_running_passes_and_holds_new_ones_back():
+    """torch.fx's tracer (int8's prepare_fx) patches nn.Module.__call__ process-wide, so no forward pass may
+    run while a model is traced."""
     from app.engine.engine import _PreparationGate
 
     gate, events = _PreparationGate(), []

@@ -1,4 +1,5 @@
-"""The engine on CUDA: bf16 autocast, pinned staging, batched = single answers, hot swap. Skipped where no
+"""The engine on CUDA: bf16 autocast (asked for explicitly: these random-init checkpoints have no backend
+report, so auto would serve fp32), pinned staging, batched = single answers, hot swap. Skipped where no
 GPU is visible; benchmarks/gpu/run.sh runs them on the GPU machine with `-m gpu`."""
 
 import asyncio
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.engine.backend_choice import BackendPolicy
 from app.engine.engine import InferenceEngine
 from tests.support.checkpoints import make_checkpoint
 
@@ -31,7 +33,8 @@ def pixels(count: int, seed: int = 0) -> list[np.ndarray]:
 
 
 async def cuda_engine(checkpoint, **options) -> InferenceEngine:
-    settings = dict(max_batch_size=64, max_batch_delay_s=0.005, max_queue=1024) | options
+    settings = dict(max_batch_size=64, max_batch_delay_s=0.005, max_queue=1024,
+                    backend_policy=BackendPolicy(cuda_precision="bf16")) | options
     engine = InferenceEngine(torch.device("cuda"), **settings)
     await engine.start()
     await engine.swap(checkpoint)
@@ -75,3 +78,14 @@ async def test_cuda_hot_swap_under_load_fails_nothing_and_never_mixes(tmp_path):
     assert set(versions) == {old, new}
     switched = versions.index(new)
     assert old not in versions[switched + 16:]  # at most the requests already in flight finish on the old one
+
+
+async def test_cuda_auto_serves_fp32_without_a_backend_report(tmp_path):
+    engine = await cuda_engine(make_checkpoint(tmp_path / "a", seed=1), backend_policy=BackendPolicy())
+    try:
+        assert engine.model.backend == "fp32" and engine.model.dtype == "float32"
+        assert "no backend report" in engine.model.backend_reason
+        result = await engine.predict(pixels(2), timeout=30)
+        assert np.asarray(result.probabilities).shape == (2, 10)
+    finally:
+        await engine.stop(timeout=30)
