@@ -7,9 +7,9 @@ its own copy of the serving model from the same checkpoint, as trained, in eval 
 another model takes over (``ServedModel.path``; the copy must have the served card's version, so weights
 changed on disk since are refused rather than explained). The stages are those of ``Classifier``: decode and
 fit (``images.image_pixels``), normalise with the serving model's statistics (``ServedModel.normalise``),
-then one forward and backward pass (``grad_cam``) instead of the engine's batch, then stage 6
-(``probabilities.assess_logits``) and 7 (``Prediction.of``) on that pass's logits, so an explanation's
-prediction is calibrated exactly as ``/predict``'s is.
+then one pass of the served network (whatever its backend) for stages 6 (``probabilities.assess_logits``)
+and 7 (``Prediction.of``), so an explanation's prediction is exactly ``/predict``'s, and one forward and
+backward pass of the float32 copy (``grad_cam``) for the map of the explained class.
 
 At most ``concurrency`` maps are computed at once (``APP_EXPLAIN_CONCURRENCY``), each on its own thread; a
 request beyond them is refused at once (``ExplainerBusy``, 503) rather than queued, so a burst of
@@ -120,11 +120,16 @@ class Explainer:
         card = served.card
         pixels = image_pixels(upload, card.input_size, self.max_image_pixels)
         batch = served.normalise(torch.from_numpy(np.array(pixels[None])).to(served.device))  # a writable copy
+        # The prediction is the serving backend's (one pass of the served network on this thread, as /predict
+        # computes it, int8 included), so an explanation never answers another label or confidence than
+        # /predict; the map is of the float32 model as trained, which alone has gradients.
+        output = assess_logits(served.logits(batch).numpy(), card, calibrated=self.calibrated)
+        prediction = Prediction.of(output, 0, min(top_k, len(card.class_names)))
+        if class_index is None:
+            class_index = card.class_names.index(prediction.label)
         layer = grad_cam_layer(card.architecture)
         result = grad_cam(self._network(served), batch, class_index, layer)
-        output = assess_logits(result.logits.float().cpu().numpy(), card, calibrated=self.calibrated)
         explained = int(result.class_index[0])
-        prediction = Prediction.of(output, 0, min(top_k, len(card.class_names)))
         heatmap = np.rint(result.heatmaps[0].cpu().numpy() * 255).astype(np.uint8)
         return Explanation(prediction=prediction, explained_index=explained,
                            explained_label=card.class_names[explained], heatmap_png=_png(heatmap),
