@@ -4,6 +4,7 @@ pipeline's own (``app/classification/answers.py``); the KServe v2 bodies are in 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -59,6 +60,13 @@ class ReloadResponse(BaseModel):
 class Readiness(BaseModel):
     status: str
     model_version: str | None = None
+
+
+class Liveness(BaseModel):
+    status: str
+    job_runner: Literal["runner", "standby", "off"] = Field(
+        description="whether this process runs the training jobs (runner: it holds the job database's lock), "
+        "may take over from the process that does (standby), or never does (off: APP_RUN_JOBS=false)")
 
 
 class ModelVersion(BaseModel):

@@ -10,7 +10,8 @@ import pytest
 from app.control.jobs import processes
 from app.control.jobs.runner import Conclusion, JobRunner, JobStateError, TrainingCommand
 from app.control.jobs.schemas import Job, JobResult, JobStatus, TrainParams
-from app.control.jobs.store import JobConflict, JobStore
+from app.control.jobs.sqlite_store import SQLiteJobStore
+from app.control.jobs.store import JobConflict, this_host
 from tests.support.waiting import eventually
 
 FAKE_TRAINING = str(Path(__file__).with_name("fake_training.py"))
@@ -41,7 +42,7 @@ class Recorder:
 
 def make_runner(tmp_path: Path, *options: str, stop_timeout_s: float = 5.0) -> tuple[JobRunner, Recorder]:
     recorder = Recorder()
-    runner = JobRunner(JobStore(tmp_path / "jobs.sqlite3"), tmp_path / "runs", FakeCommand(options), recorder,
+    runner = JobRunner(SQLiteJobStore(tmp_path / "jobs.sqlite3"), tmp_path / "runs", FakeCommand(options), recorder,
                        poll_interval_s=0.02, stop_timeout_s=stop_timeout_s)
     return runner, recorder
 
@@ -98,7 +99,7 @@ def test_cancel_stops_the_process_group_and_keeps_the_files(tmp_path: Path) -> N
         runner, _ = make_runner(tmp_path, "--epoch-seconds", "0.2")
         job = await runner.submit(TrainParams(epochs=100))
         await wait_for(runner, job.id, lambda j: (j.progress.epoch or 0) >= 1)
-        pid, started = runner.store.process(job.id)
+        pid, started, _ = runner.store.process(job.id)
         assert processes.is_alive(pid, started)
         cancelled = await runner.cancel(job.id)
         assert cancelled.status == JobStatus.CANCELLED and cancelled.error is None
@@ -115,7 +116,7 @@ def test_cancel_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
         runner, _ = make_runner(tmp_path, "--ignore-sigterm", "--epoch-seconds", "0.2", stop_timeout_s=0.5)
         job = await runner.submit(TrainParams(epochs=100))
         await wait_for(runner, job.id, lambda j: (j.progress.epoch or 0) >= 1)
-        pid, started = runner.store.process(job.id)
+        pid, started, _ = runner.store.process(job.id)
         began = time.monotonic()
         assert (await runner.cancel(job.id)).status == JobStatus.CANCELLED
         assert 0.4 < time.monotonic() - began < 5 and not processes.is_alive(pid, started)
@@ -132,7 +133,8 @@ def test_restart_interrupts_an_orphaned_job_and_resume_continues_it(tmp_path: Pa
         run_dir.mkdir(parents=True)
         argv = FakeCommand(("--epoch-seconds", "0.1")).start(job.params, run_dir)
         orphan = processes.launch(argv, run_dir / "train.log")
-        earlier.store.mark_running(job.id, orphan.pid, processes.start_time(orphan.pid))
+        assert earlier.store.claim(job.id, this_host())
+        earlier.store.record_process(job.id, orphan.pid, processes.start_time(orphan.pid))
         await eventually((run_dir / "state.pt").exists, what="the orphan's first training state")
 
         runner, recorder = make_runner(tmp_path, "--epoch-seconds", "0.01")
@@ -160,7 +162,8 @@ def test_recover_never_signals_a_reused_pid(tmp_path: Path) -> None:
     job = runner.store.create(TrainParams())
     bystander = processes.launch([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log")
     try:
-        runner.store.mark_running(job.id, bystander.pid, processes.start_time(bystander.pid) - 1)
+        runner.store.claim(job.id, this_host())
+        runner.store.record_process(job.id, bystander.pid, processes.start_time(bystander.pid) - 1)
         assert runner.recover() == [job.id]
         assert bystander.poll() is None
     finally:
@@ -172,7 +175,7 @@ def test_shutdown_stops_running_jobs_and_marks_them_interrupted(tmp_path: Path) 
     async def scenario() -> None:
         runner, _ = make_runner(tmp_path, "--epoch-seconds", "0.2")
         job = await runner.submit(TrainParams(epochs=100))
-        pid, started = runner.store.process(job.id)
+        pid, started, _ = runner.store.process(job.id)
         await runner.shutdown()
         assert runner.store.get(job.id).status == JobStatus.INTERRUPTED
         assert not processes.is_alive(pid, started)
@@ -206,7 +209,7 @@ def test_training_command_maps_every_parameter_to_its_flag(tmp_path: Path) -> No
 def test_a_missing_dataset_fails_the_job_before_any_process_starts(tmp_path: Path) -> None:
     async def scenario() -> None:
         command = TrainingCommand(data_dir=tmp_path / "data")
-        runner = JobRunner(JobStore(tmp_path / "jobs.db"), tmp_path / "runs", command, Recorder())
+        runner = JobRunner(SQLiteJobStore(tmp_path / "jobs.db"), tmp_path / "runs", command, Recorder())
         job = await runner.submit(TrainParams())
         assert job.status == JobStatus.FAILED and runner.store.process(job.id) is None
         assert f"no CIFAR-10 in APP_DATA_DIR ({tmp_path / 'data'})" in job.error and "POST /train" in job.error
