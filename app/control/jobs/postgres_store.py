@@ -178,7 +178,7 @@ class AdvisoryRunnerLock:
 
     @property
     def holder(self) -> str:
-        return f"the advisory lock {RUNNER_LOCK_KEY} in {redacted(self.url)}"
+        return f"the PostgreSQL advisory lock {RUNNER_LOCK_KEY}"
 
     def acquire(self) -> bool:
         if self._locked:

@@ -1,43 +1,17 @@
 import asyncio
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from app.control.jobs import processes
-from app.control.jobs.runner import Conclusion, JobRunner, JobStateError, TrainingCommand
+from app.control.jobs.runner import JobRunner, JobStateError, TrainingCommand
 from app.control.jobs.schemas import Job, JobResult, JobStatus, TrainParams
 from app.control.jobs.sqlite_store import SQLiteJobStore
 from app.control.jobs.store import JobConflict, this_host
+from tests.app.control.jobs.fake_command import FakeCommand, Recorder
 from tests.support.waiting import eventually
-
-FAKE_TRAINING = str(Path(__file__).with_name("fake_training.py"))
-
-
-@dataclass(frozen=True)
-class FakeCommand:
-    options: tuple[str, ...] = ()
-
-    def start(self, params: TrainParams, run_dir: Path) -> list[str]:
-        return [sys.executable, FAKE_TRAINING, str(run_dir), "--epochs", str(params.epochs), *self.options]
-
-    def resume(self, params: TrainParams, run_dir: Path) -> list[str]:
-        return self.start(params, run_dir) + ["--resume"]
-
-    def data_problem(self) -> str | None:
-        return None
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Path, dict[str, Any]]] = []
-
-    async def __call__(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> Conclusion:
-        self.calls.append((job.id, checkpoint, final))
-        return Conclusion(JobResult(model_version="resnet18-abc", test_accuracy=final["test_accuracy"], promoted=True))
 
 
 def make_runner(tmp_path: Path, *options: str, stop_timeout_s: float = 5.0) -> tuple[JobRunner, Recorder]:

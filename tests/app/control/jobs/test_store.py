@@ -16,14 +16,13 @@ from app.control.jobs.store import JobConflict, JobStore, RecordedProcess, open_
 Opener = Callable[[], JobStore]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+@pytest.fixture
+def open_store(database_url: str | None, tmp_path: Path) -> Iterator[Opener]:
     """Opens a store on one database, as many times as a test likes (each open is another replica)."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
     opened: list[JobStore] = []
 
     def open_one() -> JobStore:
-        opened.append(open_job_store(url, tmp_path / "state"))
+        opened.append(open_job_store(database_url, tmp_path / "state"))
         return opened[-1]
 
     yield open_one
