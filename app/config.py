@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     decode_threads: int = Field(0, ge=0, description="threads decoding images; 0 = automatic")
     log_level: str = Field("info", description="debug, info, warning or error")
     # Training jobs and the model registry (docs/jobs.md).
-    state_dir: Path = Field(Path("state"), description="the job database (jobs.db) and each training run's "
+    state_dir: Path = Field(Path("state"), description="the SQLite job database (jobs.db) and its runner lock "
+                            "(runner.lock), and each training run's "
                             "directory (runs/<id>/)")
     registry_dir: Path | None = Field(None, description="the model registry; unset = $APP_STATE_DIR/registry")
     data_dir: Path = Field(Path("data"), description="the folder holding cifar-10-batches-py/ for training jobs")

@@ -112,9 +112,17 @@ def open_job_store(database_url: str | None, state_dir: Path) -> JobStore:
         from app.control.jobs.sqlite_store import SQLiteJobStore
 
         return SQLiteJobStore(state_dir / SQLITE_FILE, lock_path=state_dir / RUNNER_LOCK_FILE)
-    from app.control.jobs.postgres_store import PostgresJobStore  # psycopg is the optional [postgres] extra
-
+    try:
+        from app.control.jobs.postgres_store import PostgresJobStore  # psycopg is the optional [postgres] extra
+    except ModuleNotFoundError as missing:
+        raise MissingDriver("APP_DATABASE_URL names a PostgreSQL database, but its driver is not installed "
+                            f"({missing}): pip install -e '.[postgres]', or unset APP_DATABASE_URL for the "
+                            "embedded SQLite store") from missing
     return PostgresJobStore(database_url)
+
+
+class MissingDriver(RuntimeError):
+    """APP_DATABASE_URL names PostgreSQL, and psycopg (the [postgres] extra) is not installed."""
 
 
 def utc_now() -> datetime:

@@ -4,6 +4,7 @@ test session's own server (tests/support/postgres.py)."""
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from app.control.jobs.schemas import JobProgress, JobResult, JobStatus, TrainParams
 from app.control.jobs.sqlite_store import SQLiteJobStore
-from app.control.jobs.store import JobConflict, JobStore, RecordedProcess, open_job_store
+from app.control.jobs.store import JobConflict, JobStore, MissingDriver, RecordedProcess, open_job_store
 
 Opener = Callable[[], JobStore]
 
@@ -126,3 +127,21 @@ def test_an_older_sqlite_database_gains_the_host_column(tmp_path: Path) -> None:
                    "'2026-01-01T00:00:00+00:00', 7)")
     store = SQLiteJobStore(path)
     assert store.get("old").status == JobStatus.FAILED and store.process("old") == RecordedProcess(7, None, None)
+
+
+def test_a_postgresql_url_without_its_driver_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "app.control.jobs.postgres_store", None)  # as if psycopg were absent
+    with pytest.raises(MissingDriver, match=r"pip install -e '\.\[postgres\]'"):
+        open_job_store("postgresql://db/jobs", tmp_path)
+
+
+def test_an_unreachable_postgresql_server_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("psycopg")
+    from app.control.jobs import postgres_store
+
+    monkeypatch.setattr(postgres_store, "CONNECT_TIMEOUT_S", 1)
+    url = f"postgresql://app:s3cret-password@/jobs?host={tmp_path}&port=1"  # no server has this socket
+    with pytest.raises(postgres_store.JobDatabaseUnreachable) as unreachable:
+        open_job_store(url, tmp_path)
+    assert "APP_DATABASE_URL=postgresql://app:***@" in str(unreachable.value)
+    assert "s3cret" not in str(unreachable.value)
