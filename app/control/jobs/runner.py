@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,13 +190,14 @@ class JobRunner:
         interrupted. Queued jobs wait for ``_dispatch``. Returns the ids it marked."""
         marked = []
         for job in self.store.newest_first():
-            if job.status != JobStatus.RUNNING or job.id in self._children:
+            # A job cancelled through a standby while no runner was elected may have left its process behind.
+            if job.status not in (JobStatus.RUNNING, JobStatus.CANCELLED) or job.id in self._children:
                 continue
             recorded = self.store.process(job.id)
             if recorded is not None and recorded.host in (None, self.host):
                 processes.stop_group(recorded.pid, recorded.started, timeout_s=self.stop_timeout_s)
-            if self.store.finish(job.id, JobStatus.INTERRUPTED, error=_interrupted_message(job.id),
-                                 only_from=(JobStatus.RUNNING,)):
+            if job.status == JobStatus.RUNNING and self.store.finish(
+                    job.id, JobStatus.INTERRUPTED, error=_interrupted_message(job.id), only_from=(JobStatus.RUNNING,)):
                 logger.warning("job %s was running when its runner last stopped; marked interrupted", job.id)
                 marked.append(job.id)
         return marked
@@ -205,6 +207,8 @@ class JobRunner:
         up the lock for a standby to take."""
         if self._campaign is not None:
             self._campaign.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._campaign
         for job_id in list(self._monitors):
             await self._stop(job_id, JobStatus.INTERRUPTED, _interrupted_message(job_id))
         if self.lock is not None:

@@ -213,3 +213,15 @@ def test_the_training_process_does_not_inherit_the_admin_token(tmp_path: Path, m
     script = "import os; print(os.environ.get('APP_ADMIN_TOKEN'), os.environ['APP_DATA_DIR'])"
     processes.launch([sys.executable, "-c", script], tmp_path / "log").wait()
     assert (tmp_path / "log").read_text() == "None /kept\n"
+
+
+def test_recover_stops_the_process_of_a_job_cancelled_while_no_runner_was_elected(tmp_path: Path) -> None:
+    runner, _ = make_runner(tmp_path)
+    job = runner.store.create(TrainParams(epochs=1000))
+    run_dir = runner.run_dir(job.id)
+    orphan = processes.launch(FakeCommand(("--epoch-seconds", "0.1")).start(job.params, run_dir), tmp_path / "log")
+    assert runner.store.claim(job.id, this_host())
+    runner.store.record_process(job.id, orphan.pid, processes.start_time(orphan.pid))
+    assert runner.store.finish(job.id, JobStatus.CANCELLED)  # DELETE through a standby: the record only
+    assert runner.recover() == [] and orphan.wait(timeout=10) is not None
+    assert runner.store.get(job.id).status == JobStatus.CANCELLED
