@@ -60,6 +60,10 @@ async def until(store: JobStore, job_id: str, condition, what: str) -> Job:
     return await eventually(lambda: job if condition(job := store.get(job_id)) else None, what=what)
 
 
+def final(job: Job) -> bool:
+    return job.status not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
 def starts(runner: JobRunner, job_id: str) -> int:
     """How many training processes were started for the job (each start writes one header line)."""
     log = runner.logs(job_id)
@@ -97,8 +101,9 @@ def test_a_job_queued_on_a_standby_runs_on_the_runner(candidates: Candidates) ->
         await standby.start()
         job = await standby.submit(TrainParams(epochs=2))
         assert job.status == JobStatus.QUEUED
-        done = await until(standby.store, job.id, lambda j: j.status == JobStatus.SUCCEEDED, "the job to succeed")
-        assert done.result is not None and len(runner.on_success.calls) == 1  # type: ignore[attr-defined]
+        done = await until(standby.store, job.id, final, "the job to finish")
+        assert done.status == JobStatus.SUCCEEDED and done.result is not None
+        assert len(runner.on_success.calls) == 1  # type: ignore[attr-defined]
         assert standby.on_success.calls == [] and starts(runner, job.id) == 1  # type: ignore[attr-defined]
         await runner.shutdown()
         await standby.shutdown()
@@ -117,8 +122,9 @@ def test_the_standby_takes_over_when_the_runner_stops_and_resumes_the_job(candid
         assert runner.store.get(job.id).status == JobStatus.INTERRUPTED
         await eventually(lambda: standby.elected, what="the standby to be elected")
         await standby.resume(job.id)
-        done = await until(standby.store, job.id, lambda j: j.status == JobStatus.SUCCEEDED, "the resumed job")
-        assert done.progress.epoch == 30 and "# resuming: " in standby.logs(job.id)
+        done = await until(standby.store, job.id, final, "the resumed job")
+        assert done.status == JobStatus.SUCCEEDED and done.progress.epoch == 30
+        assert "# resuming: " in standby.logs(job.id)
         await standby.shutdown()
 
     asyncio.run(scenario())
@@ -134,8 +140,8 @@ def test_two_runners_that_both_saw_a_job_queued_start_it_once(candidates: Candid
         assert seen_by_both.status == JobStatus.QUEUED
         one._dispatch(seen_by_both)
         other._dispatch(seen_by_both)
-        done = await until(one.store, job.id, lambda j: j.status == JobStatus.SUCCEEDED, "the job")
-        assert done.result is not None and starts(one, job.id) == 1
+        done = await until(one.store, job.id, final, "the job")
+        assert done.status == JobStatus.SUCCEEDED and starts(one, job.id) == 1
         assert (len(one.on_success.calls), len(other.on_success.calls)) == (1, 0)  # type: ignore[attr-defined]
         await one.shutdown()
         await other.shutdown()
@@ -151,8 +157,8 @@ def test_two_runner_processes_racing_elect_one_and_run_the_job_once(candidates: 
             assert roles == ["elected", "standby"]
             store = candidates.store()
             job = store.create(TrainParams(epochs=3))
-            done = await until(store, job.id, lambda j: j.status == JobStatus.SUCCEEDED, "the job")
-            assert done.progress.epoch == 3
+            done = await until(store, job.id, final, "the job")
+            assert done.status == JobStatus.SUCCEEDED and done.progress.epoch == 3
             log = (candidates.state_dir / "runs" / job.id / "train.log").read_text()
             assert log.count("# starting: ") == 1 and log.count("training from epoch 1") == 1
 
@@ -214,13 +220,14 @@ def test_a_runner_killed_mid_job_leaves_it_interrupted_for_the_next_to_resume(ca
             interrupted = await until(standby.store, job.id, lambda j: j.status == JobStatus.INTERRUPTED,
                                       "the standby to take over and mark the job interrupted")
             took_over_s = time.monotonic() - killed_at
-            assert standby.elected and "resume" in interrupted.error
+            assert "resume" in interrupted.error
+            await eventually(lambda: standby.elected, what="the standby to count itself elected")
             wait_until(lambda: not processes.is_alive(orphan.pid, orphan.started), what="the orphan to be stopped")
             epochs_before = interrupted.progress.epoch
 
             await standby.resume(job.id)
-            done = await until(standby.store, job.id, lambda j: j.status == JobStatus.SUCCEEDED, "the resumed job")
-            assert done.progress.epoch == 40
+            done = await until(standby.store, job.id, final, "the resumed job")
+            assert done.status == JobStatus.SUCCEEDED and done.progress.epoch == 40, standby.logs(job.id)
             resumed_from = int(standby.logs(job.id).split("training from epoch ")[-1].split()[0])
             assert resumed_from > 1 and epochs_before >= 2
             print(f"takeover {took_over_s:.2f} s after the kill; resumed from epoch {resumed_from}")
