@@ -24,6 +24,7 @@ def test_a_replica_serves_what_another_promoted_through_the_shared_registry(tmp_
         wait_until(lambda: replica.get("/model").json()["version"] == version, what="the replica to follow")
         assert replica.get("/models").json()["serving"] == version
         assert replica.post("/train/x/resume", headers=ADMIN).status_code == 503
+        assert replica.get("/healthz").json()["job_runner"] == "off"
 
 
 def _shipped(root: Path, accuracies: dict[str, float | None]) -> Path:
