@@ -65,7 +65,9 @@ class PostgresServer:
         command = [str(self._bin / argv[0]), *argv[1:]]
         if self._user is not None:
             command = ["runuser", "-u", self._user, "--", *command]
-        return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+        # From the server's own folder: the repository may sit where the unprivileged user cannot enter.
+        return subprocess.run(command, check=True, capture_output=True, text=True, cwd=self.socket_dir,
+                              **kwargs)  # type: ignore[call-overload]
 
     def start(self) -> None:
         options = (f"-p {self.port} -k {self.socket_dir} -c listen_addresses='' -c fsync=off "
