@@ -1,7 +1,8 @@
 """``python -m app [--host 127.0.0.1] [--port 8000] [--workers 1]``: run the service under uvicorn.
 
 Each worker is a process with its own engine and its own copy of the model; on one GPU, one worker
-batches best. Settings come from ``APP_*`` environment variables (see ``app/config.py``).
+batches best. With APP_RUN_JOBS (the default) every worker stands for job runner and the job database's lock
+elects one of them (docs/jobs.md). Settings come from ``APP_*`` environment variables (see ``app/config.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import sys
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from app.config import SettingsError, load_settings, unknown_variables
 from app.logging import configure_logging
@@ -35,8 +37,18 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning(warning)
     if (taken := port_problem(args.host, args.port)) is not None:
         sys.exit(f"error: {taken}")
-    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_config=None,
-                access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    config = uvicorn.Config("app.main:app", host=args.host, port=args.port, workers=args.workers, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    # Bind before any start-up work: a second instance on a taken port stops here, before its lifespan
+    # stands for job runner or loads a model (uvicorn alone binds one worker's port only after its lifespan).
+    listening = config.bind_socket()
+    if args.workers > 1:
+        Multiprocess(config, sockets=[listening]).run()
+        return
+    server = uvicorn.Server(config)
+    server.run(sockets=[listening])
+    if not server.started:
+        sys.exit(3)  # uvicorn's own exit status for a failed start-up
 
 
 def port_problem(host: str, port: int) -> str | None:

@@ -89,7 +89,8 @@ class Settings(BaseSettings):
                                                         "text = human-readable lines; auto = text on a "
                                                         "terminal, else json")
     # Training jobs and the model registry (docs/jobs.md).
-    state_dir: Path = Field(Path("state"), description="the job database (jobs.db) and each training run's "
+    state_dir: Path = Field(Path("state"), description="the SQLite job database (jobs.db) and its runner lock "
+                            "(runner.lock), and each training run's "
                             "directory (runs/<id>/)")
     registry_dir: Path | None = Field(None, description="the model registry; unset = $APP_STATE_DIR/registry")
     data_dir: Path = Field(Path("data"), description="the folder holding cifar-10-batches-py/ for training jobs")
@@ -98,7 +99,11 @@ class Settings(BaseSettings):
     promote: Literal["if-better", "always", "never"] = Field("if-better", description="what a successful "
                                                              "job does with its model (app/control/promotion.py)")
     training_device: str = Field("auto", description="--device of training jobs: auto, cpu, cuda or cuda:N")
-    run_jobs: bool = Field(True, description="whether this replica runs training jobs; exactly one should")
+    database_url: SecretStr | None = Field(None, description="the job database: unset = SQLite in "
+                                           "$APP_STATE_DIR/jobs.db (one host); postgresql://user:password@host/db "
+                                           "= PostgreSQL, shared by replicas anywhere (the [postgres] extra)")
+    run_jobs: bool = Field(True, description="whether this replica may run training jobs: of all that may, the "
+                           "job database elects one (a lock), and the others stand by")
     jobs_url: str | None = Field(None, description="where the replica that runs jobs is reached; named in "
                                  "the 503 that replicas with APP_RUN_JOBS=false answer POST /train with")
     keep_runs: int = Field(50, ge=0, description="run directories kept (the newest jobs'; a queued or running "
@@ -119,6 +124,17 @@ class Settings(BaseSettings):
     @property
     def registry_path(self) -> Path:
         return self.registry_dir if self.registry_dir is not None else self.state_dir / "registry"
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _postgres_url(cls, value: object) -> object:
+        if value is None or value == "":
+            return None
+        url = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("APP_DATABASE_URL must be a PostgreSQL URL such as "
+                             "postgresql://user:password@host:5432/cifar_serve; unset it for the embedded SQLite store")
+        return url
 
     @field_validator("log_level")
     @classmethod

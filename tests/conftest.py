@@ -12,6 +12,9 @@ from tests.support import REPO_ROOT
 from tests.support.checkpoints import make_checkpoint
 from tests.support.cifar10 import write_cifar10
 
+# The throwaway PostgreSQL server (postgres_server, postgres_url) of the job-store tests.
+pytest_plugins = ["tests.support.postgres"]
+
 SHARED_CIFAR10 = REPO_ROOT.parent / "shared" / "cifar10" / "compact"
 REAL_DATA_CACHE = REPO_ROOT / ".cache" / "cifar10"
 

@@ -121,6 +121,14 @@ class Readiness(BaseModel):
     model_version: str | None = None
 
 
+class Liveness(BaseModel):
+    status: str
+    model_version: str | None = Field(None, description="the model being served; null while none is")
+    job_runner: Literal["runner", "standby", "off"] = Field(
+        description="whether this process runs the training jobs (runner: it holds the job database's lock), "
+        "may take over from the process that does (standby), or never does (off: APP_RUN_JOBS=false)")
+
+
 class ModelVersion(BaseModel):
     version: str
     architecture: str

@@ -20,7 +20,7 @@ from app.control import retention
 from app.control.jobs.progress import tail_lines
 from app.control.jobs.runner import Conclusion, JobRunner, TrainingCommand
 from app.control.jobs.schemas import Job
-from app.control.jobs.store import JobStore, UnknownJob
+from app.control.jobs.store import JobStore, UnknownJob, open_job_store
 from app.control.promotion import HotSwappable, ModelPromoter
 from app.control.registry import ModelRegistry, UnknownVersion
 from model.checkpoint import CARD_FILE, CheckpointError, read_card
@@ -28,7 +28,6 @@ from training.layout import LOG_FILE
 
 logger = logging.getLogger(__name__)
 
-JOBS_DATABASE = "jobs.db"
 RUNS_FOLDER = "runs"
 
 
@@ -64,6 +63,12 @@ class ControlPlane:
         self.job(job_id)
         return tail_lines(self.runs_dir / job_id / LOG_FILE, tail)
 
+    @property
+    def job_runner(self) -> str:
+        """This process's part in running jobs, as /healthz shows it: ``runner`` (elected), ``standby`` (may
+        run jobs, another process does) or ``off`` (APP_RUN_JOBS=false)."""
+        return self.runner.role if self.runner is not None else "off"
+
     def require_runner(self) -> JobRunner:
         if self.runner is None:
             where = self.jobs_url or "the one replica started with APP_RUN_JOBS=true"
@@ -92,12 +97,14 @@ class ControlPlane:
             self._follower.cancel()
         if self.runner is not None:
             await self.runner.shutdown()
+        self.store.close()
 
 
 async def open_control_plane(settings: Settings, engine: HotSwappable) -> ControlPlane:
-    """Open the job store and the registry; on the replica that runs jobs, first stop and mark ``interrupted``
-    any job an earlier API process left queued or running."""
-    store = JobStore(settings.state_dir / JOBS_DATABASE)
+    """Open the job store and the registry; with APP_RUN_JOBS, stand for election as the job runner. The
+    elected process first stops and marks ``interrupted`` any job an earlier runner left running."""
+    url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+    store = await asyncio.to_thread(open_job_store, url, settings.state_dir)
     registry = ModelRegistry(settings.registry_path)
     promoter = ModelPromoter(registry, engine, settings.promote)
     runs_dir = settings.state_dir / RUNS_FOLDER
@@ -114,9 +121,10 @@ async def open_control_plane(settings: Settings, engine: HotSwappable) -> Contro
             await asyncio.to_thread(apply_retention)
             return conclusion
 
-        runner = JobRunner(store, runs_dir.resolve(), command, register_then_prune)
-        await asyncio.to_thread(runner.recover)
-        await asyncio.to_thread(apply_retention)
+        runner = JobRunner(store, runs_dir.resolve(), command, register_then_prune, store.runner_lock())
+        await runner.start()
+        if runner.elected:  # a standby never deletes: the runner's jobs and versions are the runner's to prune
+            await asyncio.to_thread(apply_retention)
     return ControlPlane(store=store, registry=registry, promoter=promoter, runner=runner, runs_dir=runs_dir,
                         jobs_url=settings.jobs_url)
 

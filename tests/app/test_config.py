@@ -53,3 +53,12 @@ def test_limits_must_be_positive(field, value):
 def test_a_queue_shorter_than_one_batch_upload_is_refused():
     with pytest.raises(ValidationError, match="APP_MAX_QUEUE=8 is smaller than APP_MAX_BATCH_FILES=16"):
         Settings(max_queue=8, max_batch_files=16)
+
+
+def test_the_database_url_is_postgresql_or_unset():
+    assert Settings(database_url="").database_url is None
+    url = "postgresql://app:hunter2-secret@db:5432/jobs"
+    settings = Settings(database_url=url)
+    assert settings.database_url.get_secret_value() == url and "hunter2" not in repr(settings)
+    with pytest.raises(ValidationError, match="APP_DATABASE_URL must be a PostgreSQL URL"):
+        Settings(database_url="mysql://db/jobs")

@@ -6,18 +6,18 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import EngineDep, MetricsDep
-from app.api.schemas import ErrorResponse, Readiness
+from app.api.deps import ControlPlaneDep, EngineDep, MetricsDep
+from app.api.schemas import ErrorResponse, Liveness, Readiness
 from app.engine.errors import NoModelLoaded
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz(engine: EngineDep) -> Readiness:
+async def healthz(engine: EngineDep, control_plane: ControlPlaneDep) -> Liveness:
     """200 while the process is alive (it answers even while the model loads); ``model_version`` names the
     model being served, null while none is."""
-    return Readiness(status="alive", model_version=engine.version)
+    return Liveness(status="alive", model_version=engine.version, job_runner=control_plane.job_runner)
 
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse, "description": "no warm model yet"}})

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from app.control.jobs.schemas import (
     JobStatus,
     TrainParams,
 )
-from app.control.jobs.store import JobStore, UnknownJob
+from app.control.jobs.store import JobStore, RunnerLock, UnknownJob, this_host
 from training.cli import command_line
 from training.layout import CHECKPOINT_DIR, DATA_FOLDER, LOG_FILE, METRICS_FILE, STATE_FILE
 
@@ -98,25 +99,46 @@ class TrainingCommand:
 
 
 class JobRunner:
+    """Runs the jobs of one store, on the one process the store's ``RunnerLock`` elects.
+
+    Every replica with ``APP_RUN_JOBS=true`` builds one. The one holding the lock is elected: it first marks
+    the jobs a dead runner left running ``interrupted`` (``recover``), then starts queued jobs, whichever
+    replica queued them. The others are standbys: they queue, list, cancel and resume jobs through the store,
+    and try for the lock every ``election_interval_s``, so one takes over when the runner stops. Without a
+    lock (tests, a single process by construction) the runner is elected from the start.
+    """
+
     def __init__(
         self,
         store: JobStore,
         runs_dir: Path,
         command: TrainingCommand,
         on_success: SuccessHandler,
+        lock: RunnerLock | None = None,
         *,
         poll_interval_s: float = 0.25,
         stop_timeout_s: float = 30.0,
+        election_interval_s: float = 2.0,
     ) -> None:
         self.store = store
         self.runs_dir = runs_dir
         self.command = command
         self.on_success = on_success
+        self.lock = lock
         self.poll_interval_s = poll_interval_s
         self.stop_timeout_s = stop_timeout_s
+        self.election_interval_s = election_interval_s
+        self.host = this_host()
+        self.elected = lock is None
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._stopping: dict[str, JobStatus] = {}
+        self._campaign: asyncio.Task[None] | None = None
+
+    @property
+    def role(self) -> str:
+        """``runner`` or ``standby``, as /healthz shows it."""
+        return "runner" if self.elected else "standby"
 
     def run_dir(self, job_id: str) -> Path:
         return self.runs_dir / job_id
@@ -124,10 +146,22 @@ class JobRunner:
     def logs(self, job_id: str, tail: int | None = None) -> str:
         return tail_lines(self.run_dir(job_id) / LOG_FILE, tail)
 
+    async def start(self) -> None:
+        """Try for the lock once now (so start-up logs say which this process is), then keep trying, or keep
+        checking it is still held, in the background."""
+        await self._stand()
+        if not self.elected and self.lock is not None:
+            logger.warning("standby: another process holds %s and runs the training jobs in %s; this one serves "
+                           "predictions, queues jobs for it and takes over if it stops", self.lock.holder,
+                           self.store.where)
+        self._campaign = asyncio.create_task(self._keep_standing(), name="job runner election")
+
     async def submit(self, params: TrainParams) -> Job:
-        """Queue a job and start it; raises ``JobConflict`` if one is already queued or running."""
+        """Queue a job, and start it if this process is the runner (else the runner starts it within
+        ``election_interval_s``); raises ``JobConflict`` if one is already queued or running."""
         job = self.store.create(params)
-        self._start(job, resume=False)
+        if self.elected:
+            self._dispatch(job)
         return self._get(job.id)
 
     async def resume(self, job_id: str) -> Job:
@@ -137,11 +171,13 @@ class JobRunner:
             raise JobStateError(f"job {job_id} is {job.status}; only an interrupted or cancelled job can be resumed")
         if not self.store.requeue(job_id, only_from=RESUMABLE_STATUSES):
             raise JobStateError(f"job {job_id} changed status meanwhile; GET /train/{job_id} shows it")
-        self._start(self._get(job_id), resume=True)
+        if self.elected:
+            self._dispatch(self._get(job_id))
         return self._get(job_id)
 
     async def cancel(self, job_id: str) -> Job:
-        """Stop a queued or running job's process group and mark it cancelled; its files stay."""
+        """Stop a queued or running job and mark it cancelled; its files stay. A job another process runs is
+        marked here, and its runner, which watches the record, stops the process group."""
         job = self._get(job_id)
         if job.status not in ACTIVE_STATUSES:
             raise JobStateError(f"job {job_id} already finished ({job.status}); only a queued or running job "
@@ -150,30 +186,78 @@ class JobRunner:
         return self._get(job_id)
 
     def recover(self) -> list[str]:
-        """At start-up: a job left queued or running by an earlier API process is stopped (its recorded process
-        group killed if that process is still alive) and marked interrupted. Returns the ids it marked."""
+        """On election: a job left running by an earlier runner (crashed, killed, or cut off from the
+        database) is stopped, its recorded process group killed if it is still alive on this host, and marked
+        interrupted. Queued jobs wait for ``_dispatch``. Returns the ids it marked."""
         marked = []
         for job in self.store.newest_first():
-            if job.status not in ACTIVE_STATUSES or job.id in self._children:
+            # A job cancelled through a standby while no runner was elected may have left its process behind.
+            if job.status not in (JobStatus.RUNNING, JobStatus.CANCELLED) or job.id in self._children:
                 continue
             recorded = self.store.process(job.id)
-            if recorded is not None:
-                processes.stop_group(*recorded, timeout_s=self.stop_timeout_s)
-            if self.store.finish(job.id, JobStatus.INTERRUPTED, error=_interrupted_message(job.id)):
-                logger.warning("job %s was %s when the API last stopped; marked interrupted", job.id, job.status)
+            if recorded is not None and recorded.host in (None, self.host):
+                processes.stop_group(recorded.pid, recorded.started, timeout_s=self.stop_timeout_s)
+            if job.status == JobStatus.RUNNING and self.store.finish(
+                    job.id, JobStatus.INTERRUPTED, error=_interrupted_message(job.id), only_from=(JobStatus.RUNNING,)):
+                logger.warning("job %s was running when its runner last stopped; marked interrupted", job.id)
                 marked.append(job.id)
         return marked
 
     async def shutdown(self) -> None:
-        """On API shutdown: stop running jobs and mark them interrupted, so none is left orphaned."""
+        """On API shutdown: stop running jobs and mark them interrupted, so none is left orphaned, then give
+        up the lock for a standby to take."""
+        if self._campaign is not None:
+            self._campaign.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._campaign
         for job_id in list(self._monitors):
             await self._stop(job_id, JobStatus.INTERRUPTED, _interrupted_message(job_id))
+        if self.lock is not None:
+            self.lock.release()
+        self.elected = self.lock is None
+
+    async def _keep_standing(self) -> None:
+        while True:
+            await asyncio.sleep(self.election_interval_s)
+            try:
+                await self._stand()
+            except Exception:  # a database that is down now may be back next time
+                logger.exception("the job runner's election round failed; retrying in %g s",
+                                 self.election_interval_s)
+
+    async def _stand(self) -> None:
+        """One round: win, keep or lose the election; as the runner, start a queued job."""
+        if self.lock is not None and not self.elected:
+            if not await asyncio.to_thread(self.lock.acquire):
+                logger.debug("standby: %s is held by another process", self.lock.holder)
+                return
+            logger.info("elected to run training jobs (%s, jobs in %s)", self.lock.holder, self.store.where)
+            await asyncio.to_thread(self.recover)
+            self.elected = True
+        elif self.lock is not None and not await asyncio.to_thread(self.lock.held):
+            self.elected = False
+            logger.error("lost %s: stopping this process's training jobs, which another runner may now take "
+                         "over; trying to be elected again", self.lock.holder)
+            for job_id in list(self._monitors):
+                await self._stop(job_id, JobStatus.INTERRUPTED, _interrupted_message(job_id))
+            return
+        job = self.store.active()
+        if self.elected and job is not None and job.status == JobStatus.QUEUED:
+            self._dispatch(job)
 
     def _get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job is None:
             raise UnknownJob(job_id)
         return job
+
+    def _dispatch(self, job: Job) -> None:
+        """Claim a queued job and start its process: the claim is the store's compare-and-set, so of two
+        runners racing for one job only the winner starts a process. A job that ran before (requeued by
+        resume) continues from its training state."""
+        if job.id in self._children or not self.store.claim(job.id, self.host):
+            return
+        self._start(job, resume=job.started_at is not None)
 
     def _start(self, job: Job, *, resume: bool) -> None:
         if (problem := self.command.data_problem()) is not None:
@@ -196,7 +280,7 @@ class JobRunner:
         self._children[job.id] = child
         if not resume:
             self.store.update_progress(job.id, JobProgress(epoch=0, epochs=job.params.epochs))
-        self.store.mark_running(job.id, child.pid, processes.start_time(child.pid))
+        self.store.record_process(job.id, child.pid, processes.start_time(child.pid))
         logger.info("job %s %s: pid %d, logs in %s", job.id, "resumed" if continuing else "started", child.pid,
                     log_path)
         self._monitors[job.id] = asyncio.create_task(self._follow(job, child), name=f"training job {job.id}")
@@ -205,8 +289,15 @@ class JobRunner:
         metrics = MetricsFollower(self.run_dir(job.id) / METRICS_FILE)
         try:
             while child.poll() is None:
-                if metrics.poll():
-                    self.store.update_progress(job.id, metrics.progress(job.params.epochs))
+                try:
+                    if metrics.poll():
+                        self.store.update_progress(job.id, metrics.progress(job.params.epochs))
+                    if self._finished_elsewhere(job.id):
+                        # Cancelled through another replica: the record says so; this process stops the group.
+                        self._stopping[job.id] = JobStatus.CANCELLED
+                        await asyncio.to_thread(processes.stop_group, child.pid, None, self.stop_timeout_s, child)
+                except Exception:  # a database that is briefly down must not orphan the process
+                    logger.warning("could not update job %s's record; retrying", job.id, exc_info=True)
                 await asyncio.sleep(self.poll_interval_s)
             if metrics.poll():
                 self.store.update_progress(job.id, metrics.progress(job.params.epochs))
@@ -271,15 +362,26 @@ class JobRunner:
             return f"training exited without a final metrics line; see GET /train/{job_id}/logs"
         return f"training exited with code {returncode}; see GET /train/{job_id}/logs"
 
+    def _finished_elsewhere(self, job_id: str) -> bool:
+        if job_id in self._stopping:
+            return False
+        current = self.store.get(job_id)
+        return current is not None and current.status != JobStatus.RUNNING
+
     async def _stop(self, job_id: str, status: JobStatus, error: str) -> None:
+        """Stop a job this process runs (its process group, then its record), or, for a job another runner
+        runs, only its record: that runner sees the change and stops its process, wherever it is."""
         child, monitor = self._children.get(job_id), self._monitors.get(job_id)
         if child is not None:
             self._stopping[job_id] = status
             await asyncio.to_thread(processes.stop_group, child.pid, None, self.stop_timeout_s, child)
-        elif (recorded := self.store.process(job_id)) is not None:
-            # Started by another API process (a replica sharing the state directory, or before a restart).
-            await asyncio.to_thread(processes.stop_group, *recorded, self.stop_timeout_s)
-        self.store.finish(job_id, status, error=None if status == JobStatus.CANCELLED else error)
+        try:
+            self.store.finish(job_id, status, error=None if status == JobStatus.CANCELLED else error)
+        except Exception:
+            if child is None:
+                raise
+            # The process is stopped; the record stays "running" until the next runner's recover() marks it.
+            logger.exception("stopped job %s but could not record it as %s", job_id, status)
         if monitor is not None:
             await monitor
         self._stopping.pop(job_id, None)
@@ -294,5 +396,5 @@ def _runner_failure(error: Exception, runs_dir: Path) -> str:
 
 
 def _interrupted_message(job_id: str) -> str:
-    return (f"the API stopped while this job was running; POST /train/{job_id}/resume continues it from its "
-            "last training-state checkpoint")
+    return (f"the API stopped while this job was running (or its runner lost the job database); POST "
+            f"/train/{job_id}/resume continues it from its last training-state checkpoint")

@@ -1,42 +1,30 @@
-"""Training-job records in SQLite, so they survive a restart of the API.
+"""Training-job records, kept where every replica sees them: the ``JobStore`` interface and how to open one.
 
-SQLite is the embedded default: one file under ``APP_STATE_DIR``, no server to run. Each call opens its own
-short-lived connection, so the store is safe to use from the event loop and from worker threads alike, and
-from several processes sharing the state directory. "At most one job queued or running" is a partial unique
-index, so the database itself refuses a second active job even when two requests race.
+Two stores implement it (docs/jobs.md says when to use which):
+
+- ``SQLiteJobStore`` (sqlite_store.py), the embedded default: ``APP_STATE_DIR/jobs.db``, no server to run,
+  shared only by processes on one host.
+- ``PostgresJobStore`` (postgres_store.py): ``APP_DATABASE_URL=postgresql://…``, shared by replicas anywhere.
+
+Both keep the same guarantees in the database itself, so they hold whoever asks: at most one job is queued
+or running (a partial unique index), every status change is a compare-and-set (``claim``, ``finish`` and
+``requeue`` only move a job from the statuses they name, so a late writer cannot overwrite an outcome), and
+the store hands out the ``RunnerLock`` that elects the one process that runs jobs.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 from app.control.jobs.schemas import ACTIVE_STATUSES, Job, JobProgress, JobResult, JobStatus, TrainParams
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
-    id           TEXT NOT NULL UNIQUE,
-    status       TEXT NOT NULL,
-    params       TEXT NOT NULL,
-    progress     TEXT NOT NULL DEFAULT '{}',
-    created_at   TEXT NOT NULL,
-    started_at   TEXT,
-    finished_at  TEXT,
-    error        TEXT,
-    result       TEXT,
-    pid          INTEGER,
-    pid_started  INTEGER
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_active_job
-    ON jobs ((status IN ('queued', 'running'))) WHERE status IN ('queued', 'running');
-"""
-_ACTIVE_SQL = "('queued', 'running')"
+SQLITE_FILE = "jobs.db"
+RUNNER_LOCK_FILE = "runner.lock"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 class UnknownJob(LookupError):
@@ -54,124 +42,111 @@ class JobConflict(Exception):
         self.active_id = active_id
 
 
+class RecordedProcess(NamedTuple):
+    """A job's training process as its runner recorded it: the PID means something only on ``host``, and
+    only together with the start time (clock ticks since boot), since PIDs are reused."""
+
+    pid: int
+    started: int | None
+    host: str | None
+
+
+class RunnerLock(Protocol):
+    """The election of the one process that runs jobs: whoever holds the lock. Non-blocking; the lock is
+    also released when its holder dies, however it dies."""
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free; whether this process holds it now."""
+
+    def held(self) -> bool:
+        """Whether this process still holds it (a database lock goes with its connection)."""
+
+    def release(self) -> None: ...
+
+    @property
+    def holder(self) -> str:
+        """What the lock is, in words, for logs and /healthz."""
+
+
+class JobStore(Protocol):
+    def create(self, params: TrainParams) -> Job:
+        """Record a new queued job, or raise ``JobConflict`` if one is already queued or running."""
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def newest_first(self, limit: int | None = None) -> list[Job]: ...
+
+    def active(self) -> Job | None:
+        """The one queued or running job, if any."""
+
+    def process(self, job_id: str) -> RecordedProcess | None: ...
+
+    def claim(self, job_id: str, host: str) -> bool:
+        """Move a queued job to running for a runner on ``host``; False if it is no longer queued (another
+        runner took it, or it was cancelled). Only the winner starts a process."""
+
+    def record_process(self, job_id: str, pid: int, pid_started: int | None) -> None: ...
+
+    def update_progress(self, job_id: str, progress: JobProgress) -> None: ...
+
+    def finish(self, job_id: str, status: JobStatus, *, error: str | None = None, result: JobResult | None = None,
+               only_from: tuple[JobStatus, ...] = ACTIVE_STATUSES) -> bool:
+        """Move a job to a final status, but only from one of ``only_from``: whoever finishes a job first
+        (its monitor, a cancel, a restarted runner) wins, and a late writer cannot overwrite the outcome."""
+
+    def requeue(self, job_id: str, only_from: tuple[JobStatus, ...]) -> bool:
+        """Queue a stopped job again (resume); raises ``JobConflict`` if another job is active."""
+
+    def runner_lock(self) -> RunnerLock: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def where(self) -> str:
+        """Where the records are, in words (a database URL without its password)."""
+
+
+def open_job_store(database_url: str | None, state_dir: Path) -> JobStore:
+    """The store ``APP_DATABASE_URL`` names: unset, SQLite in ``state_dir``; ``postgresql://…``, PostgreSQL."""
+    if database_url is None:
+        from app.control.jobs.sqlite_store import SQLiteJobStore
+
+        return SQLiteJobStore(state_dir / SQLITE_FILE, lock_path=state_dir / RUNNER_LOCK_FILE)
+    try:
+        from app.control.jobs.postgres_store import PostgresJobStore  # psycopg is the optional [postgres] extra
+    except ModuleNotFoundError as missing:
+        raise MissingDriver("APP_DATABASE_URL names a PostgreSQL database, but its driver is not installed "
+                            f"({missing}): pip install -e '.[postgres]', or unset APP_DATABASE_URL for the "
+                            "embedded SQLite store") from missing
+    return PostgresJobStore(database_url)
+
+
+class MissingDriver(RuntimeError):
+    """APP_DATABASE_URL names PostgreSQL, and psycopg (the [postgres] extra) is not installed."""
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class JobStore:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            # WAL lets readers (GET /train on any replica) proceed while the runner writes progress.
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            yield db
-        finally:
-            db.close()
-
-    def create(self, params: TrainParams) -> Job:
-        """Record a new queued job, or raise ``JobConflict`` if one is already queued or running."""
-        job_id = secrets.token_hex(6)
-        try:
-            with self._connect() as db:
-                db.execute(
-                    "INSERT INTO jobs (id, status, params, created_at) VALUES (?, ?, ?, ?)",
-                    (job_id, JobStatus.QUEUED, params.model_dump_json(), utc_now().isoformat()),
-                )
-        except sqlite3.IntegrityError:
-            active = self.active()
-            raise JobConflict(active.id if active else None) from None
-        job = self.get(job_id)
-        assert job is not None
-        return job
-
-    def get(self, job_id: str) -> Job | None:
-        with self._connect() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _job(row) if row else None
-
-    def newest_first(self, limit: int | None = None) -> list[Job]:
-        with self._connect() as db:
-            rows = db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit or -1,)).fetchall()
-        return [_job(row) for row in rows]
-
-    def active(self) -> Job | None:
-        with self._connect() as db:
-            row = db.execute(f"SELECT * FROM jobs WHERE status IN {_ACTIVE_SQL}").fetchone()
-        return _job(row) if row else None
-
-    def process(self, job_id: str) -> tuple[int, int | None] | None:
-        """The recorded training process: its PID and start time (clock ticks since boot), if any."""
-        with self._connect() as db:
-            row = db.execute("SELECT pid, pid_started FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return (row["pid"], row["pid_started"]) if row and row["pid"] is not None else None
-
-    def mark_running(self, job_id: str, pid: int, pid_started: int | None) -> bool:
-        with self._connect() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET status = ?, pid = ?, pid_started = ?, started_at = COALESCE(started_at, ?) "
-                "WHERE id = ? AND status = ?",
-                (JobStatus.RUNNING, pid, pid_started, utc_now().isoformat(), job_id, JobStatus.QUEUED),
-            )
-        return cursor.rowcount == 1
-
-    def update_progress(self, job_id: str, progress: JobProgress) -> None:
-        with self._connect() as db:
-            db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (progress.model_dump_json(), job_id))
-
-    def finish(
-        self,
-        job_id: str,
-        status: JobStatus,
-        *,
-        error: str | None = None,
-        result: JobResult | None = None,
-        only_from: tuple[JobStatus, ...] = ACTIVE_STATUSES,
-    ) -> bool:
-        """Move a job to a final status, but only from one of ``only_from``: whoever finishes a job first
-        (its monitor, a cancel, a restarted API) wins, and a late writer cannot overwrite the outcome."""
-        marks = ", ".join("?" for _ in only_from)
-        with self._connect() as db:
-            cursor = db.execute(
-                f"UPDATE jobs SET status = ?, error = ?, result = ?, finished_at = ? "
-                f"WHERE id = ? AND status IN ({marks})",
-                (status, error, result.model_dump_json() if result else None, utc_now().isoformat(),
-                 job_id, *only_from),
-            )
-        return cursor.rowcount == 1
-
-    def requeue(self, job_id: str, only_from: tuple[JobStatus, ...]) -> bool:
-        """Queue a stopped job again (resume); raises ``JobConflict`` if another job is active."""
-        marks = ", ".join("?" for _ in only_from)
-        try:
-            with self._connect() as db:
-                cursor = db.execute(
-                    f"UPDATE jobs SET status = ?, error = NULL, result = NULL, finished_at = NULL, pid = NULL, "
-                    f"pid_started = NULL WHERE id = ? AND status IN ({marks})",
-                    (JobStatus.QUEUED, job_id, *only_from),
-                )
-        except sqlite3.IntegrityError:
-            active = self.active()
-            raise JobConflict(active.id if active else None) from None
-        return cursor.rowcount == 1
+def this_host() -> str:
+    return socket.gethostname()
 
 
-def _job(row: sqlite3.Row) -> Job:
+def job_from_row(row: Any) -> Job:
+    """A job from a database row (a mapping); JSON columns come as text (SQLite) or decoded (PostgreSQL)."""
+
+    def decoded(value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str | bytes) else value
+
     return Job(
         id=row["id"],
         status=JobStatus(row["status"]),
-        params=TrainParams.model_validate_json(row["params"]),
-        progress=JobProgress.model_validate(json.loads(row["progress"])),
+        params=TrainParams.model_validate(decoded(row["params"])),
+        progress=JobProgress.model_validate(decoded(row["progress"]) or {}),
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         error=row["error"],
-        result=JobResult.model_validate_json(row["result"]) if row["result"] else None,
+        result=JobResult.model_validate(decoded(row["result"])) if row["result"] else None,
     )

@@ -8,7 +8,7 @@ from app.factory import create_app
 from model.checkpoint import CARD_FILE, read_card, write_card
 from tests.support.checkpoints import make_checkpoint
 from tests.support.service import ADMIN
-from tests.support.training_api import job_settings, wait_ready
+from tests.support.training_api import FINISHED, TINY_JOB, job_settings, wait_for_status, wait_ready
 from tests.support.waiting import wait_until
 
 
@@ -24,6 +24,7 @@ def test_a_replica_serves_what_another_promoted_through_the_shared_registry(tmp_
         wait_until(lambda: replica.get("/model").json()["version"] == version, what="the replica to follow")
         assert replica.get("/models").json()["serving"] == version
         assert replica.post("/train/x/resume", headers=ADMIN).status_code == 503
+        assert replica.get("/healthz").json()["job_runner"] == "off"
 
 
 def _shipped(root: Path, accuracies: dict[str, float | None]) -> Path:
@@ -90,3 +91,31 @@ def test_a_registry_follower_that_dies_stops_the_service(tmp_path: Path, tiny_ch
         (settings.registry_path / "current").mkdir()
         wait_until(lambda: stops, what="the dead follower to stop the service")
         assert "registry follower failed" in plane.failure and "IsADirectoryError" in plane.failure
+
+
+def test_replicas_sharing_postgresql_and_the_registry_see_one_runner_its_jobs_and_its_promotion(
+        tmp_path: Path, postgres_url: str, synthetic_cifar10: Path, tiny_checkpoint: Path) -> None:
+    # Separate state directories: only the database and the registry are shared, as between pods.
+    shared = dict(database_url=postgres_url, registry_dir=tmp_path / "registry", registry_poll_s=0.1,
+                  promote="always")
+    first = job_settings(tmp_path / "state-a", synthetic_cifar10, tiny_checkpoint, **shared)
+    second = job_settings(tmp_path / "state-b", synthetic_cifar10, tiny_checkpoint, **shared)
+    with TestClient(create_app(first)) as runner, TestClient(create_app(second)) as standby:
+        before = wait_ready(standby)
+        assert runner.get("/healthz").json() == {"status": "alive", "job_runner": "runner"}
+        assert standby.get("/healthz").json() == {"status": "alive", "job_runner": "standby"}
+
+        queued = standby.post("/train", json=TINY_JOB, headers=ADMIN)  # queued here, run by the runner
+        assert queued.status_code == 202, queued.text
+        job_id = queued.json()["id"]
+        done = wait_for_status(standby, job_id, *FINISHED)
+        assert done["status"] == "succeeded" and done["result"]["promoted"], done
+        assert (tmp_path / "state-a" / "runs" / job_id / "checkpoint").is_dir()
+        assert not (tmp_path / "state-b" / "runs" / job_id).exists()
+        assert [j["id"] for j in runner.get("/train", headers=ADMIN).json()] == [job_id]
+
+        version = done["result"]["model_version"]
+        assert version != before
+        for replica in (runner, standby):
+            wait_until(lambda r=replica: r.get("/model").json()["version"] == version,
+                       what="both replicas to serve the promoted version")

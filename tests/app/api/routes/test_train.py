@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.control.jobs import processes
-from app.control.jobs.store import JobStore
+from app.control.jobs.sqlite_store import SQLiteJobStore
 from app.factory import create_app
 from tests.support import images
 from tests.support.checkpoints import make_checkpoint
@@ -144,7 +144,7 @@ def test_cancel_stops_the_training_process_and_keeps_its_files(tmp_path: Path, s
     settings = job_settings(tmp_path / "state", synthetic_cifar10, tmp_path / "no-weights")
     with TestClient(create_app(settings)) as client:
         job_id = client.post("/train", json=TINY_JOB | {"epochs": 50}, headers=ADMIN).json()["id"]
-        pid, started = JobStore(tmp_path / "state" / "jobs.db").process(job_id)
+        pid, started, _ = SQLiteJobStore(tmp_path / "state" / "jobs.db").process(job_id)
         metrics = tmp_path / "state" / "runs" / job_id / "metrics.jsonl"
         wait_until(metrics.is_file, what="training to start")  # stopped mid-run, not while starting up
         assert processes.is_alive(pid, started)
@@ -182,7 +182,7 @@ def test_an_api_crash_interrupts_the_job_and_resume_finishes_it(tmp_path: Path, 
             wait_until(lambda: _answers(remote), what="the API subprocess to listen")
             job_id = remote.post("/train", json=TINY_JOB).json()["id"]
             wait_until(lambda: remote.get(f"/train/{job_id}").json()["progress"]["epoch"] >= 1, what="epoch 1")
-            pid, started = JobStore(tmp_path / "state" / "jobs.db").process(job_id)
+            pid, started, _ = SQLiteJobStore(tmp_path / "state" / "jobs.db").process(job_id)
             api.kill()  # no shutdown handler runs: the training process is orphaned
             api.wait()
         assert processes.is_alive(pid, started)

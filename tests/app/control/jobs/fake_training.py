@@ -38,7 +38,9 @@ with open(args.run_dir / "metrics.jsonl", "a") as metrics:
                  "time": time.time()}
         metrics.write(json.dumps(event) + "\n")
         metrics.flush()
-        state.write_text(str(epoch))
+        # Atomically, as the real training writes state.pt: a SIGTERM mid-write must not leave it empty.
+        state.with_suffix(".tmp").write_text(str(epoch))
+        state.with_suffix(".tmp").replace(state)
     checkpoint = args.run_dir / "checkpoint"
     if args.checkpoint:
         shutil.copytree(args.checkpoint, checkpoint, dirs_exist_ok=True)

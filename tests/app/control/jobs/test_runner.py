@@ -3,47 +3,23 @@ import errno
 import sqlite3
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.control.jobs import processes
-from app.control.jobs.runner import Conclusion, JobRunner, JobStateError, TrainingCommand
+from app.control.jobs.runner import JobRunner, JobStateError, TrainingCommand
 from app.control.jobs.schemas import Job, JobResult, JobStatus, TrainParams
-from app.control.jobs.store import JobConflict, JobStore
+from app.control.jobs.sqlite_store import SQLiteJobStore
+from app.control.jobs.store import JobConflict, this_host
+from tests.app.control.jobs.fake_command import FakeCommand, Recorder
 from tests.support.waiting import eventually
-
-FAKE_TRAINING = str(Path(__file__).with_name("fake_training.py"))
-
-
-@dataclass(frozen=True)
-class FakeCommand:
-    options: tuple[str, ...] = ()
-
-    def start(self, params: TrainParams, run_dir: Path) -> list[str]:
-        return [sys.executable, FAKE_TRAINING, str(run_dir), "--epochs", str(params.epochs), *self.options]
-
-    def resume(self, params: TrainParams, run_dir: Path) -> list[str]:
-        return self.start(params, run_dir) + ["--resume"]
-
-    def data_problem(self) -> str | None:
-        return None
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Path, dict[str, Any]]] = []
-
-    async def __call__(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> Conclusion:
-        self.calls.append((job.id, checkpoint, final))
-        return Conclusion(JobResult(model_version="resnet18-abc", test_accuracy=final["test_accuracy"], promoted=True))
 
 
 def make_runner(tmp_path: Path, *options: str, stop_timeout_s: float = 5.0) -> tuple[JobRunner, Recorder]:
     recorder = Recorder()
-    runner = JobRunner(JobStore(tmp_path / "jobs.sqlite3"), tmp_path / "runs", FakeCommand(options), recorder,
+    runner = JobRunner(SQLiteJobStore(tmp_path / "jobs.sqlite3"), tmp_path / "runs", FakeCommand(options), recorder,
                        poll_interval_s=0.02, stop_timeout_s=stop_timeout_s)
     return runner, recorder
 
@@ -100,7 +76,7 @@ def test_cancel_stops_the_process_group_and_keeps_the_files(tmp_path: Path) -> N
         runner, _ = make_runner(tmp_path, "--epoch-seconds", "0.2")
         job = await runner.submit(TrainParams(epochs=100))
         await wait_for(runner, job.id, lambda j: (j.progress.epoch or 0) >= 1)
-        pid, started = runner.store.process(job.id)
+        pid, started, _ = runner.store.process(job.id)
         assert processes.is_alive(pid, started)
         cancelled = await runner.cancel(job.id)
         assert cancelled.status == JobStatus.CANCELLED and cancelled.error is None
@@ -117,7 +93,7 @@ def test_cancel_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
         runner, _ = make_runner(tmp_path, "--ignore-sigterm", "--epoch-seconds", "0.2", stop_timeout_s=0.5)
         job = await runner.submit(TrainParams(epochs=100))
         await wait_for(runner, job.id, lambda j: (j.progress.epoch or 0) >= 1)
-        pid, started = runner.store.process(job.id)
+        pid, started, _ = runner.store.process(job.id)
         began = time.monotonic()
         assert (await runner.cancel(job.id)).status == JobStatus.CANCELLED
         assert 0.4 < time.monotonic() - began < 5 and not processes.is_alive(pid, started)
@@ -134,7 +110,8 @@ def test_restart_interrupts_an_orphaned_job_and_resume_continues_it(tmp_path: Pa
         run_dir.mkdir(parents=True)
         argv = FakeCommand(("--epoch-seconds", "0.1")).start(job.params, run_dir)
         orphan = processes.launch(argv, run_dir / "train.log")
-        earlier.store.mark_running(job.id, orphan.pid, processes.start_time(orphan.pid))
+        assert earlier.store.claim(job.id, this_host())
+        earlier.store.record_process(job.id, orphan.pid, processes.start_time(orphan.pid))
         await eventually((run_dir / "state.pt").exists, what="the orphan's first training state")
 
         runner, recorder = make_runner(tmp_path, "--epoch-seconds", "0.01")
@@ -162,7 +139,8 @@ def test_recover_never_signals_a_reused_pid(tmp_path: Path) -> None:
     job = runner.store.create(TrainParams())
     bystander = processes.launch([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log")
     try:
-        runner.store.mark_running(job.id, bystander.pid, processes.start_time(bystander.pid) - 1)
+        runner.store.claim(job.id, this_host())
+        runner.store.record_process(job.id, bystander.pid, processes.start_time(bystander.pid) - 1)
         assert runner.recover() == [job.id]
         assert bystander.poll() is None
     finally:
@@ -174,7 +152,7 @@ def test_shutdown_stops_running_jobs_and_marks_them_interrupted(tmp_path: Path) 
     async def scenario() -> None:
         runner, _ = make_runner(tmp_path, "--epoch-seconds", "0.2")
         job = await runner.submit(TrainParams(epochs=100))
-        pid, started = runner.store.process(job.id)
+        pid, started, _ = runner.store.process(job.id)
         await runner.shutdown()
         assert runner.store.get(job.id).status == JobStatus.INTERRUPTED
         assert not processes.is_alive(pid, started)
@@ -208,7 +186,7 @@ def test_training_command_maps_every_parameter_to_its_flag(tmp_path: Path) -> No
 def test_a_missing_dataset_fails_the_job_before_any_process_starts(tmp_path: Path) -> None:
     async def scenario() -> None:
         command = TrainingCommand(data_dir=tmp_path / "data")
-        runner = JobRunner(JobStore(tmp_path / "jobs.db"), tmp_path / "runs", command, Recorder())
+        runner = JobRunner(SQLiteJobStore(tmp_path / "jobs.db"), tmp_path / "runs", command, Recorder())
         job = await runner.submit(TrainParams())
         assert job.status == JobStatus.FAILED and runner.store.process(job.id) is None
         assert f"no CIFAR-10 in APP_DATA_DIR ({tmp_path / 'data'})" in job.error and "POST /train" in job.error
@@ -240,7 +218,7 @@ def test_the_training_process_does_not_inherit_the_admin_token(tmp_path: Path, m
     assert (tmp_path / "log").read_text() == "None /kept\n"
 
 
-class FullDiskStore(JobStore):
+class FullDiskStore(SQLiteJobStore):
     """A job store on a disk that fills up mid-job: progress cannot be written, and recording the failure
     fails ``finish_failures`` times before space comes back."""
 
@@ -268,7 +246,8 @@ def test_a_full_disk_fails_the_job_stops_its_training_and_frees_the_slot(tmp_pat
                            poll_interval_s=0.02, stop_timeout_s=5.0)
         job = await runner.submit(TrainParams(epochs=50))
         await wait_for(runner, job.id, lambda j: (j.progress.epoch or 0) >= 1)
-        pid, started = store.process(job.id)
+        recorded = store.process(job.id)
+        pid, started = recorded.pid, recorded.started
         store.full = True
         failed = await wait_for(runner, job.id, finished)
         assert failed.status == JobStatus.FAILED and "disk" in failed.error and "POST /train" in failed.error
@@ -294,3 +273,15 @@ def test_the_service_log_has_a_line_when_a_job_starts_and_when_it_ends(tmp_path:
     messages = [record.getMessage() for record in caplog.records]
     assert any(m.startswith(f"job {job_id} started: pid ") for m in messages), messages
     assert f"job {job_id} succeeded: test accuracy 0.5, model resnet18-abc" in messages
+
+
+def test_recover_stops_the_process_of_a_job_cancelled_while_no_runner_was_elected(tmp_path: Path) -> None:
+    runner, _ = make_runner(tmp_path)
+    job = runner.store.create(TrainParams(epochs=1000))
+    run_dir = runner.run_dir(job.id)
+    orphan = processes.launch(FakeCommand(("--epoch-seconds", "0.1")).start(job.params, run_dir), tmp_path / "log")
+    assert runner.store.claim(job.id, this_host())
+    runner.store.record_process(job.id, orphan.pid, processes.start_time(orphan.pid))
+    assert runner.store.finish(job.id, JobStatus.CANCELLED)  # DELETE through a standby: the record only
+    assert runner.recover() == [] and orphan.wait(timeout=10) is not None
+    assert runner.store.get(job.id).status == JobStatus.CANCELLED
