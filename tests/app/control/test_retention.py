@@ -3,14 +3,15 @@ from pathlib import Path
 import pytest
 
 from app.control.jobs.schemas import JobStatus, TrainParams
-from app.control.jobs.store import JobStore
+from app.control.jobs.sqlite_store import SQLiteJobStore
+from app.control.jobs.store import JobStore, this_host
 from app.control.registry import ModelRegistry
 from app.control.retention import prune, prune_runs
 from tests.support.checkpoints import make_checkpoint
 
 
 def jobs_with_runs(tmp_path: Path, count: int) -> tuple[JobStore, Path, list[str]]:
-    store, runs = JobStore(tmp_path / "jobs.db"), tmp_path / "runs"
+    store, runs = SQLiteJobStore(tmp_path / "jobs.db"), tmp_path / "runs"
     ids = []
     for _ in range(count):
         job = store.create(TrainParams())
@@ -24,7 +25,8 @@ def jobs_with_runs(tmp_path: Path, count: int) -> tuple[JobStore, Path, list[str
 def test_the_newest_runs_stay_and_an_active_job_dir_is_never_deleted(tmp_path: Path) -> None:
     store, runs, ids = jobs_with_runs(tmp_path, 4)
     running = store.create(TrainParams())
-    store.mark_running(running.id, 1, None)
+    assert store.claim(running.id, this_host())
+    store.record_process(running.id, 1, None)
     (runs / running.id).mkdir()
     assert prune_runs(store, runs, keep=0) == []
     # keep=2: the two newest jobs are the running one and ids[3]; ids[0..2] go.
