@@ -53,3 +53,26 @@ def test_limits_must_be_positive(field, value):
 def test_a_queue_shorter_than_one_batch_upload_is_refused():
     with pytest.raises(ValidationError, match="APP_MAX_QUEUE=8 is smaller than APP_MAX_BATCH_FILES=16"):
         Settings(max_queue=8, max_batch_files=16)
+
+
+@pytest.mark.parametrize("token", [" " * 16, "\t" * 20, " " * 8 + "short" + " " * 8])
+def test_a_token_of_whitespace_is_refused(token):
+    with pytest.raises(ValidationError, match="APP_ADMIN_TOKEN must be a real secret"):
+        Settings(admin_token=token)
+
+
+def test_a_refused_token_is_not_echoed_in_the_error():
+    with pytest.raises(ValidationError) as refused:
+        Settings(admin_token="hunter2-xyz")
+    assert "hunter2-xyz" not in str(refused.value)
+
+
+def test_a_request_pixel_budget_below_one_image_is_refused():
+    with pytest.raises(ValidationError, match="APP_MAX_REQUEST_PIXELS=100 is smaller than APP_MAX_IMAGE_PIXELS"):
+        Settings(max_request_pixels=100, max_image_pixels=1000)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", "-lead", "x" * 65])
+def test_model_names_that_do_not_fit_in_a_url_path_are_refused(name):
+    with pytest.raises(ValidationError, match="model_name"):
+        Settings(model_name=name)
