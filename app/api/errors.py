@@ -87,11 +87,12 @@ STATUS: dict[type[Exception], int] = {
 
 
 def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    key = "error" if request.url.path.startswith("/v2/") else "detail"
-    return JSONResponse({key: message}, status_code=status, headers=headers)
+    return _error_body(request.url.path, status, message, headers)
 
 
-async def _expected(request: Request, error: Exception) -> JSONResponse:
+def expected_response(path: str, error: Exception) -> JSONResponse:
+    """The response to an expected failure (one of ``STATUS``'s), also for middleware that answers before
+    the routes run."""
     status = next(code for kind, code in STATUS.items() if isinstance(error, kind))
     headers = None
     if isinstance(error, QueueFull):
@@ -100,7 +101,16 @@ async def _expected(request: Request, error: Exception) -> JSONResponse:
         headers = {"Retry-After": "5"}
     elif isinstance(error, NotAuthenticated):
         headers = {"WWW-Authenticate": "Bearer"}
-    return error_response(request, status, str(error), headers)
+    return _error_body(path, status, str(error), headers)
+
+
+def _error_body(path: str, status: int, message: str, headers: dict[str, str] | None) -> JSONResponse:
+    key = "error" if path.startswith("/v2/") else "detail"
+    return JSONResponse({key: message}, status_code=status, headers=headers)
+
+
+async def _expected(request: Request, error: Exception) -> JSONResponse:
+    return expected_response(request.url.path, error)
 
 
 async def _http(request: Request, error: Exception) -> JSONResponse:

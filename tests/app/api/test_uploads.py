@@ -3,34 +3,14 @@
 import pytest
 
 from tests.support import images
+from tests.support.asgi import CHUNK, call_with_endless_body
 from tests.support.service import UPLOAD_LIMIT
 
 pytestmark = pytest.mark.anyio
-CHUNK = 256 * 1024
 
 
 async def call(app, path: str, headers: list[tuple[bytes, bytes]], chunks: int, start: bytes = b""):
-    """Drive the ASGI app with an endless-looking body of ``chunks`` chunks (the first beginning with
-    ``start``); return the status and how many body bytes the app pulled."""
-    pulled = 0
-    sent = 0
-    messages = []
-
-    async def receive():
-        nonlocal pulled, sent
-        sent += 1
-        pulled += CHUNK
-        body = (start if sent == 1 else b"") + b"\0" * CHUNK
-        return {"type": "http.request", "body": body, "more_body": sent < chunks}
-
-    async def send(message):
-        messages.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"service"), *headers], "client": ("127.0.0.1", 1), "server": ("service", 80)}
-    await app(scope, receive, send)
-    status = next(m["status"] for m in messages if m["type"] == "http.response.start")
+    status, pulled, _ = await call_with_endless_body(app, path, headers, chunks, start)
     return status, pulled
 
 
