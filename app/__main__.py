@@ -12,6 +12,7 @@ import uvicorn
 
 from app.config import Settings
 from app.logging import configure_logging
+from app.server import server_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()  # fail here, with pydantic's message, before uvicorn starts workers
     configure_logging(settings.log_level)
     uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_config=None,
-                access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+                access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+                **server_options(settings))
 
 
 if __name__ == "__main__":
