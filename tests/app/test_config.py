@@ -12,6 +12,9 @@ def test_defaults(monkeypatch):
     assert settings.weights is None, "unset: the best shipped checkpoint (app.control.plane.initial_model)"
     assert settings.device == "auto" and settings.admin_token is None
     assert (settings.max_batch_size, settings.max_queue, settings.max_batch_files) == (0, 256, 64)
+    # The model sees 32x32 pixels: about 4 MP per image is plenty, and a batch may not add up to 64 of them.
+    assert settings.max_image_pixels <= 4_200_000
+    assert settings.max_request_pixels < settings.max_batch_files * settings.max_image_pixels
 
 
 def test_settings_come_from_app_environment_variables(monkeypatch, tmp_path):

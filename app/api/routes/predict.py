@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from app.api.deps import ClassifierDep, SettingsDep
 from app.api.errors import BadRequest, PayloadTooLarge
 from app.api.schemas import BatchPrediction, ErrorResponse
-from app.api.uploads import read_images
+from app.api.uploads import check_pixel_budget, read_images
 from app.classification.answers import Prediction
 
 router = APIRouter(tags=["predict"])
@@ -63,5 +63,6 @@ async def predict_batch(request: Request, classifier: ClassifierDep, settings: S
     deadline = time.monotonic() + settings.request_timeout_s
     uploads = await read_images(request, field="files", max_files=settings.max_batch_files,
                                 limit=settings.max_upload_bytes, allow_raw=False, too_many=_too_many_files)
+    await check_pixel_budget(uploads, settings.max_request_pixels)
     predictions = await classifier.classify([upload.data for upload in uploads], deadline=deadline, top_k=top_k)
     return BatchPrediction(predictions=predictions)

@@ -63,7 +63,8 @@ CASES = [
     ("webp", raw(images.encode(Image.fromarray(images.pixels()), "WEBP"), "image/webp"), 200),
     ("bmp", raw(images.encode(Image.fromarray(images.pixels()), "BMP"), "image/bmp"), 200),
     ("tiff", raw(images.encode(Image.fromarray(images.pixels()), "TIFF"), "image/tiff"), 200),
-    ("12-megapixel-photo", multipart(images.photo_jpeg(), "p.jpg", "image/jpeg"), 200),
+    ("2048x2048-photo-at-the-pixel-limit", multipart(images.photo_jpeg(2048, 2048), "p.jpg", "image/jpeg"), 200),
+    ("12-megapixel-photo-over-the-pixel-limit", multipart(images.photo_jpeg(), "p.jpg", "image/jpeg"), 413),
     ("empty-raw-body", raw(b""), 400),
     ("empty-file", multipart(b""), 400),
     ("no-body-no-content-type", {}, 400),
@@ -179,6 +180,47 @@ async def test_batch_errors_name_the_problem(client, arguments, status, detail):
     response = await client.post("/predict/batch", **arguments)
     assert response.status_code == status
     assert detail in response.json()["detail"]
+
+
+async def test_the_batch_400_and_415_agree_that_raw_bytes_are_not_accepted(client):
+    no_file = (await client.post("/predict/batch", files=[("other", ("a.png", images.png()))])).json()["detail"]
+    raw_body = (await client.post("/predict/batch", **raw(images.png()))).json()["detail"]
+    assert "raw" not in no_file and "image/*" not in no_file
+    assert "multipart/form-data with the images in field 'files'" in no_file
+    assert "multipart/form-data with the images in field 'files'" in raw_body
+
+
+def empty_parts(count: int, field: str = "note") -> bytes:
+    part = f'--b\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n\r\n'.encode()
+    return part * count + b"--b--\r\n"
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
+async def test_a_body_of_many_parts_is_refused_after_a_few(client, path):
+    response = await client.post(path, content=empty_parts(20_000),
+                                 headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413
+    assert "parts" in response.json()["detail"]
+
+
+async def test_a_few_extra_fields_besides_the_files_are_fine(client):
+    body = empty_parts(3).removesuffix(b"--b--\r\n") + (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + images.png() +
+        b"\r\n--b--\r\n")
+    response = await client.post("/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 200, response.text
+
+
+async def test_a_batch_over_the_pixel_budget_is_refused_from_the_headers(service):
+    settings = service.app.state.settings
+    side = int(math.isqrt(settings.max_image_pixels))  # each one within the per-image limit
+    count = settings.max_request_pixels // (side * side) + 1
+    assert count <= settings.max_batch_files
+    # Headers that claim their size over a few bytes of data: only decoding would find them truncated (415).
+    files = [("files", (f"{n}.png", images.bomb_png(side, side), "image/png")) for n in range(count)]
+    response = await service.client.post("/predict/batch", files=files)
+    assert response.status_code == 413, response.text
+    assert "APP_MAX_REQUEST_PIXELS" in response.json()["detail"]
 
 
 async def test_answers_do_not_depend_on_which_requests_share_a_batch(client):
