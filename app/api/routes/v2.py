@@ -1,8 +1,9 @@
 """The KServe v2 / Open Inference Protocol (REST, JSON tensors), so Triton and KServe clients work unchanged.
 
 Spec: https://github.com/kserve/open-inference-protocol (specification/protocol/inference_rest.md).
-The model is served under the name ``resnet50`` whatever its weights; its version is the card's
-``.version``, and ``/versions/<v>`` paths answer 404 for any version but the one serving.
+The model is served under the name ``APP_MODEL_NAME``, by default its architecture (``fastcnn`` for the
+shipped checkpoint); its version is the card's ``.version``, and ``/versions/<v>`` paths answer 404 for any
+version but the one serving.
 
 One input tensor per request, either ``UINT8 [N, 32, 32, 3]`` raw RGB pixels (normalised by the server with
 the card's mean and std) or ``FP32 [N, 3, 32, 32]`` already normalised; ``data`` flat (row-major) or nested.
@@ -10,6 +11,10 @@ The output ``probabilities`` is ``FP32 [N, 10]``; requesting it with the paramet
 (Triton's classification extension) returns ``BYTES [N, k]`` strings ``"<probability>:<index>:<label>"``
 instead. Binary tensor data (Triton's binary extension) is not supported: use JSON (``binary_data=False``
 in tritonclient). Errors are ``{"error": "..."}``.
+
+A JSON body costs far more memory parsed than sent (an 8 MiB one peaked at +192 MiB), so the body is
+refused before parsing when it holds more values than the largest request (``APP_MAX_BATCH_FILES`` images)
+can: a JSON array separates its values with commas, and counting those is cheap.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from app import __version__
 from app.api.deps import ClassifierDep, EngineDep, SettingsDep
 from app.api.errors import BadRequest, NotFound, PayloadTooLarge
 from app.api.uploads import read_body
+from app.config import Settings
 from app.engine.engine import InferenceEngine, ModelOutput
 from app.engine.errors import NoModelLoaded
 from app.engine.served_model import ServedModel
 
-MODEL_NAME = "resnet50"
 OUTPUT_NAME = "probabilities"
+# Commas a request may hold besides those between its tensor's values: ids, parameters and outputs.
+OTHER_COMMAS = 1024
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 
@@ -137,11 +144,12 @@ async def ready(engine: EngineDep) -> dict[str, bool]:
 
 @router.get("/models/{model_name}", responses=ERRORS)
 @router.get("/models/{model_name}/versions/{model_version}", responses=ERRORS)
-async def model_metadata(engine: EngineDep, model_name: str, model_version: str | None = None) -> ModelMetadata:
-    served = _served(engine, model_name, model_version)
+async def model_metadata(engine: EngineDep, settings: SettingsDep, model_name: str,
+                         model_version: str | None = None) -> ModelMetadata:
+    served = _served(engine, settings, model_name, model_version)
     size, classes = served.card.input_size, len(served.card.class_names)
     return ModelMetadata(
-        name=MODEL_NAME,
+        name=model_name,
         versions=[served.card.version],
         platform="pytorch",
         inputs=[MetadataTensor(name="pixels", datatype="UINT8", shape=[-1, size, size, 3]),
@@ -152,9 +160,10 @@ async def model_metadata(engine: EngineDep, model_name: str, model_version: str 
 
 @router.get("/models/{model_name}/ready", responses=ERRORS)
 @router.get("/models/{model_name}/versions/{model_version}/ready", responses=ERRORS)
-async def model_ready(engine: EngineDep, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    _served(engine, model_name, model_version)
-    return {"name": MODEL_NAME, "ready": engine.ready}
+async def model_ready(engine: EngineDep, settings: SettingsDep, model_name: str,
+                      model_version: str | None = None) -> dict[str, Any]:
+    _served(engine, settings, model_name, model_version)
+    return {"name": model_name, "ready": engine.ready}
 
 
 @router.post("/models/{model_name}/infer", responses=ERRORS, openapi_extra=_INFER_BODY)
@@ -164,7 +173,7 @@ async def infer(request: Request, engine: EngineDep, classifier: ClassifierDep, 
     """The classification pipeline (``app/classification/classifier.py``), with this protocol's own decode
     stage (JSON tensors, ``_parse``) and response (``_encode``)."""
     deadline = time.monotonic() + settings.request_timeout_s
-    served = _served(engine, model_name, model_version)
+    served = _served(engine, settings, model_name, model_version)
     if "inference-header-content-length" in request.headers:
         raise BadRequest("binary tensor data is not supported: send the tensors as JSON (binary_data=False)")
     body = await read_body(request, settings.max_upload_bytes)
@@ -174,10 +183,10 @@ async def infer(request: Request, engine: EngineDep, classifier: ClassifierDep, 
     if model_version is not None and result.card.version != model_version:
         raise NotFound(f"version {model_version} was swapped out while this request waited; "
                        f"the model now serving is {result.card.version}")
-    return _encode(parsed, result)
+    return _encode(parsed, result, model_name)
 
 
-def _encode(parsed: _ParsedRequest, result: ModelOutput) -> InferenceResponse:
+def _encode(parsed: _ParsedRequest, result: ModelOutput, model_name: str) -> InferenceResponse:
     probabilities = result.probabilities
     if parsed.classification:
         names = result.card.class_names
@@ -187,16 +196,21 @@ def _encode(parsed: _ParsedRequest, result: ModelOutput) -> InferenceResponse:
     else:
         output = ResponseOutput(name=OUTPUT_NAME, shape=list(probabilities.shape), datatype="FP32",
                                 data=probabilities.ravel().tolist())
-    return InferenceResponse(model_name=MODEL_NAME, model_version=result.card.version, id=parsed.id,
+    return InferenceResponse(model_name=model_name, model_version=result.card.version, id=parsed.id,
                              outputs=[output])
 
 
-def _served(engine: InferenceEngine, model_name: str, model_version: str | None) -> ServedModel:
-    if model_name != MODEL_NAME:
-        raise NotFound(f"unknown model {model_name!r}: this server serves {MODEL_NAME!r}")
+def served_model_name(settings: Settings, served: ServedModel) -> str:
+    """The model's name in this protocol: APP_MODEL_NAME, else the architecture of the model serving."""
+    return settings.model_name or served.card.architecture
+
+
+def _served(engine: InferenceEngine, settings: Settings, model_name: str, model_version: str | None) -> ServedModel:
     served = engine.model
     if served is None:
         raise NoModelLoaded(engine.unavailable_reason)
+    if model_name != (name := served_model_name(settings, served)):
+        raise NotFound(f"unknown model {model_name!r}: this server serves {name!r}")
     if model_version is not None and model_version != served.card.version:
         raise NotFound(f"model version {model_version!r} is not served; {served.card.version} is")
     return served
@@ -212,6 +226,10 @@ class _ParsedRequest:
 def _parse(body: bytes, size: int, *, max_images: int, classes: int) -> _ParsedRequest:
     """Validate an inference request and turn its tensor into per-image arrays of side ``size`` (the decode
     stage of this protocol; the classifier runs it on its decode threads)."""
+    most_values = max_images * 3 * size * size
+    if body.count(b",") > most_values + OTHER_COMMAS:
+        raise PayloadTooLarge(f"the request holds more values than {max_images} images (APP_MAX_BATCH_FILES) of "
+                              f"{3 * size * size} values each; send at most {max_images} per request")
     try:
         request = InferenceRequest.model_validate_json(body)
     except ValidationError as error:

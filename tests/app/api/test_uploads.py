@@ -23,7 +23,7 @@ def part(field: str) -> bytes:
     ("/predict", b"multipart/form-data; boundary=b", part("file")),
     ("/predict/batch", b"multipart/form-data; boundary=b", part("files")),
     ("/predict", b"multipart/form-data; boundary=b", part("some-other-field")),
-    ("/v2/models/resnet50/infer", b"application/json", b""),
+    ("/v2/models/resnet18/infer", b"application/json", b""),  # tiny_checkpoint: a resnet18
 ])
 async def test_an_oversized_body_without_length_is_cut_off_at_the_limit(service, path, content_type, start):
     status, pulled = await call(service.app, path, [(b"content-type", content_type)], chunks=1000, start=start)
