@@ -27,6 +27,20 @@ class BatchingSettings(BaseModel):
     request_timeout_s: float
 
 
+class RequestLimits(BaseModel):
+    """What one request may hold, so a client can size its uploads before it sends them."""
+
+    max_upload_bytes: int = Field(description="largest /predict, /predict/batch or v2 infer body "
+                                  "(APP_MAX_UPLOAD_BYTES)")
+    max_batch_files: int = Field(description="most images in one /predict/batch or v2 infer request "
+                                 "(APP_MAX_BATCH_FILES)")
+    max_image_pixels: int = Field(description="largest image, width x height (APP_MAX_IMAGE_PIXELS)")
+    max_request_pixels: int = Field(description="most pixels of all the images of one request "
+                                    "(APP_MAX_REQUEST_PIXELS)")
+    max_queue: int = Field(description="images waiting for the device before requests get 503 (APP_MAX_QUEUE)")
+    max_json_bytes: int = Field(description="largest JSON body of the admin and training routes (APP_MAX_JSON_BYTES)")
+
+
 class ModelInfo(BaseModel):
     version: str
     architecture: str
@@ -42,6 +56,7 @@ class ModelInfo(BaseModel):
     origin: str = Field(description="why this checkpoint is served: the shipped default, APP_WEIGHTS, the "
                         "registry's current version, a promotion or an /admin/reload")
     batching: BatchingSettings
+    limits: RequestLimits
 
 
 class ReloadRequest(BaseModel):

@@ -1,11 +1,11 @@
-"""``GET /model``: what is being served, on which device, with which batching settings."""
+"""``GET /model``: what is being served, on which device, with which batching settings and request limits."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from app.api.deps import EngineDep, SettingsDep
-from app.api.schemas import BatchingSettings, ErrorResponse, ModelInfo
+from app.api.schemas import BatchingSettings, ErrorResponse, ModelInfo, RequestLimits
 from app.engine.errors import NoModelLoaded
 
 router = APIRouter(tags=["model"])
@@ -36,5 +36,13 @@ async def model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
             max_queue=engine.max_queue,
             parallel_batches=engine.parallel_batches,
             request_timeout_s=settings.request_timeout_s,
+        ),
+        limits=RequestLimits(
+            max_upload_bytes=settings.max_upload_bytes,
+            max_batch_files=settings.max_batch_files,
+            max_image_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels,
+            max_queue=engine.max_queue,
+            max_json_bytes=settings.max_json_bytes,
         ),
     )
