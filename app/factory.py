@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.middleware import AdminGate, RequestContextMiddleware
+from app.api.openapi import install_openapi
 from app.api.routes import admin, health, model_info, predict, registry, train, v2, web
 from app.classification.classifier import Classifier
 from app.classification.images import pillow_pixel_limit
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     for routes in (predict, health, model_info, admin, v2, web, train, registry):
         app.include_router(routes.router)
+    install_openapi(app, settings)
     return app
 
 

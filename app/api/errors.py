@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from app.control.jobs.runner import JobStateError
 from app.control.jobs.store import JobConflict, UnknownJob
@@ -116,7 +117,21 @@ async def _expected(request: Request, error: Exception) -> JSONResponse:
 async def _http(request: Request, error: Exception) -> JSONResponse:
     """Starlette's own HTTP errors (an unknown route is a 404, a wrong method a 405), in this API's shape."""
     assert isinstance(error, HTTPException)
-    return error_response(request, error.status_code, str(error.detail), getattr(error, "headers", None))
+    headers = dict(getattr(error, "headers", None) or {})
+    if error.status_code == 405:
+        # Starlette lists the methods of the one route that matched; a path served by several routes
+        # (GET and POST /train) allows all of theirs.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return error_response(request, error.status_code, str(error.detail), headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    routes = request.app.router.routes
+    return [method for method in _METHODS
+            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 async def _validation(request: Request, error: Exception) -> JSONResponse:

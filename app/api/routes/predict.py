@@ -18,15 +18,16 @@ router = APIRouter(tags=["predict"])
 
 TopK = Annotated[int, Query(ge=1, le=10, description="how many of the most probable classes to list")]
 
-_BINARY = {"type": "string", "format": "binary"}
+_BINARY = {"type": "string", "format": "binary", "minLength": 1}
 _SINGLE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}},
     "image/png": {"schema": _BINARY},
     "image/jpeg": {"schema": _BINARY},
 }}}
+# maxItems is APP_MAX_BATCH_FILES, written in by app/api/openapi.py.
 _BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["files"],
-                                       "properties": {"files": {"type": "array", "items": _BINARY}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": _BINARY, "minItems": 1}}}},
 }}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "no file, or an empty one"},

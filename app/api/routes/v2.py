@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic.json_schema import JsonDict
 
 from app import __version__
 from app.api.deps import ClassifierDep, EngineDep, SettingsDep
@@ -38,29 +39,51 @@ from app.engine.engine import InferenceEngine, ModelOutput
 from app.engine.errors import NoModelLoaded
 from app.engine.served_model import ServedModel
 
-OUTPUT_NAME = "probabilities"
 # Commas a request may hold besides those between its tensor's values: ids, parameters and outputs.
 OTHER_COMMAS = 1024
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 
+OUTPUT_NAME = "probabilities"
+
+
+# The protocol's parameters are strings, numbers and booleans; parsed strictly, so what the schema calls
+# invalid (a number in a string, a boolean for a number) is refused rather than coerced.
+Parameters = dict[str, StrictStr | StrictInt | StrictFloat | StrictBool]
+_STRICT = ConfigDict(strict=True)
+
+
 class RequestInput(BaseModel):
+    model_config = _STRICT
+    # The schema's constraints are the documented ones; the checks that say what to send instead are _parse's.
     name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any]
+    shape: list[int] = Field(description="[N, 32, 32, 3] for UINT8, [N, 3, 32, 32] for FP32",
+                             json_schema_extra={"minItems": 4, "maxItems": 4,
+                                                "items": {"type": "integer", "minimum": 1}})
+    datatype: str = Field(json_schema_extra={"enum": ["UINT8", "FP32"]})
+    parameters: Parameters | None = None
+    data: list[int | float | list[Any]] = Field(
+        description="the product of shape's values, flat in row-major order (nested to the shape is accepted "
+        "too); UINT8 integers 0-255, or finite FP32 numbers", json_schema_extra={"minItems": 1,
+                                                                                  "items": {"type": "number"}})
+
+
+_JSON_ONLY: JsonDict = {"type": "boolean", "enum": [False]}  # Triton's binary extension is not supported
 
 
 class RequestOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] | None = None
+    model_config = _STRICT
+    name: str = Field(json_schema_extra={"enum": [OUTPUT_NAME]})
+    parameters: Parameters | None = Field(None, json_schema_extra={"properties": {
+        "classification": {"type": "integer", "minimum": 1, "maximum": 10}, "binary_data": _JSON_ONLY}})
 
 
 class InferenceRequest(BaseModel):
+    model_config = _STRICT
     id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[RequestInput] = Field(min_length=1)
+    parameters: Parameters | None = Field(None, json_schema_extra={"properties": {
+        "binary_data_output": _JSON_ONLY}})
+    inputs: list[RequestInput] = Field(min_length=1, json_schema_extra={"maxItems": 1})
     outputs: list[RequestOutput] | None = None
 
 
@@ -121,8 +144,10 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     return resolve(schema)
 
 
+# One 32x32 grey image: schemathesis's examples phase sends it, so the fuzzing reaches a 200 too.
+_EXAMPLE = {"inputs": [{"name": "pixels", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [128] * 3072}]}
 _INFER_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema())}}}}
+    "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema()), "example": _EXAMPLE}}}}
 
 
 @router.get("")
@@ -233,8 +258,13 @@ def _parse(body: bytes, size: int, *, max_images: int, classes: int) -> _ParsedR
     try:
         request = InferenceRequest.model_validate_json(body)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in error.errors())
-        raise BadRequest(f"not a v2 inference request: {problems}") from None
+        found = error.errors()
+        if any("data" in problem["loc"] for problem in found):
+            raise BadRequest("the input's data must be numbers (not strings or booleans), flat or nested to the "
+                             "shape") from None
+        problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in found[:3])
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise BadRequest(f"not a v2 inference request: {problems}{more}") from None
     if len(request.inputs) != 1:
         raise BadRequest(f"this model takes one input tensor: UINT8 [N, {size}, {size}, 3] pixels or "
                          f"FP32 [N, 3, {size}, {size}] normalised; got {len(request.inputs)}")
@@ -278,8 +308,9 @@ def _classification(request: InferenceRequest, classes: int) -> int | None:
         if parameters.get("binary_data"):
             raise BadRequest("binary output is not supported: request JSON outputs (binary_data=False)")
         if "classification" in parameters:
-            count = parameters["classification"]
-            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= classes:
-                raise BadRequest(f"classification must be an integer from 1 to {classes}; got {count!r}")
+            value = parameters["classification"]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= classes:
+                raise BadRequest(f"classification must be an integer from 1 to {classes}; got {value!r}")
+            count = value
     return count
 

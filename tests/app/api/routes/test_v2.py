@@ -89,6 +89,12 @@ async def test_the_classification_parameter_returns_labels(client):
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0.5] * 3072}]}, 400, "integers"),
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": ["a"] * 3072}]}, 400, "numbers"),
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [[1, 2], [3]]}]}, 400, "numbers"),
+    # What the schema calls invalid is refused, not coerced: a number in a string, a boolean for a number.
+    ({"inputs": [{"name": "x", "shape": ["1", 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}]}, 400, "shape"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [True] + [0] * 3071}]}, 400,
+     "numbers"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072,
+                  "parameters": {"nested": {"a": 1}}}]}, 400, "parameters"),
     ({"inputs": [{"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [float("nan")] * 3072}]}, 400,
      "not a v2 inference request|finite"),
     ({"inputs": [{"name": "x", "shape": [17, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072 * 17}]}, 413,
