@@ -89,3 +89,23 @@ async def test_a_declared_admin_body_over_the_limit_is_refused_unread(service):
                (b"content-length", b"100000000")]
     status, pulled, _ = await call_with_endless_body(service.app, "/train", headers, chunks=64)
     assert status == 413 and pulled == 0
+
+
+async def test_a_client_that_goes_away_mid_body_is_no_server_error(service, caplog):
+    """What the server's body deadline (app/server.py) does to a stalled upload: the app sees a disconnect."""
+    messages = iter([{"type": "http.request", "body": b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"service"), (b"content-type", b"image/png")], "client": ("127.0.0.1", 1),
+             "server": ("service", 80)}
+    with caplog.at_level(logging.INFO):
+        await service.app(scope, receive, send)
+    assert not [r for r in caplog.records if r.name == "app.errors"], "a client going away was logged as a failure"
+    assert any(getattr(r, "status", None) == 499 for r in caplog.records if r.name == "app.access")
