@@ -63,7 +63,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.header_timeout_s = settings.header_timeout_s
         self.body_timeout_s = settings.body_timeout_s
         self._deadline: asyncio.TimerHandle | None = None
-        self._awaiting_head = True
+        self._reading: str | None = "head"  # what of the current request is arriving: "head", "body" or None
         self._head_bytes = 0  # received while the head is incomplete
         self._parsed_head_bytes = 0  # of the request line and headers parsed, for a head that came in one read
         self._head_too_large = False
@@ -77,11 +77,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._awaiting_head:
+        if self._reading == "head":
             self._head_bytes += len(data)
         super().data_received(data)
         # Counted per read (at most a few hundred KiB), so an oversized head costs one read's parsing.
-        if self._awaiting_head and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+        if self._reading == "head" and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
             self._refuse_head()
 
     def on_url(self, url: bytes) -> None:
@@ -111,17 +111,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self.header_timeout_s, "head")
 
     def on_headers_complete(self) -> None:
-        self._awaiting_head = False
+        self._reading = "body"
         self._arm(self.body_timeout_s, "body")
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._reading, self._head_bytes = "head", 0  # what comes next is the next request's head
         super().on_message_complete()
 
-    def on_response_complete(self) -> None:
-        self._awaiting_head, self._head_bytes = True, 0
-        super().on_response_complete()
 
     def _arm(self, seconds: float, part: str) -> None:
         self._disarm()

@@ -108,3 +108,24 @@ def test_past_the_connection_limit_requests_get_503(server):
         assert response.status_code == 503
     wait_until(lambda: httpx.get(f"{server.url}/healthz", timeout=SLACK_S).status_code == 200, SLACK_S,
                "the service to answer again once the connections closed")
+
+
+def test_the_rest_of_a_body_answered_before_it_was_read_is_not_taken_for_a_head(server):
+    """It is read and dropped, under the body deadline: closing at once would reset the connection under a
+    client still sending, losing it the answer."""
+    with connect(server) as client:
+        client.sendall(b"POST /train HTTP/1.1\r\nHost: service\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 10000000\r\n\r\n" + b"\0" * 1000)
+        answer = b""
+        while not answer.endswith(b"}"):  # the 401's JSON body
+            answer += client.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401"), answer
+        client.sendall(b"\0" * 100_000)  # more than APP_MAX_HEADER_BYTES, after the answer
+        client.settimeout(1.0)
+        more = b""
+        try:
+            while chunk := client.recv(65536):
+                more += chunk
+        except TimeoutError:
+            pass
+    assert b"HTTP/1.1" not in more, more

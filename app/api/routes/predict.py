@@ -19,15 +19,17 @@ router = APIRouter(tags=["predict"])
 TopK = Annotated[int, Query(ge=1, le=10, description="how many of the most probable classes to list")]
 
 _BINARY = {"type": "string", "format": "binary", "minLength": 1}
+# additionalProperties: false, since a body of more than a few other fields is refused (app/api/uploads.py).
 _SINGLE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _BINARY},
+                                       "additionalProperties": False}},
     "image/png": {"schema": _BINARY},
     "image/jpeg": {"schema": _BINARY},
 }}}
 # maxItems is APP_MAX_BATCH_FILES, written in by app/api/openapi.py.
 _BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
-        "files": {"type": "array", "items": _BINARY, "minItems": 1}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "additionalProperties": False,
+                                       "properties": {"files": {"type": "array", "items": _BINARY, "minItems": 1}}}},
 }}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "no file, or an empty one"},
