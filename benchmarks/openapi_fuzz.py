@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                    "")
     cases = re.search(r"(\d+) generated", report)
     result = {
-        "command": " ".join(["schemathesis", *command[1:]]).replace(url, "<server>"),
+        "command": " ".join(["schemathesis", *command[1:]]).replace(url, "<server>").replace(f"{REPO_ROOT}/", ""),
         "summary": summary, "generated_cases": int(cases.group(1)) if cases else None,
         "exit_code": run.returncode, "seconds": round(seconds, 1),
         "machine": machine(),
