@@ -18,6 +18,7 @@ from uvicorn.supervisors import Multiprocess
 
 from app.config import SettingsError, load_settings, unknown_variables
 from app.logging import configure_logging
+from app.server import server_options
 
 logger = logging.getLogger("app")
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     if (taken := port_problem(args.host, args.port)) is not None:
         sys.exit(f"error: {taken}")
     config = uvicorn.Config("app.main:app", host=args.host, port=args.port, workers=args.workers, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+                            access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+                            **server_options(settings))
     # Bind before any start-up work: a second instance on a taken port stops here, before its lifespan
     # stands for job runner or loads a model (uvicorn alone binds one worker's port only after its lifespan).
     listening = config.bind_socket()

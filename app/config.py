@@ -37,7 +37,8 @@ MIN_TOKEN_LENGTH = 16
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="APP_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused value (the admin token among them) must not be echoed into start-up logs.
+    model_config = SettingsConfigDict(env_prefix="APP_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     weights: Path | None = Field(None, description="checkpoint directory (model.safetensors + card.json) served "
                                  "at start-up; unset = the shipped checkpoint under weights/ with the highest "
@@ -58,8 +59,18 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="images waiting for the device before new requests get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request's inference; past it 504")
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body, in bytes")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height), from its header")
+    max_json_bytes: int = Field(64 * 1024, ge=1, description="largest JSON body of the admin and training "
+                                "routes, in bytes; checked after the token, while it streams in")
+    # The model sees 32x32 pixels: 2048x2048 is far more than it needs, and an RGBA PNG or a float TIFF of that
+    # size already costs ~64 MiB to decode (40 MP cost ~1 GiB and 1.4 CPU-s, from ~200 KiB uploaded).
+    max_image_pixels: int = Field(2048 * 2048, ge=1, description="largest image (width x height), from its "
+                                  "header before decoding")
+    max_request_pixels: int = Field(4 * 2048 * 2048, ge=1, description="most pixels of all the images of one "
+                                    "request together (a /predict/batch), from their headers before decoding")
     max_batch_files: int = Field(64, ge=1, description="most images in one /predict/batch or v2 infer request")
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the "
+                                   "model's name in the KServe v2 API (/v2/models/<name>); unset = the served "
+                                   "architecture")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin/*; unset disables them")
     cpu_backend: Literal["auto", "fused", "eager", "onnx", "bf16", "int8"] = Field(
         "auto", description="how the model runs on the CPU (model/inference.py). auto = the fastest backend "
@@ -88,6 +99,17 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = Field("auto", description="json = one JSON object per line; "
                                                         "text = human-readable lines; auto = text on a "
                                                         "terminal, else json")
+    # The HTTP server (python -m app; app/server.py): what one connection may cost before it is answered.
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="largest request head (request line and "
+                                  "headers), in bytes; past it 431 and the connection is closed")
+    header_timeout_s: float = Field(10.0, gt=0, description="deadline for a request's head, from its first byte "
+                                    "(or from the connection's start); past it the connection is closed")
+    body_timeout_s: float = Field(60.0, gt=0, description="deadline for a request's body, from the end of its "
+                                  "head; past it the connection is closed")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="how long an idle keep-alive connection stays "
+                                        "open")
+    max_connections: int = Field(1024, ge=1, description="open connections (and requests in progress) of one "
+                                 "worker; past it new requests get 503")
     # Training jobs and the model registry (docs/jobs.md).
     state_dir: Path = Field(Path("state"), description="the SQLite job database (jobs.db) and its runner lock "
                             "(runner.lock), and each training run's "
@@ -149,7 +171,8 @@ class Settings(BaseSettings):
         if value is None or value == "":
             return None
         token = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-        if token.strip().lower() in PLACEHOLDER_TOKENS or len(token) < MIN_TOKEN_LENGTH:
+        # Counted without surrounding whitespace: 16 spaces are no secret.
+        if token.strip().lower() in PLACEHOLDER_TOKENS or len(token.strip()) < MIN_TOKEN_LENGTH:
             raise ValueError(
                 f"APP_ADMIN_TOKEN must be a real secret of at least {MIN_TOKEN_LENGTH} characters, not a "
                 "placeholder; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
@@ -165,6 +188,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _request_budget_holds_one_image(self) -> Settings:
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"APP_MAX_REQUEST_PIXELS={self.max_request_pixels} is smaller than APP_MAX_IMAGE_PIXELS="
+                f"{self.max_image_pixels}, so one image at the limit could never be classified; raise "
+                "APP_MAX_REQUEST_PIXELS or lower APP_MAX_IMAGE_PIXELS"
+            )
+        return self
 
 class SettingsError(ValueError):
     """Settings that cannot work: one line per bad variable, naming it and what to set."""

@@ -17,7 +17,8 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
-from app.api.middleware import RequestContextMiddleware
+from app.api.middleware import AdminGate, RequestContextMiddleware
+from app.api.openapi import install_openapi
 from app.api.routes import admin, explain, health, model_info, predict, registry, train, v2, web
 from app.classification.classifier import Classifier
 from app.classification.explanations import Explainer
@@ -50,9 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
+    # The last one added runs first: the request context wraps the gate, so its refusals are counted and logged.
+    app.add_middleware(AdminGate, settings=settings, prefixes=(admin.router.prefix, train.router.prefix))
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     for routes in (predict, explain, health, model_info, admin, v2, web, train, registry):
         app.include_router(routes.router)
+    install_openapi(app, settings)
     return app
 
 

@@ -6,7 +6,9 @@ hot path costs a thread hop per dependency per request for what is an attribute 
 ``RequireAdmin`` guards ``/admin/*`` and the job API (``dependencies=[RequireAdmin]``). Without
 ``APP_ADMIN_TOKEN`` those routes are disabled (403 saying how to enable them); there is no default token. A
 missing or non-Bearer ``Authorization`` header gets 401, a wrong token 403. The comparison is constant-time
-(``hmac.compare_digest``), so response timing does not leak the token.
+(``hmac.compare_digest``), so response timing does not leak the token. FastAPI reads a route's body before it
+runs its dependencies, so ``AdminGate`` (``app/api/middleware.py``) makes the same decision, ``admin_refusal``,
+before the body of an admin route is read; the dependency stays for the OpenAPI document and as a second line.
 """
 
 from __future__ import annotations
@@ -75,14 +77,24 @@ _bearer = HTTPBearer(auto_error=False, description="APP_ADMIN_TOKEN")
 
 async def require_admin(settings: SettingsDep,
                         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    authorization = None if credentials is None else f"{credentials.scheme} {credentials.credentials}"
+    refusal = admin_refusal(settings, authorization)
+    if refusal is not None:
+        raise refusal
+
+
+def admin_refusal(settings: Settings, authorization: str | None) -> Exception | None:
+    """Why a request with this ``Authorization`` header may not use the admin routes; None when it may."""
     if settings.admin_token is None:
-        raise AdminDisabled("admin routes are disabled: set APP_ADMIN_TOKEN to a secret of at least 16 "
-                            "characters and restart the service to enable them")
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise NotAuthenticated("send the admin token as 'Authorization: Bearer <APP_ADMIN_TOKEN>'")
+        return AdminDisabled("admin routes are disabled: set APP_ADMIN_TOKEN to a secret of at least 16 "
+                             "characters and restart the service to enable them")
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return NotAuthenticated("send the admin token as 'Authorization: Bearer <APP_ADMIN_TOKEN>'")
     expected = settings.admin_token.get_secret_value().encode()
-    if not hmac.compare_digest(credentials.credentials.encode(), expected):
-        raise WrongToken("the admin token is wrong")
+    if not hmac.compare_digest(token.strip().encode(), expected):
+        return WrongToken("the admin token is wrong")
+    return None
 
 
 RequireAdmin = Depends(require_admin)

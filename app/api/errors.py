@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from app.classification.explanations import ExplainerBusy, ExplanationUnavailable, UnknownClass
 from app.control.jobs.runner import JobStateError
@@ -91,11 +92,12 @@ STATUS: dict[type[Exception], int] = {
 
 
 def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    key = "error" if request.url.path.startswith("/v2/") else "detail"
-    return JSONResponse({key: message}, status_code=status, headers=headers)
+    return _error_body(request.url.path, status, message, headers)
 
 
-async def _expected(request: Request, error: Exception) -> JSONResponse:
+def expected_response(path: str, error: Exception) -> JSONResponse:
+    """The response to an expected failure (one of ``STATUS``'s), also for middleware that answers before
+    the routes run."""
     status = next(code for kind, code in STATUS.items() if isinstance(error, kind))
     headers = None
     if isinstance(error, (QueueFull, ExplainerBusy)):
@@ -104,13 +106,36 @@ async def _expected(request: Request, error: Exception) -> JSONResponse:
         headers = {"Retry-After": "5"}
     elif isinstance(error, NotAuthenticated):
         headers = {"WWW-Authenticate": "Bearer"}
-    return error_response(request, status, str(error), headers)
+    return _error_body(path, status, str(error), headers)
+
+
+def _error_body(path: str, status: int, message: str, headers: dict[str, str] | None) -> JSONResponse:
+    key = "error" if path.startswith("/v2/") else "detail"
+    return JSONResponse({key: message}, status_code=status, headers=headers)
+
+
+async def _expected(request: Request, error: Exception) -> JSONResponse:
+    return expected_response(request.url.path, error)
 
 
 async def _http(request: Request, error: Exception) -> JSONResponse:
     """Starlette's own HTTP errors (an unknown route is a 404, a wrong method a 405), in this API's shape."""
     assert isinstance(error, HTTPException)
-    return error_response(request, error.status_code, str(error.detail), getattr(error, "headers", None))
+    headers = dict(getattr(error, "headers", None) or {})
+    if error.status_code == 405:
+        # Starlette lists the methods of the one route that matched; a path served by several routes
+        # (GET and POST /train) allows all of theirs.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return error_response(request, error.status_code, str(error.detail), headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    routes = request.app.router.routes
+    return [method for method in _METHODS
+            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 async def _validation(request: Request, error: Exception) -> JSONResponse:

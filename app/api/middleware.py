@@ -5,6 +5,10 @@ returns it on the response; puts it in the logging context; counts the request a
 template (``/predict``, not the raw path, so metrics stay bounded); writes one JSON access-log line; and
 answers any unhandled exception with a plain JSON 500, logged with its traceback, so no input can surface
 a stack trace or take the process down.
+
+``AdminGate`` answers an admin route's request with 401/403 before reading a byte of its body, and reads the
+body of an allowed one with the ``APP_MAX_JSON_BYTES`` limit (FastAPI would read and parse the whole body
+before the route's auth dependency runs: a 200 MiB body sent with no token was held in memory).
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.deps import admin_refusal
+from app.api.errors import PayloadTooLarge, expected_response
+from app.config import Settings
 from app.logging import request_id
 from app.service_metrics import ServiceMetrics
 
@@ -51,6 +59,11 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client went away (or its body missed APP_BODY_TIMEOUT_S and the server closed the
+            # connection): no one is left to answer, and it is no fault of the service.
+            status = 499
+            logger.info("the client disconnected before its request was read", extra={"path": scope["path"]})
         except Exception:
             error_logger.exception("unhandled error", extra={"path": scope["path"]})
             status = 500
@@ -67,11 +80,8 @@ class RequestContextMiddleware:
 
 
 def _incoming_id(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            return candidate if _SANE_ID.match(candidate) else None
-    return None
+    candidate = _header(scope, REQUEST_ID_HEADER.encode())
+    return candidate if candidate is not None and _SANE_ID.match(candidate) else None
 
 
 async def _plain_500(send: Send, rid: str) -> None:
@@ -80,3 +90,68 @@ async def _plain_500(send: Send, rid: str) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"x-request-id", rid.encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class AdminGate:
+    """Auth, then a bounded body, for the routes under ``prefixes`` (the admin and training routers')."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.settings = settings
+        self.prefixes = prefixes
+
+    def guards(self, path: str) -> bool:
+        return any(path == prefix or path.startswith(prefix + "/") for prefix in self.prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.guards(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        refusal = admin_refusal(self.settings, _header(scope, b"authorization"))
+        body = b""
+        if refusal is None:
+            try:
+                body = await _bounded_body(scope, receive, self.settings.max_json_bytes)
+            except PayloadTooLarge as error:
+                refusal = error
+        if refusal is not None:
+            await expected_response(scope["path"], refusal)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what follows the body: an http.disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _bounded_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    declared = _header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _json_too_large(limit)
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise _json_too_large(limit)
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
+def _json_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is over {limit} bytes (APP_MAX_JSON_BYTES); the admin and training "
+                           "routes take small JSON objects")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None

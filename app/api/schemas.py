@@ -77,6 +77,20 @@ class CalibrationInfo(BaseModel):
                                              target_tpr=rule.target_tpr, test_tpr=rule.test_tpr))
 
 
+class RequestLimits(BaseModel):
+    """What one request may hold, so a client can size its uploads before it sends them."""
+
+    max_upload_bytes: int = Field(description="largest /predict, /predict/batch or v2 infer body "
+                                  "(APP_MAX_UPLOAD_BYTES)")
+    max_batch_files: int = Field(description="most images in one /predict/batch or v2 infer request "
+                                 "(APP_MAX_BATCH_FILES)")
+    max_image_pixels: int = Field(description="largest image, width x height (APP_MAX_IMAGE_PIXELS)")
+    max_request_pixels: int = Field(description="most pixels of all the images of one request "
+                                    "(APP_MAX_REQUEST_PIXELS)")
+    max_queue: int = Field(description="images waiting for the device before requests get 503 (APP_MAX_QUEUE)")
+    max_json_bytes: int = Field(description="largest JSON body of the admin and training routes (APP_MAX_JSON_BYTES)")
+
+
 class ModelInfo(BaseModel):
     version: str
     architecture: str
@@ -101,6 +115,9 @@ class ModelInfo(BaseModel):
         description="the card's temperature scaling and OOD rule (model/trust.py), and whether the temperature "
         "is applied; null for a checkpoint without one: its probabilities are the raw softmax and every "
         "prediction's in_distribution and ood_score are null")
+
+
+    limits: RequestLimits
 
 
 class ReloadRequest(BaseModel):

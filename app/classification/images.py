@@ -50,9 +50,9 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int) -> Image.Image:
         raise EmptyImage("the uploaded file is empty: send the image's bytes")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError as error:  # Pillow's own guard (see pillow_pixel_limit)
-        raise ImageTooLarge(f"the image has more pixels than APP_MAX_IMAGE_PIXELS={max_pixels} allows ({error}); "
-                            "downscale it first: the model sees 32x32 pixels anyway") from None
+    except Image.DecompressionBombError:  # Pillow's own guard (see pillow_pixel_limit), in this service's words
+        raise ImageTooLarge(f"the image has more than {max_pixels} pixels (APP_MAX_IMAGE_PIXELS); downscale it "
+                            "first: the model sees 32x32 pixels anyway") from None
     except Exception:
         raise UnsupportedImage(
             f"the upload is not a supported image: send {SUPPORTED} (a PDF, text or a truncated file is not one)"
@@ -73,6 +73,17 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int) -> Image.Image:
             f"the {image.format} image could not be decoded ({type(error).__name__}: {error}); "
             "the file may be truncated or corrupt: send the complete file"
         ) from None
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from the image's header, without decoding; 0 when Pillow will not open it (decode_image
+    then says why: not an image, or over Pillow's own bomb limit)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            width, height = image.size
+    except Exception:
+        return 0
+    return width * height
 
 
 def fit_to_size(image: Image.Image, size: int) -> np.ndarray:

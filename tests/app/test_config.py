@@ -12,6 +12,9 @@ def test_defaults(monkeypatch):
     assert settings.weights is None, "unset: the best shipped checkpoint (app.control.plane.initial_model)"
     assert settings.device == "auto" and settings.admin_token is None
     assert (settings.max_batch_size, settings.max_queue, settings.max_batch_files) == (0, 256, 64)
+    # The model sees 32x32 pixels: about 4 MP per image is plenty, and a batch may not add up to 64 of them.
+    assert settings.max_image_pixels <= 4_200_000
+    assert settings.max_request_pixels < settings.max_batch_files * settings.max_image_pixels
 
 
 def test_settings_come_from_app_environment_variables(monkeypatch, tmp_path):
@@ -62,3 +65,26 @@ def test_the_database_url_is_postgresql_or_unset():
     assert settings.database_url.get_secret_value() == url and "hunter2" not in repr(settings)
     with pytest.raises(ValidationError, match="APP_DATABASE_URL must be a PostgreSQL URL"):
         Settings(database_url="mysql://db/jobs")
+
+
+@pytest.mark.parametrize("token", [" " * 16, "\t" * 20, " " * 8 + "short" + " " * 8])
+def test_a_token_of_whitespace_is_refused(token):
+    with pytest.raises(ValidationError, match="APP_ADMIN_TOKEN must be a real secret"):
+        Settings(admin_token=token)
+
+
+def test_a_refused_token_is_not_echoed_in_the_error():
+    with pytest.raises(ValidationError) as refused:
+        Settings(admin_token="hunter2-xyz")
+    assert "hunter2-xyz" not in str(refused.value)
+
+
+def test_a_request_pixel_budget_below_one_image_is_refused():
+    with pytest.raises(ValidationError, match="APP_MAX_REQUEST_PIXELS=100 is smaller than APP_MAX_IMAGE_PIXELS"):
+        Settings(max_request_pixels=100, max_image_pixels=1000)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", "-lead", "x" * 65])
+def test_model_names_that_do_not_fit_in_a_url_path_are_refused(name):
+    with pytest.raises(ValidationError, match="model_name"):
+        Settings(model_name=name)

@@ -53,7 +53,9 @@ def test_the_curl_examples_run_against_a_live_server(tmp_path, tiny_checkpoint, 
     (workdir / "cat.png").write_bytes(images.png(seed=1))
     Image.fromarray(images.pixels(seed=2)).save(workdir / "dog.jpg")
     shutil.copytree(other_checkpoint, workdir / "other-checkpoint")
-    environment = live_environment(tiny_checkpoint, APP_RELOAD_ROOTS=json.dumps([str(workdir)]))
+    # The page names the shipped model's v2 name; the test serves a tiny stand-in under that name.
+    environment = live_environment(tiny_checkpoint, APP_RELOAD_ROOTS=json.dumps([str(workdir)]),
+                                   APP_MODEL_NAME="fastcnn")
     with live_server(tmp_path, environment) as server:
         for block in blocks:
             script = FAIL_ON_HTTP_ERRORS + block.replace("http://localhost:8000", server.url)

@@ -157,9 +157,9 @@ def test_the_inference_service_uses_the_runtime_with_a_gpu() -> None:
 
 
 def test_the_inference_service_is_named_as_the_v2_model_it_serves() -> None:
-    from app.api.routes.v2 import MODEL_NAME
-
-    assert _files()["InferenceService"]["metadata"]["name"] == MODEL_NAME
+    files = _files()
+    name = env_value(_runtime_container(files["ServingRuntime"]), "APP_MODEL_NAME")
+    assert files["InferenceService"]["metadata"]["name"] == name
 
 
 def test_the_model_comes_from_the_kubernetes_deployments_registry_claim() -> None:

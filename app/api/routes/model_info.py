@@ -1,12 +1,12 @@
-"""``GET /model``: what is being served, on which device and backend (and why), with which batching settings
-and calibration."""
+"""``GET /model``: what is being served, on which device and backend (and why), with which batching settings,
+calibration and request limits."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from app.api.deps import EngineDep, SettingsDep
-from app.api.schemas import BatchingSettings, CalibrationInfo, ErrorResponse, ModelInfo
+from app.api.schemas import BatchingSettings, CalibrationInfo, ErrorResponse, ModelInfo, RequestLimits
 from app.engine.errors import NoModelLoaded
 
 router = APIRouter(tags=["model"])
@@ -42,4 +42,12 @@ async def model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         ),
         calibration=None if card.calibration is None else CalibrationInfo.of(
             card.calibration, applied=settings.calibration == "on"),
+        limits=RequestLimits(
+            max_upload_bytes=settings.max_upload_bytes,
+            max_batch_files=settings.max_batch_files,
+            max_image_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels,
+            max_queue=engine.max_queue,
+            max_json_bytes=settings.max_json_bytes,
+        ),
     )

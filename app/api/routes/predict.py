@@ -11,22 +11,25 @@ from fastapi import APIRouter, Query, Request
 from app.api.deps import ClassifierDep, SettingsDep
 from app.api.errors import BadRequest, PayloadTooLarge
 from app.api.schemas import BatchPrediction, ErrorResponse
-from app.api.uploads import read_images
+from app.api.uploads import check_pixel_budget, read_images
 from app.classification.answers import Prediction
 
 router = APIRouter(tags=["predict"])
 
 TopK = Annotated[int, Query(ge=1, le=10, description="how many of the most probable classes to list")]
 
-_BINARY = {"type": "string", "format": "binary"}
+_BINARY = {"type": "string", "format": "binary", "minLength": 1}
+# additionalProperties: false, since a body of more than a few other fields is refused (app/api/uploads.py).
 SINGLE_IMAGE_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _BINARY},
+                                       "additionalProperties": False}},
     "image/png": {"schema": _BINARY},
     "image/jpeg": {"schema": _BINARY},
 }}}
+# maxItems is APP_MAX_BATCH_FILES, written in by app/api/openapi.py.
 _BATCH_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["files"],
-                                       "properties": {"files": {"type": "array", "items": _BINARY}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "additionalProperties": False,
+                                       "properties": {"files": {"type": "array", "items": _BINARY, "minItems": 1}}}},
 }}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "no file, or an empty one"},
@@ -63,5 +66,6 @@ async def predict_batch(request: Request, classifier: ClassifierDep, settings: S
     deadline = time.monotonic() + settings.request_timeout_s
     uploads = await read_images(request, field="files", max_files=settings.max_batch_files,
                                 limit=settings.max_upload_bytes, allow_raw=False, too_many=_too_many_files)
+    await check_pixel_budget(uploads, settings.max_request_pixels)
     predictions = await classifier.classify([upload.data for upload in uploads], deadline=deadline, top_k=top_k)
     return BatchPrediction(predictions=predictions)

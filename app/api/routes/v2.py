@@ -1,8 +1,9 @@
 """The KServe v2 / Open Inference Protocol (REST, JSON tensors), so Triton and KServe clients work unchanged.
 
 Spec: https://github.com/kserve/open-inference-protocol (specification/protocol/inference_rest.md).
-The model is served under the name ``resnet50`` whatever its weights; its version is the card's
-``.version``, and ``/versions/<v>`` paths answer 404 for any version but the one serving.
+The model is served under the name ``APP_MODEL_NAME``, by default its architecture (``fastcnn`` for the
+shipped checkpoint); its version is the card's ``.version``, and ``/versions/<v>`` paths answer 404 for any
+version but the one serving.
 
 One input tensor per request, either ``UINT8 [N, 32, 32, 3]`` raw RGB pixels (normalised by the server with
 the card's mean and std) or ``FP32 [N, 3, 32, 32]`` already normalised; ``data`` flat (row-major) or nested.
@@ -14,6 +15,10 @@ kind and threshold are in ``GET /model``); a model without one has neither, so a
 null. A request without ``outputs`` gets every output, one with ``outputs`` gets those it names. Binary
 tensor data (Triton's binary extension) is not supported: use JSON (``binary_data=False`` in tritonclient).
 Errors are ``{"error": "..."}``.
+
+A JSON body costs far more memory parsed than sent (an 8 MiB one peaked at +192 MiB), so the body is
+refused before parsing when it holds more values than the largest request (``APP_MAX_BATCH_FILES`` images)
+can: a JSON array separates its values with commas, and counting those is cheap.
 """
 
 from __future__ import annotations
@@ -26,43 +31,69 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic.json_schema import JsonDict
 
 from app import __version__
 from app.api.deps import ClassifierDep, EngineDep, SettingsDep
 from app.api.errors import BadRequest, NotFound, PayloadTooLarge
 from app.api.uploads import read_body
 from app.classification.probabilities import AssessedOutput
+from app.config import Settings
 from app.engine.engine import InferenceEngine
 from app.engine.errors import NoModelLoaded
 from app.engine.served_model import ServedModel
 from model.checkpoint import ModelCard
 
-MODEL_NAME = "resnet50"
 OUTPUT_NAME = "probabilities"
 IN_DISTRIBUTION = "in_distribution"
 OOD_SCORE = "ood_score"
 TRUST_OUTPUTS = (IN_DISTRIBUTION, OOD_SCORE)
+# Commas a request may hold besides those between its tensor's values: ids, parameters and outputs.
+OTHER_COMMAS = 1024
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 
+OUTPUT_NAME = "probabilities"
+
+
+# The protocol's parameters are strings, numbers and booleans; parsed strictly, so what the schema calls
+# invalid (a number in a string, a boolean for a number) is refused rather than coerced.
+Parameters = dict[str, StrictStr | StrictInt | StrictFloat | StrictBool]
+_STRICT = ConfigDict(strict=True)
+
+
 class RequestInput(BaseModel):
+    model_config = _STRICT
+    # The schema's constraints are the documented ones; the checks that say what to send instead are _parse's.
     name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any]
+    shape: list[int] = Field(description="[N, 32, 32, 3] for UINT8, [N, 3, 32, 32] for FP32",
+                             json_schema_extra={"minItems": 4, "maxItems": 4,
+                                                "items": {"type": "integer", "minimum": 1}})
+    datatype: str = Field(json_schema_extra={"enum": ["UINT8", "FP32"]})
+    parameters: Parameters | None = None
+    data: list[int | float | list[Any]] = Field(
+        description="the product of shape's values, flat in row-major order (nested to the shape is accepted "
+        "too); UINT8 integers 0-255, or finite FP32 numbers", json_schema_extra={"minItems": 1,
+                                                                                  "items": {"type": "number"}})
+
+
+_JSON_ONLY: JsonDict = {"type": "boolean", "enum": [False]}  # Triton's binary extension is not supported
 
 
 class RequestOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] | None = None
+    model_config = _STRICT
+    name: str = Field(json_schema_extra={"enum": [OUTPUT_NAME]})
+    parameters: Parameters | None = Field(None, json_schema_extra={"properties": {
+        "classification": {"type": "integer", "minimum": 1, "maximum": 10}, "binary_data": _JSON_ONLY}})
 
 
 class InferenceRequest(BaseModel):
+    model_config = _STRICT
     id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[RequestInput] = Field(min_length=1)
+    parameters: Parameters | None = Field(None, json_schema_extra={"properties": {
+        "binary_data_output": _JSON_ONLY}})
+    inputs: list[RequestInput] = Field(min_length=1, json_schema_extra={"maxItems": 1})
     outputs: list[RequestOutput] | None = None
 
 
@@ -123,8 +154,10 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     return resolve(schema)
 
 
+# One 32x32 grey image: schemathesis's examples phase sends it, so the fuzzing reaches a 200 too.
+_EXAMPLE = {"inputs": [{"name": "pixels", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [128] * 3072}]}
 _INFER_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema())}}}}
+    "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema()), "example": _EXAMPLE}}}}
 
 
 @router.get("")
@@ -146,11 +179,12 @@ async def ready(engine: EngineDep) -> dict[str, bool]:
 
 @router.get("/models/{model_name}", responses=ERRORS)
 @router.get("/models/{model_name}/versions/{model_version}", responses=ERRORS)
-async def model_metadata(engine: EngineDep, model_name: str, model_version: str | None = None) -> ModelMetadata:
-    served = _served(engine, model_name, model_version)
+async def model_metadata(engine: EngineDep, settings: SettingsDep, model_name: str,
+                         model_version: str | None = None) -> ModelMetadata:
+    served = _served(engine, settings, model_name, model_version)
     size, classes = served.card.input_size, len(served.card.class_names)
     return ModelMetadata(
-        name=MODEL_NAME,
+        name=model_name,
         versions=[served.card.version],
         platform="pytorch",
         inputs=[MetadataTensor(name="pixels", datatype="UINT8", shape=[-1, size, size, 3]),
@@ -163,9 +197,10 @@ async def model_metadata(engine: EngineDep, model_name: str, model_version: str 
 
 @router.get("/models/{model_name}/ready", responses=ERRORS)
 @router.get("/models/{model_name}/versions/{model_version}/ready", responses=ERRORS)
-async def model_ready(engine: EngineDep, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    _served(engine, model_name, model_version)
-    return {"name": MODEL_NAME, "ready": engine.ready}
+async def model_ready(engine: EngineDep, settings: SettingsDep, model_name: str,
+                      model_version: str | None = None) -> dict[str, Any]:
+    _served(engine, settings, model_name, model_version)
+    return {"name": model_name, "ready": engine.ready}
 
 
 @router.post("/models/{model_name}/infer", responses=ERRORS, openapi_extra=_INFER_BODY)
@@ -175,7 +210,7 @@ async def infer(request: Request, engine: EngineDep, classifier: ClassifierDep, 
     """The classification pipeline (``app/classification/classifier.py``), with this protocol's own decode
     stage (JSON tensors, ``_parse``) and response (``_encode``)."""
     deadline = time.monotonic() + settings.request_timeout_s
-    served = _served(engine, model_name, model_version)
+    served = _served(engine, settings, model_name, model_version)
     if "inference-header-content-length" in request.headers:
         raise BadRequest("binary tensor data is not supported: send the tensors as JSON (binary_data=False)")
     body = await read_body(request, settings.max_upload_bytes)
@@ -184,10 +219,10 @@ async def infer(request: Request, engine: EngineDep, classifier: ClassifierDep, 
     if model_version is not None and result.card.version != model_version:
         raise NotFound(f"version {model_version} was swapped out while this request waited; "
                        f"the model now serving is {result.card.version}")
-    return _encode(parsed, result)
+    return _encode(parsed, result, model_name)
 
 
-def _encode(parsed: _ParsedRequest, result: AssessedOutput) -> InferenceResponse:
+def _encode(parsed: _ParsedRequest, result: AssessedOutput, model_name: str) -> InferenceResponse:
     outputs: list[ResponseOutput] = []
     if OUTPUT_NAME in parsed.outputs:
         outputs.append(_probabilities(result, parsed.classification))
@@ -198,7 +233,7 @@ def _encode(parsed: _ParsedRequest, result: AssessedOutput) -> InferenceResponse
     if OOD_SCORE in parsed.outputs and result.ood_scores is not None:
         outputs.append(ResponseOutput(name=OOD_SCORE, shape=[len(result)], datatype="FP32",
                                       data=result.ood_scores.tolist()))
-    return InferenceResponse(model_name=MODEL_NAME, model_version=result.card.version, id=parsed.id,
+    return InferenceResponse(model_name=model_name, model_version=result.card.version, id=parsed.id,
                              outputs=outputs)
 
 
@@ -213,12 +248,17 @@ def _probabilities(result: AssessedOutput, classification: int | None) -> Respon
                           data=probabilities.ravel().tolist())
 
 
-def _served(engine: InferenceEngine, model_name: str, model_version: str | None) -> ServedModel:
-    if model_name != MODEL_NAME:
-        raise NotFound(f"unknown model {model_name!r}: this server serves {MODEL_NAME!r}")
+def served_model_name(settings: Settings, served: ServedModel) -> str:
+    """The model's name in this protocol: APP_MODEL_NAME, else the architecture of the model serving."""
+    return settings.model_name or served.card.architecture
+
+
+def _served(engine: InferenceEngine, settings: Settings, model_name: str, model_version: str | None) -> ServedModel:
     served = engine.model
     if served is None:
         raise NoModelLoaded(engine.unavailable_reason)
+    if model_name != (name := served_model_name(settings, served)):
+        raise NotFound(f"unknown model {model_name!r}: this server serves {name!r}")
     if model_version is not None and model_version != served.card.version:
         raise NotFound(f"model version {model_version!r} is not served; {served.card.version} is")
     return served
@@ -235,11 +275,20 @@ class _ParsedRequest:
 def _parse(body: bytes, size: int, *, max_images: int, card: ModelCard) -> _ParsedRequest:
     """Validate an inference request and turn its tensor into per-image arrays of side ``size`` (the decode
     stage of this protocol; the classifier runs it on its decode threads)."""
+    most_values = max_images * 3 * size * size
+    if body.count(b",") > most_values + OTHER_COMMAS:
+        raise PayloadTooLarge(f"the request holds more values than {max_images} images (APP_MAX_BATCH_FILES) of "
+                              f"{3 * size * size} values each; send at most {max_images} per request")
     try:
         request = InferenceRequest.model_validate_json(body)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in error.errors())
-        raise BadRequest(f"not a v2 inference request: {problems}") from None
+        found = error.errors()
+        if any("data" in problem["loc"] for problem in found):
+            raise BadRequest("the input's data must be numbers (not strings or booleans), flat or nested to the "
+                             "shape") from None
+        problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in found[:3])
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise BadRequest(f"not a v2 inference request: {problems}{more}") from None
     if len(request.inputs) != 1:
         raise BadRequest(f"this model takes one input tensor: UINT8 [N, {size}, {size}, 3] pixels or "
                          f"FP32 [N, 3, {size}, {size}] normalised; got {len(request.inputs)}")
@@ -291,9 +340,10 @@ def _outputs(request: InferenceRequest, card: ModelCard) -> tuple[tuple[str, ...
         if "classification" in parameters:
             if output.name != OUTPUT_NAME:
                 raise BadRequest(f"classification applies to the {OUTPUT_NAME!r} output only, not {output.name!r}")
-            count = parameters["classification"]
-            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= classes:
-                raise BadRequest(f"classification must be an integer from 1 to {classes}; got {count!r}")
+            value = parameters["classification"]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= classes:
+                raise BadRequest(f"classification must be an integer from 1 to {classes}; got {value!r}")
+            count = value
     named = {output.name for output in request.outputs or []}
     return tuple(name for name in known if not named or name in named), count
 

@@ -47,7 +47,8 @@ def _field(default: Any, how: Option) -> Any:
 
 # A model made at import time, subclassed for the job API's own field and rules. Type checkers cannot see its
 # fields: the TYPE_CHECKING block names the one app code reads as an attribute, the rest go through model_dump().
-_TrainingFields: Any = create_model("TrainingFields", __config__=ConfigDict(extra="forbid", frozen=True),
+# Strict: a body's 0 is no boolean and "3" no number (the schema says so, and schemathesis holds us to it).
+_TrainingFields: Any = create_model("TrainingFields", __config__=ConfigDict(extra="forbid", frozen=True, strict=True),
                                     **_fields())
 
 

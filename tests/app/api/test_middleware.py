@@ -5,6 +5,8 @@ import pytest
 from fastapi import APIRouter
 
 from tests.support import images
+from tests.support.asgi import call_with_endless_body
+from tests.support.service import ADMIN_TOKEN
 
 pytestmark = pytest.mark.anyio
 
@@ -57,3 +59,53 @@ async def test_an_unexpected_error_is_a_plain_json_500_with_the_request_id(servi
     assert response.headers["x-request-id"] == "boom-1"
     assert response.json() == {"detail": "internal error; it has been logged under request ID boom-1"}
     assert (await service.client.get("/healthz")).status_code == 200
+
+
+ADMIN_BODIES = ["/train", "/admin/reload", "/admin/promote/some-version"]
+
+
+@pytest.mark.parametrize("path", ADMIN_BODIES)
+@pytest.mark.parametrize(("authorization", "status"), [(None, 401), (b"Bearer wrong-token-but-long-enough", 403)])
+async def test_an_admin_body_is_not_read_before_the_token_is_checked(service, path, authorization, status):
+    headers = [(b"content-type", b"application/json")]
+    if authorization is not None:
+        headers.append((b"authorization", authorization))
+    status_seen, pulled, body = await call_with_endless_body(service.app, path, headers, chunks=64)
+    assert status_seen == status and "token" in body["detail"]
+    assert pulled == 0, f"read {pulled} bytes of the body before refusing the token"
+
+
+@pytest.mark.parametrize("path", ADMIN_BODIES)
+async def test_an_admin_body_over_the_json_limit_is_cut_off(service, path):
+    limit = service.app.state.settings.max_json_bytes
+    headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {ADMIN_TOKEN}".encode())]
+    status, pulled, body = await call_with_endless_body(service.app, path, headers, chunks=64, chunk=16 * 1024)
+    assert status == 413 and "APP_MAX_JSON_BYTES" in body["detail"]
+    assert pulled <= limit + 16 * 1024
+
+
+async def test_a_declared_admin_body_over_the_limit_is_refused_unread(service):
+    headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {ADMIN_TOKEN}".encode()),
+               (b"content-length", b"100000000")]
+    status, pulled, _ = await call_with_endless_body(service.app, "/train", headers, chunks=64)
+    assert status == 413 and pulled == 0
+
+
+async def test_a_client_that_goes_away_mid_body_is_no_server_error(service, caplog):
+    """What the server's body deadline (app/server.py) does to a stalled upload: the app sees a disconnect."""
+    messages = iter([{"type": "http.request", "body": b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"service"), (b"content-type", b"image/png")], "client": ("127.0.0.1", 1),
+             "server": ("service", 80)}
+    with caplog.at_level(logging.INFO):
+        await service.app(scope, receive, send)
+    assert not [r for r in caplog.records if r.name == "app.errors"], "a client going away was logged as a failure"
+    assert any(getattr(r, "status", None) == 499 for r in caplog.records if r.name == "app.access")

@@ -3,34 +3,14 @@
 import pytest
 
 from tests.support import images
+from tests.support.asgi import CHUNK, call_with_endless_body
 from tests.support.service import UPLOAD_LIMIT
 
 pytestmark = pytest.mark.anyio
-CHUNK = 256 * 1024
 
 
 async def call(app, path: str, headers: list[tuple[bytes, bytes]], chunks: int, start: bytes = b""):
-    """Drive the ASGI app with an endless-looking body of ``chunks`` chunks (the first beginning with
-    ``start``); return the status and how many body bytes the app pulled."""
-    pulled = 0
-    sent = 0
-    messages = []
-
-    async def receive():
-        nonlocal pulled, sent
-        sent += 1
-        pulled += CHUNK
-        body = (start if sent == 1 else b"") + b"\0" * CHUNK
-        return {"type": "http.request", "body": body, "more_body": sent < chunks}
-
-    async def send(message):
-        messages.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"service"), *headers], "client": ("127.0.0.1", 1), "server": ("service", 80)}
-    await app(scope, receive, send)
-    status = next(m["status"] for m in messages if m["type"] == "http.response.start")
+    status, pulled, _ = await call_with_endless_body(app, path, headers, chunks, start)
     return status, pulled
 
 
@@ -42,8 +22,7 @@ def part(field: str) -> bytes:
     ("/predict", b"image/png", b""),
     ("/predict", b"multipart/form-data; boundary=b", part("file")),
     ("/predict/batch", b"multipart/form-data; boundary=b", part("files")),
-    ("/predict", b"multipart/form-data; boundary=b", part("some-other-field")),
-    ("/v2/models/resnet50/infer", b"application/json", b""),
+    ("/v2/models/resnet18/infer", b"application/json", b""),  # tiny_checkpoint: a resnet18
 ])
 async def test_an_oversized_body_without_length_is_cut_off_at_the_limit(service, path, content_type, start):
     status, pulled = await call(service.app, path, [(b"content-type", content_type)], chunks=1000, start=start)
@@ -62,3 +41,9 @@ async def test_a_body_at_the_limit_is_read_whole(client):
     padded = data + b"\0" * (UPLOAD_LIMIT - len(data))  # trailing bytes after IEND are ignored by decoders
     response = await client.post("/predict", content=padded, headers={"content-type": "image/png"})
     assert response.status_code == 200
+
+
+async def test_a_body_in_another_field_is_refused_before_it_is_read(service):
+    headers = [(b"content-type", b"multipart/form-data; boundary=b")]
+    status, pulled = await call(service.app, "/predict", headers, chunks=1000, start=part("some-other-field"))
+    assert status == 400 and pulled == CHUNK

@@ -23,3 +23,13 @@ async def test_model_describes_the_card_the_device_and_the_batching(service, tin
         "max_batch_size": settings.max_batch_size, "max_batch_delay_ms": settings.max_batch_delay_ms,
         "max_queue": settings.max_queue, "parallel_batches": 1, "request_timeout_s": settings.request_timeout_s,
     }
+
+
+
+async def test_model_publishes_the_request_limits(service):
+    settings = service.app.state.settings
+    assert (await service.client.get("/model")).json()["limits"] == {
+        "max_upload_bytes": settings.max_upload_bytes, "max_batch_files": settings.max_batch_files,
+        "max_image_pixels": settings.max_image_pixels, "max_request_pixels": settings.max_request_pixels,
+        "max_queue": settings.max_queue, "max_json_bytes": settings.max_json_bytes,
+    }

@@ -10,6 +10,7 @@ from app.classification.images import image_pixels
 from model.checkpoint import load_checkpoint
 from model.labels import CLASS_NAMES
 from tests.support import images
+from tests.support.asgi import call_with_endless_body
 from tests.support.checkpoints import with_calibration
 from tests.support.service import UPLOAD_LIMIT, running_app, service_settings
 
@@ -67,7 +68,8 @@ CASES = [
     ("webp", raw(images.encode(Image.fromarray(images.pixels()), "WEBP"), "image/webp"), 200),
     ("bmp", raw(images.encode(Image.fromarray(images.pixels()), "BMP"), "image/bmp"), 200),
     ("tiff", raw(images.encode(Image.fromarray(images.pixels()), "TIFF"), "image/tiff"), 200),
-    ("12-megapixel-photo", multipart(images.photo_jpeg(), "p.jpg", "image/jpeg"), 200),
+    ("2048x2048-photo-at-the-pixel-limit", multipart(images.photo_jpeg(2048, 2048), "p.jpg", "image/jpeg"), 200),
+    ("12-megapixel-photo-over-the-pixel-limit", multipart(images.photo_jpeg(), "p.jpg", "image/jpeg"), 413),
     ("empty-raw-body", raw(b""), 400),
     ("empty-file", multipart(b""), 400),
     ("no-body-no-content-type", {}, 400),
@@ -183,7 +185,7 @@ async def test_a_batch_over_the_file_limit_is_413(service):
 @pytest.mark.parametrize(("arguments", "status", "detail"), [
     ({"files": [("files", ("a.png", images.png())), ("files", ("b.txt", images.TEXT)),
                 ("files", ("c.png", images.png()))]}, 415, "file 2 of 3"),
-    ({"files": [("other", ("a.png", images.png()))]}, 400, "no file in field 'files'"),
+    ({"files": [("other", ("a.png", images.png()))]}, 400, "unexpected multipart field 'other'"),
     ({"files": [("files", ("a.png", b""))]}, 400, "empty"),
     (raw(images.png()), 415, "multipart/form-data"),
 ])
@@ -191,6 +193,50 @@ async def test_batch_errors_name_the_problem(client, arguments, status, detail):
     response = await client.post("/predict/batch", **arguments)
     assert response.status_code == status
     assert detail in response.json()["detail"]
+
+
+async def test_the_batch_400_and_415_agree_that_raw_bytes_are_not_accepted(client):
+    empty = {"content": b"--b--\r\n", "headers": {"content-type": "multipart/form-data; boundary=b"}}
+    no_file = (await client.post("/predict/batch", **empty)).json()["detail"]
+    raw_body = (await client.post("/predict/batch", **raw(images.png()))).json()["detail"]
+    assert "raw" not in no_file and "image/*" not in no_file
+    assert "multipart/form-data with the images in field 'files'" in no_file
+    assert "multipart/form-data with the images in field 'files'" in raw_body
+
+
+def empty_parts(count: int, field: str = "note") -> bytes:
+    part = f'--b\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n\r\n'.encode()
+    return part * count + b"--b--\r\n"
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
+async def test_a_body_of_many_other_parts_is_refused_at_the_first(service, path):
+    body = empty_parts(2_000)
+    status, pulled, answer = await call_with_endless_body(
+        service.app, path, [(b"content-type", b"multipart/form-data; boundary=b")], chunks=8, start=body,
+        chunk=len(body))
+    assert status == 400 and "unexpected multipart field 'note'" in answer["detail"]
+    assert pulled == len(body), "the refusal came after the first chunk had been read"
+
+
+async def test_only_the_file_field_is_accepted(client):
+    body = empty_parts(1).removesuffix(b"--b--\r\n") + (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + images.png() +
+        b"\r\n--b--\r\n")
+    response = await client.post("/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 400 and "send the image(s) in field 'file' and nothing else" in response.text
+
+
+async def test_a_batch_over_the_pixel_budget_is_refused_from_the_headers(service):
+    settings = service.app.state.settings
+    side = int(math.isqrt(settings.max_image_pixels))  # each one within the per-image limit
+    count = settings.max_request_pixels // (side * side) + 1
+    assert count <= settings.max_batch_files
+    # Headers that claim their size over a few bytes of data: only decoding would find them truncated (415).
+    files = [("files", (f"{n}.png", images.bomb_png(side, side), "image/png")) for n in range(count)]
+    response = await service.client.post("/predict/batch", files=files)
+    assert response.status_code == 413, response.text
+    assert "APP_MAX_REQUEST_PIXELS" in response.json()["detail"]
 
 
 async def test_answers_do_not_depend_on_which_requests_share_a_batch(client):

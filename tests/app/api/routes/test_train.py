@@ -256,6 +256,12 @@ def test_impossible_parameters_are_422_naming_the_field(idle_client: TestClient,
     assert idle_client.get("/train", headers=ADMIN).json() == []
 
 
+@pytest.mark.parametrize("limit", [0, 2**63, 2**70])
+def test_a_job_list_limit_outside_what_the_store_takes_is_422(idle_client: TestClient, limit: int) -> None:
+    response = idle_client.get(f"/train?limit={limit}", headers=ADMIN)
+    assert response.status_code == 422 and "limit" in response.json()["detail"]
+
+
 def test_a_body_that_names_a_recipe_gets_that_recipes_defaults(idle_client: TestClient) -> None:
     response = idle_client.post("/train", json={"recipe": "cpu", "epochs": 30}, headers=ADMIN)
     assert response.status_code == 202, response.text

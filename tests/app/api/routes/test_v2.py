@@ -10,7 +10,8 @@ from tests.support.checkpoints import with_calibration
 from tests.support.service import running_app, service_settings
 
 pytestmark = pytest.mark.anyio
-INFER = "/v2/models/resnet50/infer"
+NAME = "resnet18"  # the served architecture: tiny_checkpoint's
+INFER = f"/v2/models/{NAME}/infer"
 
 
 def uint8_request(pixels: np.ndarray, **extra) -> dict:
@@ -22,15 +23,15 @@ async def test_health_and_metadata(client, tiny_checkpoint):
     card = read_card(tiny_checkpoint)
     assert (await client.get("/v2/health/live")).json() == {"live": True}
     assert (await client.get("/v2/health/ready")).json() == {"ready": True}
-    assert (await client.get("/v2/models/resnet50/ready")).json() == {"name": "resnet50", "ready": True}
+    assert (await client.get(f"/v2/models/{NAME}/ready")).json() == {"name": NAME, "ready": True}
     server = (await client.get("/v2")).json()
     assert server["name"] == "cifar-serve" and "classification" in server["extensions"]
-    metadata = (await client.get("/v2/models/resnet50")).json()
-    assert metadata["name"] == "resnet50" and metadata["versions"] == [card.version]
+    metadata = (await client.get(f"/v2/models/{NAME}")).json()
+    assert metadata["name"] == NAME and metadata["versions"] == [card.version]
     assert {"name": "pixels", "datatype": "UINT8", "shape": [-1, 32, 32, 3]} in metadata["inputs"]
     assert {"name": "normalized", "datatype": "FP32", "shape": [-1, 3, 32, 32]} in metadata["inputs"]
     assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
-    versioned = await client.get(f"/v2/models/resnet50/versions/{card.version}")
+    versioned = await client.get(f"/v2/models/{NAME}/versions/{card.version}")
     assert versioned.status_code == 200
 
 
@@ -39,7 +40,7 @@ async def test_uint8_pixels_get_the_same_probabilities_as_the_png_on_predict(cli
     response = await client.post(INFER, json=uint8_request(pixels, id="req-42"))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["id"] == "req-42" and body["model_name"] == "resnet50"
+    assert body["id"] == "req-42" and body["model_name"] == NAME
     assert body["model_version"] == (await client.get("/model")).json()["version"]
     (output,) = body["outputs"]
     assert output["name"] == "probabilities" and output["datatype"] == "FP32" and output["shape"] == [3, 10]
@@ -89,6 +90,12 @@ async def test_the_classification_parameter_returns_labels(client):
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0.5] * 3072}]}, 400, "integers"),
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": ["a"] * 3072}]}, 400, "numbers"),
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [[1, 2], [3]]}]}, 400, "numbers"),
+    # What the schema calls invalid is refused, not coerced: a number in a string, a boolean for a number.
+    ({"inputs": [{"name": "x", "shape": ["1", 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}]}, 400, "shape"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [True] + [0] * 3071}]}, 400,
+     "numbers"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072,
+                  "parameters": {"nested": {"a": 1}}}]}, 400, "parameters"),
     ({"inputs": [{"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [float("nan")] * 3072}]}, 400,
      "not a v2 inference request|finite"),
     ({"inputs": [{"name": "x", "shape": [17, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072 * 17}]}, 413,
@@ -113,12 +120,31 @@ async def test_bad_requests_get_a_v2_error_object(client, body, status, message)
     assert re.search(message, response.json()["error"])
 
 
-@pytest.mark.parametrize("path", ["/v2/models/resnet18", "/v2/models/resnet50/versions/resnet50-000000000000",
-                                  "/v2/models/other/ready"])
-async def test_unknown_models_and_versions_are_404(client, path):
+@pytest.mark.parametrize(("path", "named"), [("/v2/models/resnet50", NAME),
+                                             (f"/v2/models/{NAME}/versions/resnet18-000000000000", "resnet18-"),
+                                             ("/v2/models/other/ready", NAME)])
+async def test_unknown_models_and_versions_are_404(client, path, named):
     response = await client.get(path)
     assert response.status_code == 404
-    assert "resnet50" in response.json()["error"]
+    assert named in response.json()["error"]
+
+
+async def test_a_configured_model_name_is_the_only_one_served(tiny_checkpoint):
+    async with running_app(service_settings(tiny_checkpoint, model_name="cifar10")) as (_, client):
+        assert (await client.get("/v2/models/cifar10/ready")).json() == {"name": "cifar10", "ready": True}
+        assert (await client.get(f"/v2/models/{NAME}")).status_code == 404
+        pixels = images.pixels(32, 32)[None]
+        response = await client.post("/v2/models/cifar10/infer", json=uint8_request(pixels))
+        assert response.status_code == 200 and response.json()["model_name"] == "cifar10"
+
+
+async def test_a_body_with_more_values_than_the_largest_request_is_refused_before_parsing(service):
+    most = service.app.state.settings.max_batch_files * 3072
+    body = b'{"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [' + b"0," * (
+        2 * most) + b'0]}]}'
+    response = await service.client.post(INFER, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "APP_MAX_BATCH_FILES" in response.json()["error"]
 
 
 async def test_binary_tensor_data_is_refused_with_what_to_do(client):
@@ -142,7 +168,7 @@ async def calibrated(tiny_checkpoint, tmp_path_factory):
 
 
 async def test_a_calibrated_model_adds_the_ood_outputs_equal_to_predicts(calibrated):
-    metadata = (await calibrated.get("/v2/models/resnet50")).json()
+    metadata = (await calibrated.get(f"/v2/models/{NAME}")).json()
     assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
                                    {"name": "in_distribution", "datatype": "BOOL", "shape": [-1]},
                                    {"name": "ood_score", "datatype": "FP32", "shape": [-1]}]

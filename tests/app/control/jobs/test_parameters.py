@@ -66,3 +66,9 @@ def test_impossible_values_name_their_field(body: dict, field: str) -> None:
     with pytest.raises(ValidationError) as error:
         TrainParams.model_validate(body)
     assert [e["loc"] for e in error.value.errors()] == [(field,)]
+
+
+@pytest.mark.parametrize("body", [{"verify_backends": 0}, {"epochs": "3"}, {"tta": "true"}])
+def test_values_of_the_wrong_json_type_are_refused_not_coerced(body):
+    with pytest.raises(ValidationError):
+        TrainParams.model_validate(body)
