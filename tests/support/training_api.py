@@ -15,7 +15,9 @@ from tests.support.waiting import wait_until
 # No test_limit: a run scored on part of the test set is never promoted by itself.
 TINY_JOB: dict[str, Any] = {"arch": "resnet18", "epochs": 2, "batch_size": 16, "train_limit": 16,
                             "warmup_epochs": 0, "checkpoint_every": 1, "plots": False,
-                            "tta": False}
+                            # The backend verification a full run ends with measures every backend for ~45 s;
+                            # tests of it run it on its own (tests/training/test_verify_backends.py).
+                            "tta": False, "verify_backends": False}
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 
 
