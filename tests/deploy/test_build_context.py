@@ -69,4 +69,4 @@ def test_the_context_builds_a_wheel_with_every_package(context: Path, tmp_path: 
 
 def test_the_context_holds_no_local_state(context: Path) -> None:
     top_level = {path.name for path in context.iterdir()}
-    assert top_level <= {"pyproject.toml", "README.md", "app", "model", "training", "weights"}, top_level
+    assert top_level <= {"pyproject.toml", "README.md", "app", "model", "training", "weights", "examples"}, top_level

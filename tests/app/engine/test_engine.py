@@ -326,7 +326,7 @@ async def test_a_forward_pass_runs_while_another_model_is_being_prepared(tiny_ch
         try:
             await eventually(preparing.is_set, what="the new model's preparation to start")
             result = await engine.predict(images(3), timeout=30)
-            assert result.card.version == old and result.probabilities.shape == (3, 10)
+            assert result.card.version == old and result.logits.shape == (3, 10)
             assert not swap.done(), "the answer came while the new model was still being prepared"
         finally:
             release.set()
