@@ -108,6 +108,10 @@ class ModelInfo(BaseModel):
                          "APP_CUDA_PRECISION)")
     backend_reason: str = Field(description="why this backend serves: the verified accuracy and speed from the "
                                 "checkpoint's backends-<device>.json, an explicit setting, or why no report holds")
+    backend_test_accuracy: float | None = Field(
+        description="this backend's test accuracy (0..1) as the checkpoint's backend report measured it on the "
+        "whole test set: what the answers are worth when it is not the card's float32 test_accuracy; null "
+        "without a valid report")
     origin: str = Field(description="why this checkpoint is served: the shipped default, APP_WEIGHTS, the "
                         "registry's current version, a promotion or an /admin/reload")
     batching: BatchingSettings

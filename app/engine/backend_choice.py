@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,7 @@ class BackendPlan:
     backend: str  # a model.inference backend on the CPU; fp32 or bf16 on CUDA
     reason: str  # one sentence for GET /model and the log
     calibration: np.ndarray | None = None  # uint8 NHWC training images, int8 only
+    verified_accuracy: float | None = None  # this backend's test accuracy in the checkpoint's report, if any
 
 
 def plan_backend(policy: BackendPolicy, checkpoint_dir: Path, weights_sha256: str, device: torch.device, *,
@@ -83,6 +84,13 @@ def plan_backend(policy: BackendPolicy, checkpoint_dir: Path, weights_sha256: st
     setting = policy.setting(device_type)
     machine = machine or _this_machine(device)
     report, problem = _verified_report(checkpoint_dir, weights_sha256, machine)
+    plan = _plan(policy, setting, device_type, checkpoint_dir, weights_sha256, report, problem, ranking_batch)
+    measured = None if report is None else report.measurement(plan.backend)
+    return replace(plan, verified_accuracy=None if measured is None else measured.accuracy)
+
+
+def _plan(policy: BackendPolicy, setting: str, device_type: str, checkpoint_dir: Path, weights_sha256: str,
+          report: BackendReport | None, problem: str, ranking_batch: int) -> BackendPlan:
     if setting != AUTO:
         return _explicit(setting, device_type, policy, checkpoint_dir, weights_sha256, report)
     if report is None:

@@ -39,6 +39,7 @@ class ServedModel:
     std: torch.Tensor
     backend: str = "fused"  # a model.inference backend on the CPU; fp32 or bf16 (autocast) on CUDA
     backend_reason: str = ""  # why this backend serves (app.engine.backend_choice)
+    verified_accuracy: float | None = None  # this backend's test accuracy by the checkpoint's backend report
     origin: str = ""        # why this checkpoint is served (the shipped default, APP_WEIGHTS, the registry...)
     path: Path | None = None  # the checkpoint it was loaded from (POST /explain builds its own copy from it)
 
@@ -75,7 +76,8 @@ class ServedModel:
             network = prepare_for_inference(checkpoint.model, device, exact)
         network.requires_grad_(False)
         return cls(card=card, network=network, device=device, mean=mean, std=std, backend=plan.backend,
-                   backend_reason=plan.reason, origin=origin, path=Path(path))
+                   backend_reason=plan.reason, verified_accuracy=plan.verified_accuracy, origin=origin,
+                   path=Path(path))
 
     @property
     def dtype(self) -> str:

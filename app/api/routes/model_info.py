@@ -32,6 +32,7 @@ async def model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         dtype=served.dtype,
         backend=served.backend,
         backend_reason=served.backend_reason,
+        backend_test_accuracy=served.verified_accuracy,
         origin=served.origin,
         batching=BatchingSettings(
             max_batch_size=engine.max_batch_size,

@@ -73,6 +73,7 @@ def test_auto_serves_the_fastest_backend_within_the_allowed_drop(checkpoint):
     assert chosen.backend == "bf16", "int8 is faster, but 0.3 points below float32"
     assert "backends-cpu.json" in chosen.reason and "90.90 % vs 91.00 %" in chosen.reason
     assert chosen.calibration is None
+    assert chosen.verified_accuracy == 0.9090, "what the answers are worth: bf16's figure, not float32's"
 
 
 def test_a_larger_allowed_drop_admits_int8_with_the_checkpoints_calibration_set(checkpoint):
@@ -93,6 +94,7 @@ def test_auto_passes_over_int8_without_the_calibration_set_it_was_verified_with(
 def test_without_a_report_auto_serves_the_exact_fused_and_says_so(checkpoint):
     chosen = plan(checkpoint)
     assert chosen.backend == "fused" and "no backend report" in chosen.reason
+    assert chosen.verified_accuracy is None
 
 
 def test_a_stale_or_foreign_report_is_refused(checkpoint):

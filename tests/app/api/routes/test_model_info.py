@@ -17,6 +17,7 @@ async def test_model_describes_the_card_the_device_and_the_batching(service, tin
     assert body["device"] == "cpu" and body["dtype"] == "float32"
     assert body["backend"] == "fused" and body["backend_reason"].startswith("fused, the exact float32 backend: no "
                                                                             "backend report"), body["backend_reason"]
+    assert body["backend_test_accuracy"] is None  # no report verified it: the card's float32 figure holds
     assert body["origin"] == "APP_WEIGHTS", "the fixture serves the checkpoint its settings name"
     settings = service.app.state.settings
     assert body["batching"] == {
