@@ -34,6 +34,8 @@ PLACEHOLDER_TOKENS = frozenset({
     "token", "default", "example", "test", "xxx", "replaceme", "your-token", "your_token",
 })
 MIN_TOKEN_LENGTH = 16
+# What APP_DATABASE_URL may start with: libpq's two spellings of a PostgreSQL URL.
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 class Settings(BaseSettings):
@@ -153,7 +155,7 @@ class Settings(BaseSettings):
         if value is None or value == "":
             return None
         url = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-        if not url.startswith(("postgresql://", "postgres://")):
+        if not url.startswith(POSTGRES_SCHEMES):
             raise ValueError("APP_DATABASE_URL must be a PostgreSQL URL such as "
                              "postgresql://user:password@host:5432/cifar_serve; unset it for the embedded SQLite store")
         return url

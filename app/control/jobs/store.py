@@ -24,7 +24,6 @@ from app.control.jobs.schemas import ACTIVE_STATUSES, Job, JobProgress, JobResul
 
 SQLITE_FILE = "jobs.db"
 RUNNER_LOCK_FILE = "runner.lock"
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 class UnknownJob(LookupError):
