@@ -26,8 +26,10 @@ On CUDA every backend is ``eager``: the GPU path is the engine's own (bf16 autoc
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import importlib.util
+import multiprocessing
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -62,8 +64,8 @@ def prepare_for_inference(
     ``tracing`` is entered around the one step that traces the model with torch.fx, int8's
     ``prepare_fx``: fx's tracer patches ``nn.Module.__call__`` for the whole process while it runs, so a
     forward pass on another thread then fails. A caller that runs passes meanwhile (the engine) passes a
-    context that holds them back; every other step, calibration and the ONNX export included, runs
-    alongside them (``tests/model/test_inference.py`` checks both).
+    context that holds them back; every other step, calibration and the ONNX export (in a child process:
+    ``export_onnx``) included, runs alongside them (``tests/model/test_inference.py`` checks both).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown inference backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -184,22 +186,47 @@ class OnnxRuntimeModule(nn.Module):
         except ImportError:
             raise RuntimeError("the onnx backend needs ONNX Runtime: pip install -e '.[onnx]', or use the "
                                "fused backend") from None
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        example = torch.zeros(2, 3, size, size)
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
-                                    input_names=["images"], output_names=["logits"], verbose=False)
-        assert program is not None  # dynamo=True always returns the exported program
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), options,
+        self.session = onnxruntime.InferenceSession(export_onnx(model, size), options,
                                                     providers=["CPUExecutionProvider"])
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         # ONNX Runtime takes C-contiguous NCHW arrays: a channels_last batch is copied once here.
         images = batch.detach().float().contiguous().cpu().numpy()
         return torch.from_numpy(self.session.run(None, {"images": images})[0])
+
+
+def export_onnx(model: nn.Module, size: int = 32) -> bytes:
+    """``model`` as a serialised ONNX program taking float32 ``(N, 3, size, size)``, N from 1 to 4096,
+    exported by torch.onnx's dynamo exporter in a child process.
+
+    Why a child: the export is seconds of Python (tracing, decomposing, translating each node) and holds
+    this process's GIL for most of it. In the service it runs during a hot swap, beside the event loop and
+    the decoding threads, which then waited for the GIL: back-to-back ONNX swaps raised p99 3.2x
+    (benchmarks/README.md, "Hot swaps under load"). The child is spawned (a fork of a process that runs
+    threads is unsafe), from the calling thread, whose niceness it inherits on Linux, and gets the model
+    by pickle over the pipe between the two processes, never from a file.
+    """
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
+        try:
+            return child.submit(_export_onnx_here, model, size).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise RuntimeError("the process that exports the model to ONNX died (out of memory?); use the "
+                               "fused backend, or give the service more memory") from None
+
+
+def _export_onnx_here(model: nn.Module, size: int) -> bytes:
+    torch.set_num_threads(1)  # the exporter is Python-bound; leave the cores to the serving model
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = torch.zeros(2, 3, size, size)
+    program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
+                                input_names=["images"], output_names=["logits"], verbose=False)
+    assert program is not None  # dynamo=True always returns the exported program
+    return program.model_proto.SerializeToString()
 
 
 class BFloat16(nn.Module):

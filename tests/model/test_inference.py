@@ -208,10 +208,23 @@ def test_int8_traces_only_inside_the_tracing_context():
 
 
 def test_the_onnx_export_runs_alongside_forward_passes_on_other_threads():
-    """torch.onnx's dynamo exporter traces with torch.export, whose state is per thread: no gate needed."""
+    """The export runs in a child process, so it neither patches nor holds anything here: no gate needed."""
     pytest.importorskip("onnxruntime", reason="the onnx backend is opt-in: pip install -e '.[onnx]'")
     count, errors = passes_meanwhile(lambda: prepare_for_inference(trained_like("fastcnn"), "cpu", "onnx"))
     assert errors == [] and count > 0
+
+
+def test_the_onnx_export_runs_in_another_process(monkeypatch):
+    """In this process the exporter would hold the GIL for seconds of a hot swap."""
+    pytest.importorskip("onnxruntime", reason="the onnx backend is opt-in: pip install -e '.[onnx]'")
+
+    def exporting_here(*args, **kwargs):
+        raise AssertionError("torch.onnx.export ran in the serving process")
+
+    monkeypatch.setattr(torch.onnx, "export", exporting_here)
+    model, batch = trained_like("resnet20"), images(3, seed=5)
+    exported = prepare_for_inference(model, "cpu", "onnx")
+    torch.testing.assert_close(logits(exported, batch), logits(model, batch), atol=1e-4, rtol=1e-4)
 
 
 def test_every_backend_is_available_here_or_says_why_not():
