@@ -51,8 +51,9 @@ GOAL_P99_RATIO = 2.0
 
 
 @contextmanager
-def service(weights: Path, backend: str, token: str, log: Path) -> Iterator[tuple[str, int]]:
-    """``python -m app`` on a free port serving ``weights``; yields its base URL and process id."""
+def service(weights: Path, backend: str, token: str, log: Path, other: Path) -> Iterator[tuple[str, int]]:
+    """``python -m app`` on a free port serving ``weights``, allowed to reload ``other`` too; yields its base
+    URL and process id."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -60,7 +61,7 @@ def service(weights: Path, backend: str, token: str, log: Path) -> Iterator[tupl
     environment = {key: value for key, value in os.environ.items() if not key.startswith("APP_")} | {
         "APP_WEIGHTS": str(weights), "APP_CPU_BACKEND": backend, "APP_ADMIN_TOKEN": token,
         "APP_STATE_DIR": str(state), "APP_RUN_JOBS": "false", "APP_REGISTRY_POLL_S": "0",
-        "APP_LOG_LEVEL": "warning",
+        "APP_LOG_LEVEL": "warning", "APP_RELOAD_ROOTS": json.dumps([str(other.parent)]),
     }
     with open(log, "ab") as output:
         process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=REPO_ROOT,
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     phases = []
     try:
-        with service(args.weights.resolve(), args.cpu_backend, token, log) as (base, pid):
+        with service(args.weights.resolve(), args.cpu_backend, token, log, copy) as (base, pid):
             startup = wait_until_serving(f"{base}/predict", upload, pid)
             model = httpx.get(f"{base}/model", timeout=30).json()
             print(f"serving {model['version']} on {model['backend']}: {model['backend_reason']}", flush=True)
