@@ -6,6 +6,9 @@ Layout under ``APP_REGISTRY_DIR`` (default ``$APP_STATE_DIR/registry``)::
     versions/<version>/card.json           the model card (its .version names the directory)
     versions/<version>/SHA256SUMS          both files' SHA-256, in ``sha256sum -c`` format
     versions/<version>/registration.json   when it was registered, and from which training job
+    versions/<version>/backends-*.json, calibration.safetensors
+                                           the checkpoint's backend reports and int8 calibration set, when
+                                           it has them (``COMPANION_FILES``)
     current                                the served version's name, one line
     previous                               the version ``current`` named before, one line: the fallback
 
@@ -30,11 +33,18 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from model.backend_report import report_file
+from model.calibration_set import CALIBRATION_FILE
 from model.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, ModelCard, file_sha256, read_card
 from model.durable import replace_durably, write_atomically
 
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+# What a checkpoint directory may hold beside its weights and card, measured on those weights: without them a
+# registered version, and so every reload and promotion, lost APP_CPU_BACKEND=auto's verified backend (it
+# served the exact fused instead) and int8 its calibration images. Each names the weights' SHA-256 inside,
+# and its reader refuses a mismatch, so they need no line in SHA256SUMS.
+COMPANION_FILES = (report_file("cpu"), report_file("cuda"), CALIBRATION_FILE)
 
 
 class UnknownVersion(LookupError):
@@ -71,12 +81,16 @@ class ModelRegistry:
                                   f"{card.weights_sha256}; the checkpoint was not written completely")
         final = self.versions_dir / card.version
         if final.is_dir():
+            self._add_missing_companions(Path(checkpoint_dir), final)
             return self.get(card.version)
         staging = self.versions_dir / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
             shutil.copyfile(weights, staging / WEIGHTS_FILE)
             shutil.copyfile(Path(checkpoint_dir) / CARD_FILE, staging / CARD_FILE)
+            for name in COMPANION_FILES:
+                if (Path(checkpoint_dir) / name).is_file():
+                    shutil.copyfile(Path(checkpoint_dir) / name, staging / name)
             card_sha256 = file_sha256(staging / CARD_FILE)
             (staging / "SHA256SUMS").write_text(f"{weights_sha256}  {WEIGHTS_FILE}\n{card_sha256}  {CARD_FILE}\n")
             registration = {"registered_at": datetime.now(UTC).isoformat(), "source_job": source_job}
@@ -90,6 +104,15 @@ class ModelRegistry:
             if not final.is_dir():
                 raise
         return self.get(card.version)
+
+    def _add_missing_companions(self, checkpoint_dir: Path, version_dir: Path) -> None:
+        """A version registered before its weights were verified (or on another machine) takes the reports
+        it lacks from a later registration of the same weights; the files it has are never replaced."""
+        for name in COMPANION_FILES:
+            source, target = checkpoint_dir / name, version_dir / name
+            if source.is_file() and not target.exists():
+                write_atomically(target, source.read_bytes())
+                target.chmod(_READ_ONLY)
 
     def get(self, version: str) -> RegisteredModel:
         directory = self.path(version)

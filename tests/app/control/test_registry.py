@@ -1,9 +1,18 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.control.registry import ModelRegistry, UnknownVersion
+from model.backend_report import (
+    BackendMeasurement,
+    BackendReport,
+    load_backend_report,
+    machine_identity,
+    write_backend_report,
+)
+from model.calibration_set import CALIBRATION_FILE, save_calibration_set
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_card
 from tests.support.checkpoints import make_checkpoint
 from tests.support.durability import record_fsyncs
@@ -91,3 +100,43 @@ def test_prune_keeps_the_newest_and_never_the_current_or_previous(tmp_path):
     assert sorted(deleted) == [versions[2]]
     assert {m.version for m in registry.versions()} == {versions[0], versions[1], versions[3], versions[4]}
     assert not any(p.name.startswith(".") for p in registry.versions_dir.iterdir())
+
+
+def with_companions(checkpoint: Path, directory: Path) -> Path:
+    """A copy of ``checkpoint`` with a backend report and an int8 calibration set beside its weights."""
+    copy = shutil.copytree(checkpoint, directory)
+    sha = read_card(copy).weights_sha256
+    write_backend_report(BackendReport(
+        weights_sha256=sha, architecture="resnet18", machine=machine_identity("cpu"), reference="eager",
+        test_images=10_000, backends=(BackendMeasurement(
+            backend="eager", accuracy=0.5, agreement=1.0, max_probability_diff=0.0,
+            images_per_s={1: 1.0, 16: 2.0, 64: 2.0}, startup_s=0.1, first_calls_s=0.1),)), copy)
+    save_calibration_set(copy, np.zeros((4, 32, 32, 3), dtype=np.uint8), weights_sha256=sha, source="test")
+    return copy
+
+
+def test_a_version_keeps_the_backend_report_and_calibration_set_measured_on_its_weights(tmp_path, checkpoints):
+    source = with_companions(checkpoints[0], tmp_path / "verified")
+    registry = ModelRegistry(tmp_path / "registry")
+    directory = Path(registry.register(source).path)
+    for name in ("backends-cpu.json", CALIBRATION_FILE):
+        assert (directory / name).read_bytes() == (source / name).read_bytes()
+        assert not (directory / name).stat().st_mode & 0o222
+    assert load_backend_report(directory, weights_sha256=read_card(source).weights_sha256,
+                               machine=machine_identity("cpu")).reference == "eager"
+    assert not (directory / "backends-cuda.json").exists()  # only what the source has
+
+
+def test_a_version_registered_before_verification_gains_the_reports_later_but_never_loses_its_own(
+        tmp_path, checkpoints):
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.register(checkpoints[0]).version  # no report yet
+    directory = registry.path(version)
+    assert not (directory / "backends-cpu.json").exists()
+    verified = with_companions(checkpoints[0], tmp_path / "verified")
+    assert registry.register(verified).version == version
+    report = (directory / "backends-cpu.json").read_bytes()
+    assert report == (verified / "backends-cpu.json").read_bytes()
+    (verified / "backends-cpu.json").write_text("{}")  # a later, different file does not replace it
+    registry.register(verified)
+    assert (directory / "backends-cpu.json").read_bytes() == report

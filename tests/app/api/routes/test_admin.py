@@ -1,6 +1,10 @@
+import shutil
+
 import anyio
 import pytest
 
+from model.backend_report import machine_identity
+from tests.app.engine.test_backend_choice import CPU_ROWS, measured
 from tests.support import images
 from tests.support.service import ADMIN_TOKEN, running_app, service_settings
 from tests.support.waiting import eventually
@@ -125,3 +129,17 @@ async def test_reload_under_concurrent_requests_fails_none_and_never_goes_back(s
         switch = versions.index(new)
         assert set(versions[:switch]) <= {old} and set(versions[switch:]) == {new}
     await client.post("/admin/reload", headers=AUTH, json={"weights": str(tiny_checkpoint)})
+
+
+async def test_a_reloaded_checkpoint_serves_the_backend_its_own_report_verified(tiny_checkpoint, tmp_path):
+    """A reload serves the registry's copy of the checkpoint, which must keep its backend report: without
+    it auto fell back to fused after every reload and promotion."""
+    verified = shutil.copytree(tiny_checkpoint, tmp_path / "verified")
+    measured(verified, *CPU_ROWS, machine=machine_identity("cpu"))  # bf16: fastest within the allowed drop
+    async with running_app(service_settings(tiny_checkpoint, reload_roots=[tmp_path])) as (_, client):
+        assert (await client.get("/model")).json()["backend"] == "fused"  # no report next to tiny_checkpoint
+        response = await client.post("/admin/reload", headers=AUTH, json={"weights": str(verified)})
+        assert response.status_code == 200, response.text
+        served = (await client.get("/model")).json()
+        assert served["backend"] == "bf16", served["backend_reason"]
+        assert served["backend_test_accuracy"] == CPU_ROWS[2].accuracy
