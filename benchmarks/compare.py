@@ -25,8 +25,6 @@ import asyncio
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +44,7 @@ from benchmarks.cpu_backends import (
     throughput,
     wait_for_quiet,
 )
-from benchmarks.load import Upload, drive
+from benchmarks.load import Upload, drive, server_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -101,27 +99,10 @@ TUNING: dict[str, list[dict[str, float]]] = {
 @contextmanager
 def running(config: ServerConfig, weights: Path, log: Path):
     """Start ``config``'s server on a free port, wait until it answers /predict, and stop it afterwards."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     state = Path(tempfile.mkdtemp(prefix="compare_state_"))
-    with open(log, "ab") as output:
-        process = subprocess.Popen(config.command(port), cwd=REPO_ROOT, env=config.environment(weights, port, state),
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/predict"
-    try:
-        yield url, process.pid
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # stragglers: workers that outlived their parent
-        except ProcessLookupError:
-            pass
+    with server_process(lambda port: (config.command(port), config.environment(weights, port, state)), log,
+                        REPO_ROOT) as (port, pid):
+        yield f"http://127.0.0.1:{port}/predict", pid
 
 
 def wait_until_serving(url: str, upload: Upload, pid: int, timeout: float = 300) -> float:

@@ -20,9 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -165,3 +173,46 @@ def _descendants(pid: int) -> list[int]:
             found += children
             frontier += children
     return found
+
+
+@contextmanager
+def server_process(start: Callable[[int], tuple[list[str], dict[str, str]]], log: Path, cwd: Path
+                   ) -> Iterator[tuple[int, int]]:
+    """Run a server on a free port of 127.0.0.1: ``start(port)`` gives its command line and environment; its
+    output goes to ``log``. Yields the port and the process id; stops the server's whole process group
+    afterwards (SIGTERM, then SIGKILL after 30 s, and SIGKILL for workers that outlived their parent)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command, environment = start(port)
+    with open(log, "ab") as output:
+        process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        yield port, process.pid
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def app_service(settings: dict[str, str], log: Path, cwd: Path) -> Iterator[tuple[str, int]]:
+    """``python -m app`` with ``settings`` (``APP_*`` variables; none inherited from this process) and a
+    state directory of its own, removed afterwards. Yields its base URL and process id."""
+    state = Path(tempfile.mkdtemp(prefix="benchmark_state_"))
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("APP_")} | {
+        "APP_STATE_DIR": str(state), "APP_RUN_JOBS": "false"} | settings
+    try:
+        with server_process(lambda port: ([sys.executable, "-m", "app", "--port", str(port)], environment), log,
+                            cwd) as (port, pid):
+            yield f"http://127.0.0.1:{port}", pid
+    finally:
+        shutil.rmtree(state, ignore_errors=True)

@@ -29,15 +29,10 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,7 +40,7 @@ import httpx
 
 from benchmarks.compare import git_revision, test_image, wait_until_serving
 from benchmarks.cpu_backends import describe_machine
-from benchmarks.load import Upload, drive
+from benchmarks.load import Upload, app_service, drive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -127,29 +122,6 @@ def breakdown(names: dict[int, str], stages: dict[int, Counter[str]], before: di
     return rows
 
 
-@contextmanager
-def service(weights: Path, log: Path, environment: dict[str, str]) -> Iterator[tuple[str, int]]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    state = Path(tempfile.mkdtemp(prefix="profile_state_"))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("APP_")} | {
-        "APP_WEIGHTS": str(weights), "APP_STATE_DIR": str(state), "APP_RUN_JOBS": "false"} | environment
-    with open(log, "ab") as output:
-        process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=REPO_ROOT, env=env,
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield f"http://127.0.0.1:{port}", process.pid
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        shutil.rmtree(state, ignore_errors=True)
-
-
 async def profiled_load(url: str, upload: Upload, pid: int, args: argparse.Namespace, raw: Path) -> dict:
     await drive(url, upload, concurrency=args.concurrency, duration=args.warmup, warmup=0)
     before = thread_cpu_seconds(pid)
@@ -198,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="profile_serving_"))
     upload = Upload(test_image(args.data_dir))
     load_before = os.getloadavg()[0]
-    with service(args.weights, workdir / "service.log", environment) as (base, pid):
+    with app_service({"APP_WEIGHTS": str(args.weights)} | environment, workdir / "service.log", REPO_ROOT
+                     ) as (base, pid):
         wait_until_serving(f"{base}/predict", upload, pid)
         model = httpx.get(f"{base}/model").raise_for_status().json()
         profile = asyncio.run(profiled_load(f"{base}/predict", upload, pid, args, workdir / "py-spy.txt"))

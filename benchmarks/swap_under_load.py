@@ -27,15 +27,10 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,39 +38,18 @@ import httpx
 
 from benchmarks.compare import git_revision, test_image, wait_until_serving
 from benchmarks.cpu_backends import describe_machine
-from benchmarks.load import LevelResult, Upload, drive
+from benchmarks.load import LevelResult, Upload, app_service, drive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 GOAL_P99_RATIO = 2.0
 
 
-@contextmanager
-def service(weights: Path, backend: str, token: str, log: Path, other: Path) -> Iterator[tuple[str, int]]:
-    """``python -m app`` on a free port serving ``weights``, allowed to reload ``other`` too; yields its base
-    URL and process id."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    state = Path(tempfile.mkdtemp(prefix="swap_state_"))
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("APP_")} | {
-        "APP_WEIGHTS": str(weights), "APP_CPU_BACKEND": backend, "APP_ADMIN_TOKEN": token,
-        "APP_STATE_DIR": str(state), "APP_RUN_JOBS": "false", "APP_REGISTRY_POLL_S": "0",
-        "APP_LOG_LEVEL": "warning", "APP_RELOAD_ROOTS": json.dumps([str(other.parent)]),
-    }
-    with open(log, "ab") as output:
-        process = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=REPO_ROOT,
-                                   env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield f"http://127.0.0.1:{port}", process.pid
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        shutil.rmtree(state, ignore_errors=True)
+def service(weights: Path, backend: str, token: str, log: Path, other: Path):
+    """``python -m app`` serving ``weights``, allowed to reload ``other`` too; yields its base URL and pid."""
+    return app_service({"APP_WEIGHTS": str(weights), "APP_CPU_BACKEND": backend, "APP_ADMIN_TOKEN": token,
+                        "APP_REGISTRY_POLL_S": "0", "APP_LOG_LEVEL": "warning",
+                        "APP_RELOAD_ROOTS": json.dumps([str(other.parent)])}, log, REPO_ROOT)
 
 
 async def swapping(base: str, token: str, checkpoints: list[Path], *, starts_at: float, stops_at: float,
