@@ -146,9 +146,14 @@ async def drive(url: str, upload: Upload, *, concurrency: int, duration: float, 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of one process, all its threads (Linux /proc; 0 elsewhere)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
     except OSError:
         return 0.0  # it exited meanwhile, or this is not Linux
+
+
+def stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds in a /proc ``stat`` file: a process's, or one thread's (``task/<tid>/stat``)."""
+    fields = stat.read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -40,7 +40,7 @@ import httpx
 
 from benchmarks.compare import git_revision, test_image, wait_until_serving
 from benchmarks.cpu_backends import describe_machine
-from benchmarks.load import Upload, app_service, drive
+from benchmarks.load import Upload, app_service, drive, stat_cpu_seconds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -94,10 +94,9 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     seconds = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            seconds[int(task.name)] = stat_cpu_seconds(task / "stat")
         except OSError:
             continue  # the thread ended meanwhile
-        seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return seconds
 
 

@@ -81,16 +81,14 @@ class ModelRegistry:
                                   f"{card.weights_sha256}; the checkpoint was not written completely")
         final = self.versions_dir / card.version
         if final.is_dir():
-            self._add_missing_companions(Path(checkpoint_dir), final)
+            _copy_missing_companions(Path(checkpoint_dir), final)
             return self.get(card.version)
         staging = self.versions_dir / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
             shutil.copyfile(weights, staging / WEIGHTS_FILE)
             shutil.copyfile(Path(checkpoint_dir) / CARD_FILE, staging / CARD_FILE)
-            for name in COMPANION_FILES:
-                if (Path(checkpoint_dir) / name).is_file():
-                    shutil.copyfile(Path(checkpoint_dir) / name, staging / name)
+            _copy_missing_companions(Path(checkpoint_dir), staging)
             card_sha256 = file_sha256(staging / CARD_FILE)
             (staging / "SHA256SUMS").write_text(f"{weights_sha256}  {WEIGHTS_FILE}\n{card_sha256}  {CARD_FILE}\n")
             registration = {"registered_at": datetime.now(UTC).isoformat(), "source_job": source_job}
@@ -104,15 +102,6 @@ class ModelRegistry:
             if not final.is_dir():
                 raise
         return self.get(card.version)
-
-    def _add_missing_companions(self, checkpoint_dir: Path, version_dir: Path) -> None:
-        """A version registered before its weights were verified (or on another machine) takes the reports
-        it lacks from a later registration of the same weights; the files it has are never replaced."""
-        for name in COMPANION_FILES:
-            source, target = checkpoint_dir / name, version_dir / name
-            if source.is_file() and not target.exists():
-                write_atomically(target, source.read_bytes())
-                target.chmod(_READ_ONLY)
 
     def get(self, version: str) -> RegisteredModel:
         directory = self.path(version)
@@ -163,6 +152,17 @@ class ModelRegistry:
             shutil.rmtree(doomed, ignore_errors=True)
             deleted.append(model.version)
         return deleted
+
+
+def _copy_missing_companions(checkpoint_dir: Path, version_dir: Path) -> None:
+    """Copy into ``version_dir`` the ``COMPANION_FILES`` of ``checkpoint_dir`` it lacks, read-only. So a new
+    version gets them all, and one registered before its weights were verified (or on another machine) takes
+    them from a later registration of the same weights; a file a version has is never replaced."""
+    for name in COMPANION_FILES:
+        source, target = checkpoint_dir / name, version_dir / name
+        if source.is_file() and not target.exists():
+            write_atomically(target, source.read_bytes())
+            target.chmod(_READ_ONLY)
 
 
 def _read_pointer(path: Path) -> str | None:
