@@ -20,7 +20,8 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
+# The GPU machine's own python3 has torch; here the dry run uses the project's venv, as the README sets it up.
+if [ -n "${DRY_RUN:-}" ] && [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 WORK=${WORK:-/tmp/gpu-run}
 rm -rf "$WORK" && mkdir -p "$WORK"
 started=$(date +%s)
