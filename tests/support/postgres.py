@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,13 +93,14 @@ class PostgresServer:
         return path.read_text() if path.is_file() else ""
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    pytest.importorskip("psycopg", reason="psycopg is the [postgres] extra: pip install -e '.[test]'")
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A new server in a temporary folder, stopped and removed afterwards (the tests' session fixture, and
+    benchmarks/faults.py, which stops and freezes it)."""
     binaries = postgres_binaries()
     if binaries is None:
-        pytest.skip("PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin); "
-                    "apt-get install postgresql, as .ci/run does")
+        raise PostgresMissing("PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin); "
+                              "apt-get install postgresql, as .ci/run does")
     user = _unprivileged_user()
     # Not under pytest's tmp_path: that is private to the user running the tests (mode 0700), and the server
     # may run as another.
@@ -117,8 +119,24 @@ def postgres_server() -> Iterator[PostgresServer]:
     finally:
         try:
             server.stop()
+        except subprocess.CalledProcessError:
+            pass  # already stopped (a test or benchmark stopped it on purpose)
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+class PostgresMissing(RuntimeError):
+    """No PostgreSQL binaries on this machine."""
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    pytest.importorskip("psycopg", reason="psycopg is the [postgres] extra: pip install -e '.[test]'")
+    try:
+        with running_postgres() as server:
+            yield server
+    except PostgresMissing as missing:
+        pytest.skip(str(missing))
 
 
 @pytest.fixture
