@@ -4,11 +4,11 @@
     .venv/bin/python -m benchmarks.photo_robustness --data-dir data --split holdout   # training images, for tuning
 
 Each image of the chosen split is turned into one realistic upload per family (below), encoded as the file
-a user would send, and classified through the service's own pipeline: ``image_pixels`` (decode, then fit to
-the model's input size, exactly as ``/predict`` runs it: ``app/classification/images.py``), then the served
-model on the exact float32 backend. Reported per family: accuracy and its drop against the same images sent
-as 32x32 PNGs, then the mean and the worst drop over the tuned-on families, and the held-back families
-apart.
+a user would send, and classified through the service's own pipeline: ``decode_image`` then ``fit_to_size``
+to the model's input size, exactly as ``/predict`` runs them (``app/classification/images.py``), then the
+served model on the exact float32 backend. Reported per family: accuracy and its drop against the same images
+sent as 32x32 PNGs, then the mean and the worst drop over the tuned-on families, and the held-back families
+apart. ``--fit`` compares other fit stages (filters) on the holdout split, never on the test set.
 
 Every random choice comes from ``--seed`` and the image's index, so a family is the same set of files on
 every run and machine. The families (``FAMILIES``; the held-back ones were fixed before any tuning and are
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from app.classification.images import image_pixels
+from app.classification import images as pipeline
 from app.engine.backend_choice import BackendPolicy
 from app.engine.served_model import ServedModel
 from benchmarks.compare import git_revision
@@ -142,11 +142,36 @@ def family_uploads(images: np.ndarray, family: str, seed: int) -> list[bytes]:
             for index, pixels in enumerate(images)]
 
 
-def accuracy(model: ServedModel, uploads: list[bytes], labels: np.ndarray, batch_size: int = 250) -> float:
+def fit_with(resample: Image.Resampling, reducing_gap: float | None) -> Callable[[Image.Image, int], np.ndarray]:
+    """A fit stage like the service's (centre square crop, one resampling step) with another filter: the
+    levers --fit compares on the holdout split."""
+    def fit(image: Image.Image, size: int) -> np.ndarray:
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        box = (left, top, left + side, top + side)
+        return np.asarray(image.resize((size, size), resample, box=box, reducing_gap=reducing_gap), dtype=np.uint8)
+    return fit
+
+
+FITS: dict[str, Callable[[Image.Image, int], np.ndarray] | None] = {
+    "service": None,  # whatever app/classification/images.py fit_to_size does today
+    "bilinear": fit_with(Image.Resampling.BILINEAR, None),
+    "bicubic": fit_with(Image.Resampling.BICUBIC, None),
+    "lanczos": fit_with(Image.Resampling.LANCZOS, None),
+    "box": fit_with(Image.Resampling.BOX, None),
+    "hamming": fit_with(Image.Resampling.HAMMING, None),
+}
+
+
+def accuracy(model: ServedModel, uploads: list[bytes], labels: np.ndarray, batch_size: int = 250,
+             fit: str = "service") -> float:
     size = model.card.input_size
+    fitting = FITS[fit] or pipeline.fit_to_size
     correct = 0
     for start in range(0, len(uploads), batch_size):
-        pixels = np.stack([image_pixels(data, size, MAX_PIXELS) for data in uploads[start:start + batch_size]])
+        pixels = np.stack([fitting(pipeline.decode_image(data, MAX_PIXELS, draft_size=size), size)
+                           for data in uploads[start:start + batch_size]])
         logits = model.logits(model.normalise(torch.from_numpy(pixels)))
         correct += int((logits.argmax(1).numpy() == labels[start:start + batch_size]).sum())
     return correct / len(uploads)
@@ -161,33 +186,42 @@ def images_of(data_dir: Path, split: str, limit: int | None) -> tuple[np.ndarray
     return (images[:limit], labels[:limit]) if limit else (images, labels)
 
 
-def run(weights: Path, data_dir: Path, split: str, limit: int | None, seed: int, families: list[str]) -> dict:
+def run(weights: Path, data_dir: Path, split: str, limit: int | None, seed: int, families: list[str],
+        fits: list[str]) -> dict:
     torch.manual_seed(0)
     model = ServedModel.load(weights, torch.device("cpu"), BackendPolicy(cpu_backend="fused"))
     images, labels = images_of(data_dir, split, limit)
     started = time.perf_counter()
     originals = [_encode(Image.fromarray(pixels), "PNG") for pixels in images]
     reference = accuracy(model, originals, labels)
-    rows = {}
-    for family in families:
-        value = accuracy(model, family_uploads(images, family, seed), labels)
-        rows[family] = {"accuracy": round(value, 4), "drop_points": round((reference - value) * 100, 2),
-                        "held_back": family in HELD_BACK}
-        print(f"{family:18s} {value:.2%}  drop {(reference - value) * 100:+.2f} points", flush=True)
-    tuned = [row["drop_points"] for name, row in rows.items() if not row["held_back"]]
-    held = [row["drop_points"] for name, row in rows.items() if row["held_back"]]
+    uploads = {family: family_uploads(images, family, seed) for family in families}
+    by_fit = {fit: summary(model, uploads, labels, reference, fit) for fit in fits}
     return {
         "benchmark": "photo_robustness", "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "git": git_revision(), "machine": describe_machine(), "weights": str(weights),
         "model_version": model.card.version if hasattr(model.card, "version") else None,
         "weights_sha256": model.card.weights_sha256, "backend": model.backend, "split": split,
         "images": len(labels), "seed": seed, "originals_png_32_accuracy": round(reference, 4),
+        "fits": by_fit, "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def summary(model: ServedModel, uploads: dict[str, list[bytes]], labels: np.ndarray, reference: float,
+            fit: str) -> dict:
+    rows = {}
+    for family, files in uploads.items():
+        value = accuracy(model, files, labels, fit=fit)
+        rows[family] = {"accuracy": round(value, 4), "drop_points": round((reference - value) * 100, 2),
+                        "held_back": family in HELD_BACK}
+        print(f"{fit:9s} {family:18s} {value:.2%}  drop {(reference - value) * 100:+.2f} points", flush=True)
+    tuned = [row["drop_points"] for row in rows.values() if not row["held_back"]]
+    held = [row["drop_points"] for row in rows.values() if row["held_back"]]
+    return {
         "families": rows,
         "tuned_on": {"mean_drop_points": round(float(np.mean(tuned)), 2) if tuned else None,
                      "worst_drop_points": max(tuned) if tuned else None},
         "held_back": {"mean_drop_points": round(float(np.mean(held)), 2) if held else None,
                       "worst_drop_points": max(held) if held else None},
-        "seconds": round(time.perf_counter() - started, 1),
     }
 
 
@@ -202,14 +236,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="only the first N images (a quick look)")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--families", nargs="*", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--fit", nargs="*", choices=list(FITS), default=["service"],
+                        help="fit stages to compare (default: the service's own); tune on --split holdout only")
     args = parser.parse_args(argv)
-    result = run(args.weights, args.data_dir, args.split, args.limit, args.seed, args.families)
-    tuned, held = result["tuned_on"], result["held_back"]
-    print(f"32x32 PNG: {result['originals_png_32_accuracy']:.2%}; tuned-on families: mean drop "
-          f"{tuned['mean_drop_points']} points, worst {tuned['worst_drop_points']}; "
-          f"held back: mean {held['mean_drop_points']}, worst {held['worst_drop_points']}")
+    if args.split == "test" and args.fit != ["service"]:
+        parser.error("compare fit stages on --split holdout: the test set only reports the chosen one")
+    result = run(args.weights, args.data_dir, args.split, args.limit, args.seed, args.families, args.fit)
+    print(f"32x32 PNG: {result['originals_png_32_accuracy']:.2%}")
+    for fit, figures in result["fits"].items():
+        tuned, held = figures["tuned_on"], figures["held_back"]
+        print(f"fit {fit}: tuned-on families: mean drop {tuned['mean_drop_points']} points, worst "
+              f"{tuned['worst_drop_points']}; held back: mean {held['mean_drop_points']}, worst "
+              f"{held['worst_drop_points']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"photo_robustness_{result['split']}_{result['weights_sha256'][:12]}"
+    name = f"photo_robustness_{result['split']}_{result['weights_sha256'][:12]}_{'-'.join(args.fit)}"
     out = RESULTS / f"{name}{'_limit' + str(args.limit) if args.limit else ''}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO_ROOT)}")
