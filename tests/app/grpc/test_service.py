@@ -5,6 +5,8 @@ Each transport gets the same answers, and the same failures with the status that
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,12 @@ from tritonclient.utils import InferenceServerException
 from model.checkpoint import read_card
 from tests.support import REPO_ROOT, images
 from tests.support.checkpoints import with_calibration
+from tests.support.docs import page, section
 from tests.support.net import free_port
 from tests.support.service import LiveServer, live_environment, live_server
 
 pytestmark = pytest.mark.server
-NAME = "resnet18"  # tiny_checkpoint's architecture
+NAME = "fastcnn"  # APP_MODEL_NAME: the name docs/service.md's example calls (tiny_checkpoint is a resnet18)
 OUTPUTS = ("probabilities", "in_distribution", "ood_score")
 # bytes: 17 UINT8 images fit even as JSON (~104 KB), so APP_MAX_BATCH_FILES refuses them; 16 FP32 ones (192 KiB)
 # do not
@@ -56,7 +59,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> 
     checkpoint = with_calibration(tiny_checkpoint, folder / "calibrated")
     port = free_port()
     environment = live_environment(checkpoint, APP_GRPC_PORT=str(port), APP_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
-                                   APP_MAX_BATCH_FILES="16")
+                                   APP_MAX_BATCH_FILES="16", APP_MODEL_NAME=NAME)
     with live_server(folder, environment) as server:
         yield Service(server, f"127.0.0.1:{port}", checkpoint)
 
@@ -177,3 +180,18 @@ def test_grpc_calls_are_counted_by_method_and_status(service):
     assert value("grpc_server_handled_total", grpc_method="ModelInfer", grpc_code="OK") >= 1
     assert value("grpc_server_handled_total", grpc_method="ModelInfer", grpc_code="INVALID_ARGUMENT") >= 1
     assert value("grpc_server_handling_seconds_count", grpc_method="ModelInfer") >= 2
+
+
+@pytest.mark.parametrize("transport", ("http", "grpc"))
+def test_the_docs_tritonclient_example_runs_as_written(service, transport):
+    [example] = re.findall(r"```python\n(.*?)```", section(page("docs/service.md"),
+                                                            "## KServe v2 / Open Inference Protocol"), re.DOTALL)
+    address = service.server.url.removeprefix("http://")
+    if transport == "grpc":  # the swap the example's comment describes
+        example, address = example.replace("tritonclient.http", "tritonclient.grpc"), service.grpc_address
+    script = example.replace('"localhost:8000"', repr(address))
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    probabilities = np.array([float(value) for value in re.findall(r"[-+\d.e]+", result.stdout)])
+    assert probabilities.shape == (10,) and probabilities.sum() == pytest.approx(1, abs=1e-3)
