@@ -172,8 +172,9 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
 _EXAMPLE = {"inputs": [{"name": "pixels", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [128] * 3072}]}
 _INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema()), "example": _EXAMPLE}}}}
-_BINARY_ANSWER = {"description": "the JSON response, then its binary outputs' bytes (binary_data_size each, in "
-                  "order); the Inference-Header-Content-Length header gives the JSON's length",
+_BINARY_ANSWER = {"description": "the JSON response; when outputs are asked for as binary data, "
+                  "application/octet-stream: the JSON, then those outputs' bytes (binary_data_size each, in order), "
+                  "the Inference-Header-Content-Length header giving the JSON's length",
                   "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {**ERRORS, 200: {"model": InferenceResponse, **_BINARY_ANSWER}}
 
