@@ -1,6 +1,7 @@
 """The KServe v2 protocol as Triton's own clients speak it, against ``python -m app``: tritonclient.http with its
 defaults (binary tensors both ways) and with JSON tensors, and tritonclient.grpc (``app/grpc/service.py``).
-Each transport gets the same answers, and the same failures with the status that says so in its protocol."""
+Each transport gets the same answers, and the same failures with the status that says so in its protocol.
+What tritonclient never sends (typed contents, malformed raw contents) goes through its generated stubs."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2 as triton
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from model.checkpoint import read_card
@@ -195,3 +198,56 @@ def test_the_docs_tritonclient_example_runs_as_written(service, transport):
     assert result.returncode == 0, result.stderr
     probabilities = np.array([float(value) for value in re.findall(r"[-+\d.e]+", result.stdout)])
     assert probabilities.shape == (10,) and probabilities.sum() == pytest.approx(1, abs=1e-3)
+
+
+def grpc_stub(service: Service) -> tuple[grpc.Channel, triton_grpc.GRPCInferenceServiceStub]:
+    channel = grpc.insecure_channel(service.grpc_address)
+    return channel, triton_grpc.GRPCInferenceServiceStub(channel)
+
+
+def test_typed_contents_answer_as_raw_bytes_do(service):
+    """Clients that fill the typed fields (uint_contents, fp32_contents) rather than raw_input_contents."""
+    pixels = np.stack([cat(), images.pixels(32, 32, 1)])
+    expected = infer(service, "grpc", pixels, "UINT8").as_numpy("probabilities")
+    card = read_card(service.checkpoint)
+    normalised = ((pixels.transpose(0, 3, 1, 2) / 255.0 - np.array(card.mean)[:, None, None])
+                  / np.array(card.std)[:, None, None]).astype(np.float32)
+    channel, stub = grpc_stub(service)
+    with channel:
+        for name, datatype, tensor, field in (("pixels", "UINT8", pixels, "uint_contents"),
+                                              ("normalized", "FP32", normalised, "fp32_contents")):
+            request = triton.ModelInferRequest(model_name=NAME)
+            sent = request.inputs.add(name=name, datatype=datatype, shape=list(tensor.shape))
+            getattr(sent.contents, field).extend(tensor.ravel().tolist())
+            request.outputs.add(name="probabilities")
+            answer = stub.ModelInfer(request, timeout=60)
+            assert [output.name for output in answer.outputs] == ["probabilities"]
+            assert np.allclose(np.frombuffer(answer.raw_output_contents[0], "<f4").reshape(2, 10), expected,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("two raw entries", "2 entries for 1 inputs"),
+    ("short raw", "needs 3072 bytes of binary data, got 3000"),
+    ("raw and contents", "contents as well as raw_input_contents"),
+    ("unknown output", "unknown output 'logits'"),
+    ("two inputs", "takes one input tensor"),
+])
+def test_malformed_grpc_requests_are_invalid_argument(service, change, message):
+    pixels = cat()[None]
+    request = triton.ModelInferRequest(model_name=NAME)
+    sent = request.inputs.add(name="pixels", datatype="UINT8", shape=list(pixels.shape))
+    request.raw_input_contents.append(pixels.tobytes()[:3000] if change == "short raw" else pixels.tobytes())
+    if change == "two raw entries":
+        request.raw_input_contents.append(pixels.tobytes())
+    if change == "raw and contents":
+        sent.contents.uint_contents.extend([0] * 3072)
+    if change == "unknown output":
+        request.outputs.add(name="logits")
+    if change == "two inputs":
+        request.inputs.add(name="normalized", datatype="FP32", shape=[1, 3, 32, 32])
+    channel, stub = grpc_stub(service)
+    with channel, pytest.raises(grpc.RpcError) as failure:
+        stub.ModelInfer(request, timeout=60)
+    assert failure.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in failure.value.details()
