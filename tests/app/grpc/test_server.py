@@ -103,3 +103,19 @@ def test_a_grpc_port_another_server_holds_stops_the_start(tmp_path, tiny_checkpo
     assert finished.returncode != 0
     assert f"the gRPC port {port} on 127.0.0.1 is already in use" in finished.stderr
     assert "APP_GRPC_PORT" in finished.stderr
+
+
+def test_the_services_request_timeout_bounds_a_grpc_call_as_it_bounds_http(tmp_path, tiny_checkpoint):
+    """APP_REQUEST_TIMEOUT_S far below one forward pass of 32 images one at a time: HTTP's 504 is gRPC's
+    DEADLINE_EXCEEDED, with the service's own message (the client set no deadline)."""
+    port = free_port()
+    environment = live_environment(tiny_checkpoint, APP_GRPC_PORT=str(port), APP_REQUEST_TIMEOUT_S="0.01",
+                                   APP_MAX_BATCH_SIZE="1", APP_MAX_BATCH_FILES="32")
+    with live_server(tmp_path, environment) as server:
+        [answer] = asyncio.run(call(f"127.0.0.1:{port}", [infer_request(32)]))
+        assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "APP_REQUEST_TIMEOUT_S" in answer.details()
+        pixels = np.stack([images.pixels(32, 32, seed) for seed in range(32)])
+        http = httpx.post(f"{server.url}/v2/models/{NAME}/infer", timeout=60, json={"inputs": [
+            {"name": "pixels", "shape": list(pixels.shape), "datatype": "UINT8", "data": pixels.ravel().tolist()}]})
+        assert http.status_code == 504 and "APP_REQUEST_TIMEOUT_S" in http.json()["error"]
