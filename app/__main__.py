@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import socket
 import sys
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     args = parser.parse_args(argv)
+    # The gRPC server listens where HTTP does unless told otherwise; set before the workers start, which inherit it.
+    os.environ.setdefault("APP_GRPC_HOST", args.host)
     try:
         settings = load_settings()  # fail here, one line per bad variable, before uvicorn starts workers
     except SettingsError as error:
@@ -38,6 +41,12 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning(warning)
     if (taken := port_problem(args.host, args.port)) is not None:
         sys.exit(f"error: {taken}")
+    # The gRPC port is shared by this server's workers (SO_REUSEPORT), so only a check from here tells another
+    # server's socket on it from a sibling's.
+    grpc_host = settings.grpc_host or args.host
+    if settings.grpc_port and port_problem(grpc_host, settings.grpc_port) is not None:
+        sys.exit(f"error: the gRPC port {settings.grpc_port} on {grpc_host} is already in use (another server is "
+                 "running?): stop it, or set APP_GRPC_PORT to another port (0 for no gRPC server)")
     config = uvicorn.Config("app.main:app", host=args.host, port=args.port, workers=args.workers, log_config=None,
                             access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
                             **server_options(settings))

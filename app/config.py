@@ -112,6 +112,12 @@ class Settings(BaseSettings):
                                         "open")
     max_connections: int = Field(1024, ge=1, description="open connections (and requests in progress) of one "
                                  "worker; past it new requests get 503")
+    # The KServe v2 gRPC server (app/grpc), in the same process and on the same engine as HTTP. 8081 is KServe's
+    # own gRPC port (beside its 8080 for HTTP); Triton's 8001 is left to the control port.
+    grpc_port: int = Field(8081, ge=0, le=65535, description="TCP port of the KServe v2 gRPC server "
+                           "(inference.GRPCInferenceService and grpc.health.v1); 0 or empty = no gRPC server")
+    grpc_host: str | None = Field(None, description="interface the gRPC server listens on; unset = the HTTP "
+                                  "server's (python -m app's --host), else 127.0.0.1")
     # Training jobs and the model registry (docs/jobs.md).
     state_dir: Path = Field(Path("state"), description="the SQLite job database (jobs.db) and its runner lock "
                             "(runner.lock), and each training run's "
@@ -159,6 +165,11 @@ class Settings(BaseSettings):
             raise ValueError("APP_DATABASE_URL must be a PostgreSQL URL such as "
                              "postgresql://user:password@host:5432/cifar_serve; unset it for the embedded SQLite store")
         return url
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _empty_port_is_off(cls, value: object) -> object:
+        return 0 if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level")
     @classmethod

@@ -88,10 +88,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                                      settings.shipped_weights)
     loading = start_loading(engine, choice)
     control_plane.follow_registry(engine, settings.registry_poll_s)
+    grpc_server = None
     try:
+        # The KServe v2 gRPC server (app/grpc), on this event loop and this engine; loaded only when enabled.
+        if settings.grpc_port:
+            from app.grpc.server import GrpcServer
+
+            grpc_server = await GrpcServer.start(settings, engine, classifier, app.state.metrics.registry)
         with pillow_pixel_limit(settings.max_image_pixels):
             yield
     finally:
+        if grpc_server is not None:  # before the engine: its calls in progress finish on it
+            await grpc_server.stop(grace_s=settings.request_timeout_s)
         if loading is not None:
             loading.cancel()
         await control_plane.close()  # a running training job is stopped and marked interrupted, never orphaned

@@ -94,8 +94,8 @@ def test_cpu_variant_drops_the_gpu_and_serves_from_the_cpu() -> None:
         assert api[key] == _api(BASE)[key]
 
 
-def test_publishes_port_8000() -> None:
-    assert _api(BASE)["ports"] == ["8000:8000"]
+def test_publishes_http_on_8000_and_grpc_on_8081() -> None:
+    assert _api(BASE)["ports"] == ["8000:8000", "8081:8081"]
 
 
 def test_healthcheck_is_the_images_command_on_readiness() -> None:

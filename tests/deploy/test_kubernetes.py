@@ -138,7 +138,10 @@ def test_the_runner_is_ready_without_a_model_so_it_can_train_the_first_one(name:
 def test_the_probed_port_is_the_one_the_image_listens_on(name: str) -> None:
     for _, service in service_containers(overlay(name)):
         assert "command" not in service and "args" not in service, "the image's CMD sets host and port"
-        assert {p["name"]: p["containerPort"] for p in service["ports"]} == {"http": _image_port()}
+        ports = {p["name"]: p["containerPort"] for p in service["ports"]}
+        assert ports["http"] == _image_port() and set(ports) <= {"http", "grpc"}
+        default = Settings.model_fields["grpc_port"].default
+        assert ports.get("grpc", default) == default, "the gRPC server's default port"
 
 
 @pytest.mark.parametrize("name", OVERLAYS)

@@ -34,7 +34,7 @@ def service_settings(weights: Path, **overrides: object) -> Settings:
     values: dict[str, object] = dict(
         weights=weights, device="cpu", max_batch_size=8, max_batch_delay_ms=5, max_queue=64, max_batch_files=16,
         admin_token=ADMIN_TOKEN, torch_threads=1, parallel_batches=1, decode_threads=2,
-        state_dir=Path(tempfile.mkdtemp(prefix="service-state-")),
+        state_dir=Path(tempfile.mkdtemp(prefix="service-state-")), grpc_port=0,
     )
     return Settings(**(values | overrides))  # type: ignore[arg-type]
 
@@ -71,7 +71,8 @@ def live_server(tmp_path: Path, environment: dict[str, str], wait_ready: bool = 
     ``environment`` only; stopped with SIGTERM (then killed) on exit."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("APP_")}
-    env |= {"APP_STATE_DIR": str(tmp_path / "state")} | environment
+    # No gRPC server unless a test asks for one on a port of its own: servers run side by side here.
+    env |= {"APP_STATE_DIR": str(tmp_path / "state"), "APP_GRPC_PORT": "0"} | environment
     log = tmp_path / f"server-{port}.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen([sys.executable, *command, "--port", str(port)], cwd=REPO_ROOT, env=env,

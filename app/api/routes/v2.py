@@ -1,60 +1,73 @@
-"""The KServe v2 / Open Inference Protocol (REST, JSON tensors), so Triton and KServe clients work unchanged.
+"""The KServe v2 / Open Inference Protocol over HTTP, so Triton and KServe clients work unchanged.
 
-Spec: https://github.com/kserve/open-inference-protocol (specification/protocol/inference_rest.md).
-The model is served under the name ``APP_MODEL_NAME``, by default its architecture (``fastcnn`` for the
-shipped checkpoint); its version is the card's ``.version``, and ``/versions/<v>`` paths answer 404 for any
-version but the one serving.
+Spec: https://github.com/kserve/open-inference-protocol (specification/protocol/inference_rest.md), with
+Triton's binary tensor data, classification and model configuration extensions. What the protocol answers
+apart from HTTP (the model, the input checks, the outputs) is ``app/api/v2_protocol.py``, shared with the gRPC
+server (``app/grpc``). The model is served under the name ``APP_MODEL_NAME``, by default its architecture
+(``fastcnn`` for the shipped checkpoint); its version is the card's ``.version``, and ``/versions/<v>`` paths
+answer 404 for any version but the one serving.
 
 One input tensor per request, either ``UINT8 [N, 32, 32, 3]`` raw RGB pixels (normalised by the server with
-the card's mean and std) or ``FP32 [N, 3, 32, 32]`` already normalised; ``data`` flat (row-major) or nested.
-The output ``probabilities`` is ``FP32 [N, 10]`` (calibrated as ``/predict``'s are); requesting it with the
-parameter ``{"classification": k}`` (Triton's classification extension) returns ``BYTES [N, k]`` strings
-``"<probability>:<index>:<label>"`` instead. A model whose card has a calibration has two more outputs:
-``in_distribution``, ``BOOL [N]``, and ``ood_score``, ``FP32 [N]``, as in ``/predict``'s answer (the score's
-kind and threshold are in ``GET /model``); a model without one has neither, so a BOOL tensor never needs a
-null. A request without ``outputs`` gets every output, one with ``outputs`` gets those it names. Binary
-tensor data (Triton's binary extension) is not supported: use JSON (``binary_data=False`` in tritonclient).
-Errors are ``{"error": "..."}``.
+the card's mean and std) or ``FP32 [N, 3, 32, 32]`` already normalised; ``data`` flat (row-major) or nested,
+or binary: the request's JSON is then followed by the tensor's bytes, ``Inference-Header-Content-Length``
+says where the JSON ends and the input's ``binary_data_size`` parameter how many bytes it has (tritonclient's
+default). The output ``probabilities`` is ``FP32 [N, 10]`` (calibrated as ``/predict``'s are); requesting it
+with the parameter ``{"classification": k}`` (Triton's classification extension) returns ``BYTES [N, k]``
+strings ``"<probability>:<index>:<label>"`` instead. A model whose card has a calibration has two more
+outputs: ``in_distribution``, ``BOOL [N]``, and ``ood_score``, ``FP32 [N]``, as in ``/predict``'s answer (the
+score's kind and threshold are in ``GET /model``); a model without one has neither, so a BOOL tensor never
+needs a null. A request without ``outputs`` gets every output, one with ``outputs`` gets those it names. An
+output goes as binary data after the response's JSON when its ``binary_data`` parameter is true, or when the
+request's ``binary_data_output`` is and its own is not false. Errors are ``{"error": "..."}``.
 
 A JSON body costs far more memory parsed than sent (an 8 MiB one peaked at +192 MiB), so the body is
 refused before parsing when it holds more values than the largest request (``APP_MAX_BATCH_FILES`` images)
-can: a JSON array separates its values with commas, and counting those is cheap.
+can: a JSON array separates its values with commas, and counting those is cheap. Binary data is not parsed:
+its bytes become the tensor as they are.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
-from pydantic.json_schema import JsonDict
 
 from app import __version__
 from app.api.deps import ClassifierDep, EngineDep, SettingsDep
-from app.api.errors import BadRequest, NotFound, PayloadTooLarge
+from app.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from app.api.uploads import read_body
+from app.api.v2_protocol import (
+    EXTENSIONS,
+    OUTPUT_NAME,
+    InputHeader,
+    ParsedRequest,
+    RequestedOutput,
+    check_input,
+    check_version,
+    images_from_bytes,
+    images_from_values,
+    model_config,
+    model_metadata,
+    one_input,
+    output_tensors,
+    select_outputs,
+    served,
+    tensor_bytes,
+    tensor_json,
+)
 from app.classification.probabilities import AssessedOutput
-from app.config import Settings
-from app.engine.engine import InferenceEngine
 from app.engine.errors import NoModelLoaded
-from app.engine.served_model import ServedModel
 from model.checkpoint import ModelCard
 
-OUTPUT_NAME = "probabilities"
-IN_DISTRIBUTION = "in_distribution"
-OOD_SCORE = "ood_score"
-TRUST_OUTPUTS = (IN_DISTRIBUTION, OOD_SCORE)
 # Commas a request may hold besides those between its tensor's values: ids, parameters and outputs.
 OTHER_COMMAS = 1024
+HEADER_LENGTH = "Inference-Header-Content-Length"
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
-
-
-OUTPUT_NAME = "probabilities"
 
 
 # The protocol's parameters are strings, numbers and booleans; parsed strictly, so what the schema calls
@@ -71,28 +84,27 @@ class RequestInput(BaseModel):
                              json_schema_extra={"minItems": 4, "maxItems": 4,
                                                 "items": {"type": "integer", "minimum": 1}})
     datatype: str = Field(json_schema_extra={"enum": ["UINT8", "FP32"]})
-    parameters: Parameters | None = None
-    data: list[int | float | list[Any]] = Field(
-        description="the product of shape's values, flat in row-major order (nested to the shape is accepted "
-        "too); UINT8 integers 0-255, or finite FP32 numbers", json_schema_extra={"minItems": 1,
-                                                                                  "items": {"type": "number"}})
-
-
-_JSON_ONLY: JsonDict = {"type": "boolean", "enum": [False]}  # Triton's binary extension is not supported
+    parameters: Parameters | None = Field(None, json_schema_extra={"properties": {
+        "binary_data_size": {"type": "integer", "minimum": 0}}})
+    data: list[int | float | list[Any]] | None = Field(
+        None, description="the product of shape's values, flat in row-major order (nested to the shape is "
+        "accepted too); UINT8 integers 0-255, or finite FP32 numbers. Absent when the tensor is binary data "
+        "after the JSON (the binary_data_size parameter)", json_schema_extra={"minItems": 1,
+                                                                               "items": {"type": "number"}})
 
 
 class RequestOutput(BaseModel):
     model_config = _STRICT
     name: str = Field(json_schema_extra={"enum": [OUTPUT_NAME]})
     parameters: Parameters | None = Field(None, json_schema_extra={"properties": {
-        "classification": {"type": "integer", "minimum": 1, "maximum": 10}, "binary_data": _JSON_ONLY}})
+        "classification": {"type": "integer", "minimum": 1, "maximum": 10}, "binary_data": {"type": "boolean"}}})
 
 
 class InferenceRequest(BaseModel):
     model_config = _STRICT
     id: str | None = None
     parameters: Parameters | None = Field(None, json_schema_extra={"properties": {
-        "binary_data_output": _JSON_ONLY}})
+        "binary_data_output": {"type": "boolean"}}})
     inputs: list[RequestInput] = Field(min_length=1, json_schema_extra={"maxItems": 1})
     outputs: list[RequestOutput] | None = None
 
@@ -101,7 +113,9 @@ class ResponseOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    parameters: dict[str, int] | None = Field(None, description="binary_data_size, for an output sent as binary "
+                                              "data after the JSON")
+    data: list[Any] | None = None
 
 
 class InferenceResponse(BaseModel):
@@ -135,7 +149,7 @@ class ErrorObject(BaseModel):
     error: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorObject} for code in (400, 404, 413, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorObject} for code in (400, 404, 413, 415, 503, 504)}
 
 
 def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
@@ -158,11 +172,16 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
 _EXAMPLE = {"inputs": [{"name": "pixels", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [128] * 3072}]}
 _INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema()), "example": _EXAMPLE}}}}
+_BINARY_ANSWER = {"description": "the JSON response; when outputs are asked for as binary data, "
+                  "application/octet-stream: the JSON, then those outputs' bytes (binary_data_size each, in order), "
+                  "the Inference-Header-Content-Length header giving the JSON's length",
+                  "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {**ERRORS, 200: {"model": InferenceResponse, **_BINARY_ANSWER}}
 
 
 @router.get("")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="cifar-serve", version=__version__, extensions=["classification"])
+    return ServerMetadata(name="cifar-serve", version=__version__, extensions=list(EXTENSIONS))
 
 
 @router.get("/health/live")
@@ -179,108 +198,141 @@ async def ready(engine: EngineDep) -> dict[str, bool]:
 
 @router.get("/models/{model_name}", responses=ERRORS)
 @router.get("/models/{model_name}/versions/{model_version}", responses=ERRORS)
-async def model_metadata(engine: EngineDep, settings: SettingsDep, model_name: str,
-                         model_version: str | None = None) -> ModelMetadata:
-    served = _served(engine, settings, model_name, model_version)
-    size, classes = served.card.input_size, len(served.card.class_names)
-    return ModelMetadata(
-        name=model_name,
-        versions=[served.card.version],
-        platform="pytorch",
-        inputs=[MetadataTensor(name="pixels", datatype="UINT8", shape=[-1, size, size, 3]),
-                MetadataTensor(name="normalized", datatype="FP32", shape=[-1, 3, size, size])],
-        outputs=[MetadataTensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, classes]),
-                 *([MetadataTensor(name=IN_DISTRIBUTION, datatype="BOOL", shape=[-1]),
-                    MetadataTensor(name=OOD_SCORE, datatype="FP32", shape=[-1])] if served.card.calibration else [])],
-    )
+async def get_model_metadata(engine: EngineDep, settings: SettingsDep, model_name: str,
+                             model_version: str | None = None) -> ModelMetadata:
+    return ModelMetadata.model_validate(model_metadata(served(engine, settings, model_name, model_version),
+                                                       model_name))
+
+
+@router.get("/models/{model_name}/config", responses=ERRORS)
+@router.get("/models/{model_name}/versions/{model_version}/config", responses=ERRORS)
+async def get_model_config(engine: EngineDep, settings: SettingsDep, model_name: str,
+                           model_version: str | None = None) -> dict[str, Any]:
+    """The model's configuration as Triton writes it (model_config.proto's fields): what Triton's tools
+    (perf_analyzer, model analyzers, clients that read max_batch_size) read."""
+    return model_config(served(engine, settings, model_name, model_version), model_name, engine)
 
 
 @router.get("/models/{model_name}/ready", responses=ERRORS)
 @router.get("/models/{model_name}/versions/{model_version}/ready", responses=ERRORS)
 async def model_ready(engine: EngineDep, settings: SettingsDep, model_name: str,
                       model_version: str | None = None) -> dict[str, Any]:
-    _served(engine, settings, model_name, model_version)
+    served(engine, settings, model_name, model_version)
     return {"name": model_name, "ready": engine.ready}
 
 
-@router.post("/models/{model_name}/infer", responses=ERRORS, openapi_extra=_INFER_BODY)
-@router.post("/models/{model_name}/versions/{model_version}/infer", responses=ERRORS, openapi_extra=_INFER_BODY)
+@router.post("/models/{model_name}/infer", responses=_INFER_RESPONSES, response_model=InferenceResponse,
+             openapi_extra=_INFER_BODY)
+@router.post("/models/{model_name}/versions/{model_version}/infer", responses=_INFER_RESPONSES,
+             response_model=InferenceResponse, openapi_extra=_INFER_BODY)
 async def infer(request: Request, engine: EngineDep, classifier: ClassifierDep, settings: SettingsDep,
-                model_name: str, model_version: str | None = None) -> InferenceResponse:
+                model_name: str, model_version: str | None = None) -> Response:
     """The classification pipeline (``app/classification/classifier.py``), with this protocol's own decode
-    stage (JSON tensors, ``_parse``) and response (``_encode``)."""
+    stage (JSON or binary tensors, ``_parse``) and response (``_respond``)."""
     deadline = time.monotonic() + settings.request_timeout_s
-    served = _served(engine, settings, model_name, model_version)
-    if "inference-header-content-length" in request.headers:
-        raise BadRequest("binary tensor data is not supported: send the tensors as JSON (binary_data=False)")
+    model = served(engine, settings, model_name, model_version)
+    header_length = _header_length(request, settings.max_upload_bytes)
     body = await read_body(request, settings.max_upload_bytes)
-    decode = functools.partial(_parse, body, max_images=settings.max_batch_files, card=served.card)
+    decode = functools.partial(_parse, body, header_length=header_length, max_images=settings.max_batch_files,
+                               card=model.card)
     parsed, result = await classifier.classify_tensors(decode, deadline=deadline)
-    if model_version is not None and result.card.version != model_version:
-        raise NotFound(f"version {model_version} was swapped out while this request waited; "
-                       f"the model now serving is {result.card.version}")
-    return _encode(parsed, result, model_name)
+    check_version(result, model_version)
+    return _respond(parsed, result, model_name)
 
 
-def _encode(parsed: _ParsedRequest, result: AssessedOutput, model_name: str) -> InferenceResponse:
-    outputs: list[ResponseOutput] = []
-    if OUTPUT_NAME in parsed.outputs:
-        outputs.append(_probabilities(result, parsed.classification))
-    # A model swapped in while the request waited may lack a calibration the parsed request relied on.
-    if IN_DISTRIBUTION in parsed.outputs and result.in_distribution is not None:
-        outputs.append(ResponseOutput(name=IN_DISTRIBUTION, shape=[len(result)], datatype="BOOL",
-                                      data=result.in_distribution.tolist()))
-    if OOD_SCORE in parsed.outputs and result.ood_scores is not None:
-        outputs.append(ResponseOutput(name=OOD_SCORE, shape=[len(result)], datatype="FP32",
-                                      data=result.ood_scores.tolist()))
-    return InferenceResponse(model_name=model_name, model_version=result.card.version, id=parsed.id,
-                             outputs=outputs)
+def _header_length(request: Request, limit: int) -> int | None:
+    """The length of the JSON before the binary tensor data, from the headers, checked before the body is read;
+    None for a JSON-only request. A compressed body is refused: its decompressed size is not bounded by
+    APP_MAX_UPLOAD_BYTES."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {encoding} is not accepted: send the request uncompressed "
+                                   "(tritonclient's default, request_compression_algorithm=None)")
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise BadRequest(f"{HEADER_LENGTH} must be the byte length of the JSON before the binary data; got "
+                         f"{value[:32]!r}")
+    length = int(value)
+    if length > limit:
+        raise PayloadTooLarge(f"{HEADER_LENGTH} says the JSON alone is {length} bytes, over the limit of {limit} "
+                              "for the whole body (APP_MAX_UPLOAD_BYTES)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and length > int(declared):
+        raise BadRequest(f"{HEADER_LENGTH} ({length}) is longer than the body ({declared} bytes)")
+    return length
 
 
-def _probabilities(result: AssessedOutput, classification: int | None) -> ResponseOutput:
-    probabilities = result.probabilities
-    if classification:
-        names = result.card.class_names
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :classification]
-        data = [f"{float(row[i])}:{i}:{names[i]}" for row, indices in zip(probabilities, order) for i in indices]
-        return ResponseOutput(name=OUTPUT_NAME, shape=list(order.shape), datatype="BYTES", data=data)
-    return ResponseOutput(name=OUTPUT_NAME, shape=list(probabilities.shape), datatype="FP32",
-                          data=probabilities.ravel().tolist())
+def _respond(parsed: ParsedRequest, result: AssessedOutput, model_name: str) -> Response:
+    """The JSON response; outputs asked for as binary data follow it, in order, each one's size in its
+    ``binary_data_size`` parameter."""
+    outputs: list[dict[str, Any]] = []
+    binary: list[bytes] = []
+    for tensor in output_tensors(parsed.outputs, result):
+        output: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if tensor.name in parsed.outputs.binary:
+            binary.append(tensor_bytes(tensor))
+            output["parameters"] = {"binary_data_size": len(binary[-1])}
+        else:
+            output["data"] = tensor_json(tensor)
+        outputs.append(output)
+    answer: dict[str, Any] = {"model_name": model_name, "model_version": result.card.version}
+    if parsed.id is not None:
+        answer["id"] = parsed.id
+    header = json.dumps(answer | {"outputs": outputs}, separators=(",", ":")).encode()
+    if not binary:
+        return Response(header, media_type="application/json")
+    return Response(b"".join([header, *binary]), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
 
 
-def served_model_name(settings: Settings, served: ServedModel) -> str:
-    """The model's name in this protocol: APP_MODEL_NAME, else the architecture of the model serving."""
-    return settings.model_name or served.card.architecture
-
-
-def _served(engine: InferenceEngine, settings: Settings, model_name: str, model_version: str | None) -> ServedModel:
-    served = engine.model
-    if served is None:
-        raise NoModelLoaded(engine.unavailable_reason)
-    if model_name != (name := served_model_name(settings, served)):
-        raise NotFound(f"unknown model {model_name!r}: this server serves {name!r}")
-    if model_version is not None and model_version != served.card.version:
-        raise NotFound(f"model version {model_version!r} is not served; {served.card.version} is")
-    return served
-
-
-@dataclass(frozen=True)
-class _ParsedRequest:
-    id: str | None
-    inputs: list[np.ndarray]
-    classification: int | None
-    outputs: tuple[str, ...]  # the names to answer with, in the model's order
-
-
-def _parse(body: bytes, size: int, *, max_images: int, card: ModelCard) -> _ParsedRequest:
+def _parse(body: bytes, size: int, *, header_length: int | None, max_images: int, card: ModelCard) -> ParsedRequest:
     """Validate an inference request and turn its tensor into per-image arrays of side ``size`` (the decode
     stage of this protocol; the classifier runs it on its decode threads)."""
+    if header_length is not None and header_length > len(body):
+        raise BadRequest(f"{HEADER_LENGTH} ({header_length}) is longer than the body ({len(body)} bytes)")
+    document = body if header_length is None else body[:header_length]
+    binary = memoryview(body)[len(document):]
+    request = _validate(document, size, max_images)
+    one_input(len(request.inputs), size)
+    tensor = request.inputs[0]
+    header = InputHeader(tensor.name, tensor.datatype, tensor.shape)
+    check_input(header, size, max_images)
+    binary_size = (tensor.parameters or {}).get("binary_data_size")
+    if binary_size is None:
+        if tensor.data is None:
+            raise BadRequest(f"input {tensor.name!r} has no data: send its values as 'data', or as binary data "
+                             f"after the JSON with its binary_data_size parameter and {HEADER_LENGTH}")
+        if binary:
+            raise BadRequest(f"{len(binary)} bytes follow the JSON, but no input has a binary_data_size parameter")
+        images = images_from_values(header, tensor.data)
+    else:
+        if isinstance(binary_size, bool) or not isinstance(binary_size, int) or binary_size < 0:
+            raise BadRequest(f"input {tensor.name!r}: binary_data_size must be a byte count; got {binary_size!r}")
+        if tensor.data is not None:
+            raise BadRequest(f"input {tensor.name!r} has both data and binary_data_size: send one of them")
+        if header_length is None:
+            raise BadRequest(f"input {tensor.name!r} has binary_data_size but the request has no {HEADER_LENGTH} "
+                             "header saying where its JSON ends")
+        if binary_size != len(binary):
+            raise BadRequest(f"input {tensor.name!r}: binary_data_size is {binary_size}, but {len(binary)} bytes "
+                             "follow the JSON")
+        images = images_from_bytes(header, binary)
+    binary_output = (request.parameters or {}).get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise BadRequest(f"binary_data_output must be true or false; got {binary_output!r}")
+    requested = [RequestedOutput(output.name, dict(output.parameters or {})) for output in request.outputs or []]
+    return ParsedRequest(request.id, images, select_outputs(requested, card, binary_default=binary_output))
+
+
+def _validate(document: bytes, size: int, max_images: int) -> InferenceRequest:
     most_values = max_images * 3 * size * size
-    if body.count(b",") > most_values + OTHER_COMMAS:
+    if document.count(b",") > most_values + OTHER_COMMAS:
         raise PayloadTooLarge(f"the request holds more values than {max_images} images (APP_MAX_BATCH_FILES) of "
                               f"{3 * size * size} values each; send at most {max_images} per request")
     try:
-        request = InferenceRequest.model_validate_json(body)
+        return InferenceRequest.model_validate_json(document)
     except ValidationError as error:
         found = error.errors()
         if any("data" in problem["loc"] for problem in found):
@@ -289,61 +341,3 @@ def _parse(body: bytes, size: int, *, max_images: int, card: ModelCard) -> _Pars
         problems = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in found[:3])
         more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
         raise BadRequest(f"not a v2 inference request: {problems}{more}") from None
-    if len(request.inputs) != 1:
-        raise BadRequest(f"this model takes one input tensor: UINT8 [N, {size}, {size}, 3] pixels or "
-                         f"FP32 [N, 3, {size}, {size}] normalised; got {len(request.inputs)}")
-    tensor = request.inputs[0]
-    layouts = {"UINT8": [size, size, 3], "FP32": [3, size, size]}
-    if tensor.datatype not in layouts:
-        raise BadRequest(f"input {tensor.name!r} has datatype {tensor.datatype}; send UINT8 [N, {size}, {size}, 3] "
-                         f"pixels or FP32 [N, 3, {size}, {size}] normalised")
-    if len(tensor.shape) != 4 or tensor.shape[1:] != layouts[tensor.datatype] or tensor.shape[0] < 1:
-        raise BadRequest(f"input {tensor.name!r} ({tensor.datatype}) must have shape "
-                         f"[N, {', '.join(map(str, layouts[tensor.datatype]))}] with N >= 1; got {tensor.shape}")
-    if tensor.shape[0] > max_images:
-        raise PayloadTooLarge(f"{tensor.shape[0]} images in one request; at most {max_images} (APP_MAX_BATCH_FILES)")
-    try:
-        values = np.asarray(tensor.data, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise BadRequest(f"input {tensor.name!r}: data must be numbers, flat or nested to the shape") from None
-    if values.size != math.prod(tensor.shape):
-        raise BadRequest(f"input {tensor.name!r}: shape {tensor.shape} needs {math.prod(tensor.shape)} values, "
-                         f"data has {values.size}")
-    values = values.reshape(tensor.shape)
-    if tensor.datatype == "UINT8":
-        if not (np.all(values >= 0) and np.all(values <= 255) and np.all(values == np.floor(values))):
-            raise BadRequest(f"input {tensor.name!r}: UINT8 values must be integers from 0 to 255")
-        images = values.astype(np.uint8)
-    else:
-        if not np.all(np.isfinite(values)):
-            raise BadRequest(f"input {tensor.name!r}: FP32 values must be finite")
-        images = values.astype(np.float32)
-    outputs, classification = _outputs(request, card)
-    return _ParsedRequest(request.id, list(images), classification, outputs)
-
-
-def _outputs(request: InferenceRequest, card: ModelCard) -> tuple[tuple[str, ...], int | None]:
-    """The outputs to answer with, and the classification count asked of ``probabilities``, if any."""
-    if request.parameters and request.parameters.get("binary_data_output"):
-        raise BadRequest("binary output is not supported: request JSON outputs (binary_data=False)")
-    known = (OUTPUT_NAME, *TRUST_OUTPUTS) if card.calibration else (OUTPUT_NAME,)
-    classes = len(card.class_names)
-    count = None
-    for output in request.outputs or []:
-        if output.name not in known:
-            why = (" (this model's card has no calibration, so it has no OOD outputs)"
-                   if output.name in TRUST_OUTPUTS else "")
-            raise BadRequest(f"unknown output {output.name!r}{why}: this model's outputs are {', '.join(known)}")
-        parameters = output.parameters or {}
-        if parameters.get("binary_data"):
-            raise BadRequest("binary output is not supported: request JSON outputs (binary_data=False)")
-        if "classification" in parameters:
-            if output.name != OUTPUT_NAME:
-                raise BadRequest(f"classification applies to the {OUTPUT_NAME!r} output only, not {output.name!r}")
-            value = parameters["classification"]
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= classes:
-                raise BadRequest(f"classification must be an integer from 1 to {classes}; got {value!r}")
-            count = value
-    named = {output.name for output in request.outputs or []}
-    return tuple(name for name in known if not named or name in named), count
-

@@ -1,4 +1,9 @@
-"""The KServe v2 / Open Inference Protocol routes, checked against the spec's shapes and against /predict."""
+"""The KServe v2 / Open Inference Protocol routes, checked against the spec's shapes and against /predict: JSON
+and Triton's binary tensor data framing, built here byte by byte (tests/app/grpc/test_clients.py drives them
+with tritonclient)."""
+
+import json
+import struct
 
 import numpy as np
 import pytest
@@ -107,10 +112,12 @@ async def test_the_classification_parameter_returns_labels(client):
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
       "outputs": [{"name": "probabilities", "parameters": {"classification": 11}}]}, 400, "1 to 10"),
     ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}],
-      "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}, 400, "binary"),
+      "outputs": [{"name": "probabilities", "parameters": {"binary_data": "yes"}}]}, 400, "true or false"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8"}]}, 400, "has no data"),
+    ({"inputs": [{"name": "x", "shape": [1, 32, 32, 3], "datatype": "UINT8",
+                  "parameters": {"binary_data_size": 3072}}]}, 400, "Inference-Header-Content-Length"),
 ])
 async def test_bad_requests_get_a_v2_error_object(client, body, status, message):
-    import json
     import re
 
     response = await client.post(INFER, content=json.dumps(body, allow_nan=True),
@@ -147,10 +154,107 @@ async def test_a_body_with_more_values_than_the_largest_request_is_refused_befor
     assert "APP_MAX_BATCH_FILES" in response.json()["error"]
 
 
-async def test_binary_tensor_data_is_refused_with_what_to_do(client):
-    response = await client.post(INFER, content=b"{}", headers={"inference-header-content-length": "2",
-                                                                "content-type": "application/octet-stream"})
-    assert response.status_code == 400 and "binary_data=False" in response.json()["error"]
+def binary_request(tensor: np.ndarray, datatype: str, *, size: int | None = None, **extra) -> tuple[bytes, dict]:
+    """A request in Triton's binary tensor data framing: the JSON, then the tensor's bytes."""
+    raw = tensor.tobytes()
+    document = json.dumps({"inputs": [{"name": "pixels", "shape": list(tensor.shape), "datatype": datatype,
+                                       "parameters": {"binary_data_size": len(raw) if size is None else size}}]}
+                          | extra).encode()
+    return document + raw, {"inference-header-content-length": str(len(document)),
+                            "content-type": "application/octet-stream"}
+
+
+def split_binary(response) -> tuple[dict, bytes]:
+    length = int(response.headers["inference-header-content-length"])
+    return json.loads(response.content[:length]), response.content[length:]
+
+
+async def test_binary_inputs_and_outputs_carry_the_same_numbers_as_json(client):
+    pixels = np.stack([images.pixels(32, 32, seed) for seed in range(3)])
+    expected = (await client.post(INFER, json=uint8_request(pixels))).json()["outputs"][0]
+    body, headers = binary_request(pixels, "UINT8", parameters={"binary_data_output": True}, id="b-1")
+    response = await client.post(INFER, content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    answer, raw = split_binary(response)
+    assert answer["id"] == "b-1"
+    [output] = answer["outputs"]
+    assert output["parameters"] == {"binary_data_size": 3 * 10 * 4} and "data" not in output
+    assert len(raw) == 120
+    np.testing.assert_allclose(np.frombuffer(raw, "<f4").reshape(3, 10), np.reshape(expected["data"], (3, 10)),
+                               rtol=1e-6)
+
+
+async def test_a_binary_input_may_ask_for_json_outputs_and_one_output_may_override_binary_data_output(client):
+    pixels = images.pixels(32, 32)[None]
+    body, headers = binary_request(pixels, "UINT8")
+    response = await client.post(INFER, content=body, headers=headers)
+    assert response.headers["content-type"] == "application/json"
+    assert len(response.json()["outputs"][0]["data"]) == 10
+    body, headers = binary_request(pixels, "UINT8", parameters={"binary_data_output": True},
+                                   outputs=[{"name": "probabilities", "parameters": {"binary_data": False}}])
+    assert len((await client.post(INFER, content=body, headers=headers)).json()["outputs"][0]["data"]) == 10
+
+
+async def test_binary_classification_strings_are_length_prefixed(client):
+    pixels = images.pixels(32, 32)[None]
+    body, headers = binary_request(pixels, "UINT8", outputs=[
+        {"name": "probabilities", "parameters": {"classification": 2, "binary_data": True}}])
+    answer, raw = split_binary(await client.post(INFER, content=body, headers=headers))
+    assert answer["outputs"][0]["datatype"] == "BYTES" and answer["outputs"][0]["shape"] == [1, 2]
+    labels = []
+    while raw:
+        length = struct.unpack("<I", raw[:4])[0]
+        labels.append(raw[4:4 + length].decode())
+        raw = raw[4 + length:]
+    assert len(labels) == 2 and all(label.split(":")[2] in CLASS_NAMES for label in labels)
+
+
+async def test_fp32_binary_input_is_read_little_endian(client):
+    normalised = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype("<f4")
+    expected = (await client.post(INFER, json={"inputs": [{"name": "normalized", "shape": [2, 3, 32, 32],
+                                                           "datatype": "FP32",
+                                                           "data": normalised.ravel().tolist()}]})).json()
+    body, headers = binary_request(normalised, "FP32")
+    assert (await client.post(INFER, content=body, headers=headers)).json()["outputs"] == expected["outputs"]
+
+
+@pytest.mark.parametrize(("change", "status", "message"), [
+    ({"size": 100}, 400, "binary_data_size is 100"),
+    ({"header": "abc"}, 400, "byte length of the JSON"),
+    ({"header": "99999999"}, 413, "APP_MAX_UPLOAD_BYTES"),
+    ({"header": "5000"}, 400, "longer than the body"),
+    ({"encoding": "gzip"}, 415, "uncompressed"),
+    ({"shape": [70, 32, 32, 3]}, 413, "APP_MAX_BATCH_FILES"),
+])
+async def test_bad_binary_requests_get_a_v2_error_object(client, change, status, message):
+    pixels = images.pixels(32, 32)[None]
+    body, headers = binary_request(pixels, "UINT8", size=change.get("size"))
+    if "shape" in change:
+        body = body.replace(b"[1, 32, 32, 3]", json.dumps(change["shape"]).encode())
+        headers["inference-header-content-length"] = str(body.index(b"}]}") + 3)
+    if "header" in change:
+        headers["inference-header-content-length"] = change["header"]
+    if "encoding" in change:
+        headers["content-encoding"] = change["encoding"]
+    response = await client.post(INFER, content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+async def test_model_config_is_tritons_with_the_engines_batching(service, tiny_checkpoint):
+    card = read_card(tiny_checkpoint)
+    for path in (f"/v2/models/{NAME}/config", f"/v2/models/{NAME}/versions/{card.version}/config"):
+        config = (await service.client.get(path)).json()
+        assert config["name"] == NAME and config["platform"] == "pytorch"
+        assert config["max_batch_size"] == service.app.state.engine.max_batch_size == 8
+        assert {"name": "pixels", "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [32, 32, 3],
+                "optional": True} in config["input"]
+        assert {"name": "normalized", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [3, 32, 32],
+                "optional": True} in config["input"]
+        assert config["output"] == [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]}]
+        assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 5000}
+    assert (await service.client.get("/v2/models/other/config")).status_code == 404
 
 
 async def test_malformed_json_is_a_400(client):
