@@ -103,7 +103,7 @@ class ModelPromoter:
         accuracy = final.get("test_accuracy", registered.card.test_accuracy)
         # Only a test_limit makes a score partial: a run on a smaller data set (the tests' synthetic one)
         # is scored on all of its test images.
-        limit = job.params.model_dump().get("test_limit")
+        limit = job.params.model_dump().get("test_limit") if job.params is not None else None
         test_images = None if limit is None else final.get("test_images", limit)
         promote, reason = decide(self.policy, accuracy, test_images, await asyncio.to_thread(self._incumbent))
         result = JobResult(model_version=registered.version, test_accuracy=accuracy, promoted=False,

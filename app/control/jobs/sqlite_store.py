@@ -17,7 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from app.control.jobs.schemas import ACTIVE_STATUSES, Job, JobProgress, JobResult, JobStatus, TrainParams
-from app.control.jobs.store import JobConflict, RecordedProcess, job_from_row, utc_now
+from app.control.jobs.store import (
+    JobConflict,
+    JobStoreUnavailable,
+    RecordedProcess,
+    active_or_settled,
+    job_from_row,
+    serialised,
+    utc_now,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -39,6 +47,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_active_job
     ON jobs ((status IN ('queued', 'running'))) WHERE status IN ('queued', 'running');
 """
 _ACTIVE_SQL = "('queued', 'running')"
+# How long a call waits for another connection's write lock before it fails (SQLite's busy timeout). Writes
+# here take milliseconds; a lock held for seconds means a stuck process, and the caller (a worker thread of the
+# runner or a route) should get an error it can report rather than wait on.
+BUSY_TIMEOUT_S = 5.0
 
 
 class SQLiteJobStore:
@@ -60,24 +72,32 @@ class SQLiteJobStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
             yield db
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error) or "busy" in str(error):
+                raise JobStoreUnavailable(f"the job database {self.path} stayed locked by another process for "
+                                          f"{BUSY_TIMEOUT_S:g} s; try again") from error
+            raise
         finally:
             db.close()
 
     def create(self, params: TrainParams) -> Job:
-        job_id = secrets.token_hex(6)
-        try:
-            with self._connect() as db:
-                db.execute(
-                    "INSERT INTO jobs (id, status, params, created_at) VALUES (?, ?, ?, ?)",
-                    (job_id, JobStatus.QUEUED, params.model_dump_json(), utc_now().isoformat()),
-                )
-        except sqlite3.IntegrityError:
-            active = self.active()
-            raise JobConflict(active.id if active else None) from None
+        job_id, stored = secrets.token_hex(6), serialised(params)
+        for _ in range(2):  # once more if the job in the way was an unreadable record, now marked failed
+            try:
+                with self._connect() as db:
+                    db.execute("INSERT INTO jobs (id, status, params, created_at) VALUES (?, ?, ?, ?)",
+                               (job_id, JobStatus.QUEUED, stored, utc_now().isoformat()))
+                break
+            except sqlite3.IntegrityError:
+                active = self.active()
+                if active is not None:
+                    raise JobConflict(active.id) from None
+        else:
+            raise JobConflict(None)
         job = self.get(job_id)
         assert job is not None
         return job
@@ -95,7 +115,7 @@ class SQLiteJobStore:
     def active(self) -> Job | None:
         with self._connect() as db:
             row = db.execute(f"SELECT * FROM jobs WHERE status IN {_ACTIVE_SQL}").fetchone()
-        return job_from_row(row) if row else None
+        return active_or_settled(self, job_from_row(row) if row else None)
 
     def process(self, job_id: str) -> RecordedProcess | None:
         with self._connect() as db:
