@@ -14,9 +14,11 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +89,38 @@ class PostgresServer:
             admin.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def processes(self) -> list[int]:
+        """The postmaster's PID and its children's (the backends and background workers)."""
+        postmaster = int((self._data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            if int(text[text.rindex(")") + 2:].split()[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the server: its sockets stay open and the kernel still acknowledges
+        packets, but nothing answers, as with a server stuck on a dead disk or swapped out."""
+        for pid in self.processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if (self._data / "postmaster.pid").is_file():
+            for pid in self.processes():
+                os.kill(pid, signal.SIGCONT)
+
     def log(self) -> str:
         path = self.socket_dir / "server.log"
         return path.read_text() if path.is_file() else ""
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+@contextmanager
+def running_server() -> Iterator[PostgresServer]:
+    """A new server of its own, stopped and deleted afterwards."""
     pytest.importorskip("psycopg", reason="psycopg is the [postgres] extra: pip install -e '.[test]'")
     binaries = postgres_binaries()
     if binaries is None:
@@ -116,9 +143,23 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         try:
+            server.thaw()
             server.stop()
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres_server() -> Iterator[PostgresServer]:
+    """A server for one test alone: for tests that stop or freeze it, which would disturb the others."""
+    with running_server() as server:
+        yield server
 
 
 @pytest.fixture

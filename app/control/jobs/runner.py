@@ -207,6 +207,9 @@ class JobRunner:
             try:
                 recorded = self.store.process(job.id)
                 if recorded is not None and recorded.host in (None, self.host):
+                    if recorded.started is None:
+                        logger.warning("job %s's process %d is not signalled: its start time was not recorded, so "
+                                       "the PID may belong to another process by now", job.id, recorded.pid)
                     processes.stop_group(recorded.pid, recorded.started, timeout_s=self.stop_timeout_s)
                 if job.status == JobStatus.RUNNING and self.store.finish(
                         job.id, JobStatus.INTERRUPTED, error=_interrupted_message(job.id),

@@ -210,12 +210,44 @@ def test_resuming_before_the_first_training_state_starts_over(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
-def test_the_training_process_does_not_inherit_the_admin_token(tmp_path: Path, monkeypatch) -> None:
+def test_the_training_process_inherits_neither_the_admin_token_nor_the_database_url(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
     monkeypatch.setenv("APP_ADMIN_TOKEN", "a-secret-the-trainer-never-needs")
+    monkeypatch.setenv("APP_DATABASE_URL", "postgresql://jobs:its-password@db/jobs")
     monkeypatch.setenv("APP_DATA_DIR", "/kept")
-    script = "import os; print(os.environ.get('APP_ADMIN_TOKEN'), os.environ['APP_DATA_DIR'])"
+    script = ("import os; print(os.environ.get('APP_ADMIN_TOKEN'), os.environ.get('APP_DATABASE_URL'), "
+              "os.environ['APP_DATA_DIR'])")
     processes.launch([sys.executable, "-c", script], tmp_path / "log").wait()
-    assert (tmp_path / "log").read_text() == "None /kept\n"
+    assert (tmp_path / "log").read_text() == "None None /kept\n"
+
+
+def test_recover_never_signals_a_pid_whose_start_time_is_unknown(tmp_path: Path) -> None:
+    runner, _ = make_runner(tmp_path)
+    job = runner.store.create(TrainParams())
+    bystander = processes.launch([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log")
+    try:
+        runner.store.claim(job.id, this_host())
+        runner.store.record_process(job.id, bystander.pid, None)  # as a runner that crashed mid-launch left it
+        assert runner.recover() == [job.id]
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_recover_marks_running_jobs_past_an_unreadable_record(tmp_path: Path) -> None:
+    runner, _ = make_runner(tmp_path)
+    old = runner.store.create(TrainParams())
+    runner.store.claim(old.id, this_host())
+    runner.store.finish(old.id, JobStatus.INTERRUPTED, error="x")
+    poisoned = runner.store.create(TrainParams())
+    runner.store.finish(poisoned.id, JobStatus.FAILED, error="x")
+    running = runner.store.create(TrainParams())
+    runner.store.claim(running.id, this_host())
+    with sqlite3.connect(runner.store.path) as db:  # as POST /train {"norm_lr_scale": 1e999} once stored it
+        db.execute("UPDATE jobs SET params = '{\"norm_lr_scale\": null}' WHERE id = ?", (poisoned.id,))
+    assert runner.recover() == [running.id]  # before the fix: a ValidationError, and the service exited
+    assert runner.store.get(running.id).status == JobStatus.INTERRUPTED
 
 
 class FullDiskStore(SQLiteJobStore):
@@ -285,3 +317,40 @@ def test_recover_stops_the_process_of_a_job_cancelled_while_no_runner_was_electe
     assert runner.store.finish(job.id, JobStatus.CANCELLED)  # DELETE through a standby: the record only
     assert runner.recover() == [] and orphan.wait(timeout=10) is not None
     assert runner.store.get(job.id).status == JobStatus.CANCELLED
+
+
+class HeldConclusion:
+    """A success handler that registers and promotes only when the test lets it: a window to cancel in."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> Any:
+        from app.control.jobs.runner import Conclusion
+
+        self.entered.set()
+        await self.release.wait()
+        return Conclusion(JobResult(model_version="resnet18-abc", test_accuracy=0.5, promoted=True))
+
+
+@pytest.mark.parametrize("where", ["this runner", "another replica"])
+def test_a_cancel_while_the_model_is_promoted_leaves_the_job_succeeded(tmp_path: Path, where: str) -> None:
+    async def scenario() -> None:
+        runner, _ = make_runner(tmp_path, "--epoch-seconds", "0.01")
+        held = HeldConclusion()
+        runner.on_success = held
+        job = await runner.submit(TrainParams(epochs=2))
+        await asyncio.wait_for(held.entered.wait(), timeout=120)
+        if where == "this runner":
+            with pytest.raises(JobStateError, match="being registered"):
+                await runner.cancel(job.id)
+        else:  # DELETE through a standby: the record only
+            assert runner.store.finish(job.id, JobStatus.CANCELLED)
+        held.release.set()
+        done = await wait_for(runner, job.id, lambda j: j.status == JobStatus.SUCCEEDED)
+        assert done.result.promoted and done.result.model_version == "resnet18-abc"
+        if where == "another replica":
+            assert "a cancel arrived after training had finished" in done.error
+
+    asyncio.run(scenario())
