@@ -190,6 +190,26 @@ def _without_values(error: ValidationError | UnicodeDecodeError) -> str:
                      for detail in error.errors(include_input=False, include_url=False))
 
 
+def require_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse weights holding NaN or infinity: a network that diverged answers every image with NaN
+    probabilities (issue 22: served as 200 with null scores, every label "plane")."""
+    broken = [name for name, tensor in tensors.items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise CheckpointError(f"{where} holds NaN or infinite values in {len(broken)} tensor(s) "
+                              f"({', '.join(sorted(broken)[:3])}): the training run diverged; train again with a "
+                              "lower learning rate rather than serving it")
+
+
+def check_finite_weights(weights_path: Path) -> None:
+    """``require_finite`` on a safetensors file."""
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    require_finite(tensors, weights_path)
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
     """Load and verify a checkpoint; the model comes back in float32, in eval mode, on ``device``."""
     weights_path, _ = checkpoint_files(path)
@@ -209,6 +229,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         tensors = load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    require_finite(tensors, weights_path)
     model = build_model(card.architecture, num_classes=len(card.class_names))
     try:
         model.load_state_dict(tensors, strict=True)

@@ -35,7 +35,15 @@ from pydantic import BaseModel
 
 from model.backend_report import report_file
 from model.calibration_set import CALIBRATION_FILE
-from model.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, ModelCard, file_sha256, read_card
+from model.checkpoint import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    ModelCard,
+    check_finite_weights,
+    file_sha256,
+    read_card,
+)
 from model.durable import replace_durably, write_atomically
 
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -79,6 +87,7 @@ class ModelRegistry:
         if weights_sha256 != card.weights_sha256:
             raise CheckpointError(f"{weights} has SHA-256 {weights_sha256}, but its card says "
                                   f"{card.weights_sha256}; the checkpoint was not written completely")
+        check_finite_weights(weights)  # a diverged run's NaN weights never become a version anyone can promote
         final = self.versions_dir / card.version
         if final.is_dir():
             _copy_missing_companions(Path(checkpoint_dir), final)

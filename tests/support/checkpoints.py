@@ -47,3 +47,12 @@ def with_calibration(checkpoint: Path, directory: Path, temperature: float = 2.0
     card = read_card(directory).model_copy(update={"calibration": calibration})
     write_card(card, directory / CARD_FILE)
     return directory
+
+
+def diverged_checkpoint(directory: Path, architecture: str = "resnet18") -> Path:
+    """A checkpoint as a diverged run would write it: a valid card over weights holding NaN."""
+    model = build_model(architecture)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_checkpoint(model, directory, architecture=architecture, test_accuracy=0.1)
+    return directory

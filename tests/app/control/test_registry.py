@@ -14,7 +14,7 @@ from model.backend_report import (
 )
 from model.calibration_set import CALIBRATION_FILE, save_calibration_set
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_card
-from tests.support.checkpoints import make_checkpoint
+from tests.support.checkpoints import diverged_checkpoint, make_checkpoint
 from tests.support.durability import record_fsyncs
 
 
@@ -140,3 +140,10 @@ def test_a_version_registered_before_verification_gains_the_reports_later_but_ne
     (verified / "backends-cpu.json").write_text("{}")  # a later, different file does not replace it
     registry.register(verified)
     assert (directory / "backends-cpu.json").read_bytes() == report
+
+
+def test_a_checkpoint_with_nan_weights_is_never_registered(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    with pytest.raises(CheckpointError, match="NaN or infinite.*diverged"):
+        registry.register(diverged_checkpoint(tmp_path / "nan"))
+    assert registry.versions() == [] and list((tmp_path / "registry" / "versions").iterdir()) == []
