@@ -41,9 +41,9 @@ DIVERGENCE_CHECK_EVERY = 20
 class Diverged(RuntimeError):
     """The loss (or the weights) stopped being finite numbers: training cannot recover from that."""
 
-    def __init__(self, what: str, epoch: int, step: int | None, lr: float) -> None:
+    def __init__(self, what: str, epoch: int, step: int | None, lr: float | torch.Tensor) -> None:
         where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
-        super().__init__(f"training diverged: {what} at {where} (learning rate {lr:.4g}); lower --lr or "
+        super().__init__(f"training diverged: {what} at {where} (learning rate {float(lr):.4g}); lower --lr or "
                          "--norm-lr-scale, or lengthen --warmup-epochs, and train again. No checkpoint was written")
 
 
