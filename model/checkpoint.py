@@ -100,6 +100,11 @@ class ModelCard(BaseModel):
     git_commit: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     data_provenance: str | None = None
+    # Added later still (issue 22): optional, so cards written before it (the shipped ones) still load.
+    test_set_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="fingerprint of the "
+                                        "exact test images and labels test_accuracy was measured on (after any "
+                                        "test_limit; training.data.test_set_fingerprint): promotion compares "
+                                        "accuracies only between equal fingerprints")
     # Added after format_version 1 was first written: optional, so every earlier card still loads.
     calibration: Calibration | None = Field(default=None, description="temperature and OOD rule (model.trust)")
 

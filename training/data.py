@@ -6,6 +6,7 @@ no DataLoader, no worker processes, no host-to-device copies per step.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -140,6 +141,17 @@ def load_split(
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise DatasetError(f"{folder} has labels outside 0..{NUM_CLASSES - 1}: not CIFAR-10")
     return ImageSet(images=images, labels=labels)
+
+
+def test_set_fingerprint(test: ImageSet) -> str:
+    """SHA-256 over exactly the images and labels a test accuracy is measured on, in order (after any
+    ``--test-limit``): two cards' accuracies compare only when their fingerprints are equal. It covers the
+    decoded pixels rather than the files, so the same images compare equal whatever pickle holds them."""
+    digest = hashlib.sha256(b"cifar-serve test set v1\0")
+    digest.update(len(test).to_bytes(8, "little"))
+    digest.update(test.labels.cpu().numpy().astype("<i8").tobytes())
+    digest.update(test.images.cpu().contiguous().numpy().astype("uint8").tobytes())  # N x 3 x 32 x 32, RGB
+    return digest.hexdigest()
 
 
 def _require_files(root: Path, folder: Path) -> None:

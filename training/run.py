@@ -14,7 +14,7 @@ from tqdm import tqdm
 from model.checkpoint import Calibration, load_checkpoint, save_checkpoint
 from training.cli import Command
 from training.config import TrainingConfig, write_config
-from training.data import CifarSplits, ImageSet, load_cifar10, load_split
+from training.data import CifarSplits, ImageSet, load_cifar10, load_split, test_set_fingerprint
 from training.distributed import Worker, main_first, resolve_device, start_distributed, stop_distributed
 from training.evaluate import Evaluation, evaluate, predict
 from training.interrupt import Interrupted
@@ -199,6 +199,7 @@ class TrainingRun:
                 train_seconds=round(self.train_seconds, 3), device=device, precision=self.precision,
                 git_commit=self.git_commit,
                 data_provenance=data.provenance, calibration=calibration,
+                test_set_sha256=test_set_fingerprint(data.test),
             )
             if config.plots:
                 self._plot(learner, data.test, test_result)

@@ -87,3 +87,17 @@ def test_real_cifar10_has_50000_train_and_10000_test_images_balanced(real_cifar1
 def test_real_rebuilt_copy_needs_the_explicit_opt_out(real_cifar10):
     with pytest.raises(DatasetError, match="--skip-integrity-check"):
         load_split(real_cifar10, train=False)
+
+
+def test_the_test_set_fingerprint_changes_with_any_label_or_pixel(synthetic_cifar10):
+    from training.data import ImageSet, load_split, test_set_fingerprint
+
+    test = load_split(synthetic_cifar10, train=False, skip_integrity_check=True)
+    same = ImageSet(test.images.clone(), test.labels.clone())
+    assert test_set_fingerprint(same) == test_set_fingerprint(test)
+    relabelled = ImageSet(test.images, test.labels.clone())
+    relabelled.labels[7] = (relabelled.labels[7] + 1) % 10
+    repainted = ImageSet(test.images.clone(), test.labels)
+    repainted.images[3, 1, 5, 5] ^= 1
+    fingerprints = {test_set_fingerprint(s) for s in (test, relabelled, repainted, test.take(0, len(test) - 1))}
+    assert len(fingerprints) == 4
