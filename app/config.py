@@ -118,8 +118,9 @@ class Settings(BaseSettings):
                             "directory (runs/<id>/)")
     registry_dir: Path | None = Field(None, description="the model registry; unset = $APP_STATE_DIR/registry")
     data_dir: Path = Field(Path("data"), description="the folder holding cifar-10-batches-py/ for training jobs")
-    data_skip_integrity_check: bool = Field(False, description="pass --skip-integrity-check to training: "
-                                            "needed for rebuilt copies such as ../shared/cifar10")
+    data_skip_integrity_check: bool = Field(False, description="pass --skip-integrity-check to training: for a "
+                                            "copy of CIFAR-10 that is not byte-identical to torchvision's download "
+                                            "(the same images re-pickled), which fails its MD5 check")
     promote: Literal["if-better", "always", "never"] = Field("if-better", description="what a successful "
                                                              "job does with its model (app/control/promotion.py)")
     training_device: str = Field("auto", description="--device of training jobs: auto, cpu, cuda or cuda:N")

@@ -87,9 +87,9 @@ class TrainingCommand:
         if folder.is_dir():
             return None
         return (f"no CIFAR-10 in APP_DATA_DIR ({self.data_dir}): expected the folder {folder}. Put the dataset "
-                "there (the official cifar-10-python.tar.gz unpacked, or `.venv/bin/python ../shared/cifar10/"
-                f"compact/unpack.py --out {self.data_dir}` with APP_DATA_SKIP_INTEGRITY_CHECK=true), or point "
-                "APP_DATA_DIR at the folder that holds it; then POST /train again")
+                "there (the official cifar-10-python.tar.gz unpacked; a copy that is not byte-identical to it "
+                "also needs APP_DATA_SKIP_INTEGRITY_CHECK=true), or point APP_DATA_DIR at the folder that holds "
+                "it; then POST /train again")
 
     def _launcher(self, params: TrainParams) -> list[str]:
         if params.gpus > 1:
