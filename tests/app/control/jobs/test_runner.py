@@ -354,3 +354,48 @@ def test_a_cancel_while_the_model_is_promoted_leaves_the_job_succeeded(tmp_path:
             assert "a cancel arrived after training had finished" in done.error
 
     asyncio.run(scenario())
+
+
+class StalledStore(SQLiteJobStore):
+    """A job store whose reads stall until the test lets them go (a database that stopped answering). The stall
+    ends by itself after a while, so a runner that blocked the event loop makes the test fail, not hang."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import threading
+
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        self.stall = False
+        self.released_by_test: list[bool] = []
+
+    def get(self, job_id: str) -> Job | None:
+        if self.stall:
+            self.stalled.set()
+            self.released_by_test.append(self.release.wait(timeout=20))
+        return super().get(job_id)
+
+
+def test_a_stalled_job_store_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = StalledStore(tmp_path / "jobs.sqlite3")
+        runner = JobRunner(store, tmp_path / "runs", FakeCommand(()), Recorder(), poll_interval_s=0.02)
+        job = store.create(TrainParams())
+        store.finish(job.id, JobStatus.CANCELLED)
+        store.stall = True
+        resuming = asyncio.create_task(runner.resume(job.id))
+        # The loop runs other work (here: this wait) while the store call hangs in its worker thread; before the
+        # fix the call ran on the loop itself, nothing else ran until the store answered.
+        await eventually(store.stalled.is_set, what="the store call to start")
+        ticks = 0
+        for _ in range(5):
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 5 and not resuming.done()
+        store.stall = False
+        store.release.set()
+        resumed = await resuming
+        assert store.released_by_test == [True] and resumed.id == job.id
+        await runner.shutdown()
+
+    asyncio.run(scenario())
