@@ -151,8 +151,13 @@ class JobRunner:
 
     async def start(self) -> None:
         """Try for the lock once now (so start-up logs say which this process is), then keep trying, or keep
-        checking it is still held, in the background."""
-        await self._stand()
+        checking it is still held, in the background. A job database that is down now does not stop the start:
+        the next round tries again."""
+        try:
+            await self._stand()
+        except Exception:
+            logger.exception("the job runner's first election round failed; retrying every %g s",
+                             self.election_interval_s)
         if not self.elected and self.lock is not None:
             logger.warning("standby: another process holds %s and runs the training jobs in %s; this one serves "
                            "predictions, queues jobs for it and takes over if it stops", self.lock.holder,

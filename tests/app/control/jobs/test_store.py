@@ -22,6 +22,7 @@ from app.control.jobs.store import (
     UnstorableParams,
     open_job_store,
 )
+from tests.app.control.jobs.records import poison
 
 Opener = Callable[[], JobStore]
 
@@ -156,18 +157,6 @@ def test_an_unreachable_postgresql_server_is_one_clear_error(tmp_path: Path, mon
     assert "s3cret" not in str(unreachable.value)
 
 
-def _poison(database_url: str | None, tmp_path: Path, job_id: str, params: str) -> None:
-    """Overwrite a job's stored parameters behind the store's back, as an older or buggy version could have."""
-    if database_url is None:
-        with sqlite3.connect(tmp_path / "state" / "jobs.db") as db:
-            db.execute("UPDATE jobs SET params = ? WHERE id = ?", (params, job_id))
-        return
-    import psycopg
-
-    with psycopg.connect(database_url, autocommit=True) as db:
-        db.execute("UPDATE jobs SET params = %s::jsonb WHERE id = %s", (params, job_id))
-
-
 # What an unreadable record can hold, and what its error must name. JSONB refuses text that is not JSON, so
 # that one is SQLite's only.
 UNREADABLE = {
@@ -188,7 +177,7 @@ def test_an_unreadable_record_is_shown_failed_and_hides_no_other(
     store.finish(good.id, JobStatus.SUCCEEDED, result=JobResult(model_version="v", test_accuracy=0.5, promoted=True))
     bad = store.create(TrainParams())
     store.finish(bad.id, JobStatus.SUCCEEDED, result=JobResult(model_version="w", test_accuracy=0.5, promoted=True))
-    _poison(database_url, tmp_path, bad.id, stored)
+    poison(database_url, tmp_path / "state", bad.id, stored)
 
     listed = {job.id: job for job in store.newest_first()}
     assert set(listed) == {good.id, bad.id}
@@ -202,7 +191,7 @@ def test_an_unreadable_record_is_shown_failed_and_hides_no_other(
 def test_an_unreadable_active_record_is_settled_so_new_jobs_can_start(
         store: JobStore, database_url: str | None, tmp_path: Path) -> None:
     stuck = store.create(TrainParams())
-    _poison(database_url, tmp_path, stuck.id, '{"norm_lr_scale": null}')
+    poison(database_url, tmp_path / "state", stuck.id, '{"norm_lr_scale": null}')
     # Before the fix it held the one active slot: every POST /train was a 409 that no cancel could clear.
     assert store.active() is None
     assert store.get(stuck.id).status == JobStatus.FAILED
@@ -213,7 +202,7 @@ def test_an_unreadable_active_record_is_settled_so_new_jobs_can_start(
 def test_a_conflict_with_an_unreadable_active_record_settles_it_and_creates(
         store: JobStore, database_url: str | None, tmp_path: Path) -> None:
     stuck = store.create(TrainParams())
-    _poison(database_url, tmp_path, stuck.id, '{"epochs": -5}')
+    poison(database_url, tmp_path / "state", stuck.id, '{"epochs": -5}')
     fresh = store.create(TrainParams(epochs=2))  # the insert collides, settles the bad record, then goes in
     assert fresh.status == JobStatus.QUEUED and store.active().id == fresh.id
     assert "epochs" in store.get(stuck.id).error
@@ -224,7 +213,7 @@ def test_old_records_with_removed_or_renamed_options_still_load(
     monkeypatch.setattr(parameters, "RENAMED_OPTIONS", {"n_epochs": "epochs"})
     job = store.create(TrainParams())
     store.finish(job.id, JobStatus.FAILED, error="x")
-    _poison(database_url, tmp_path, job.id, '{"n_epochs": 4, "a_knob_since_removed": true, "seed": 7}')
+    poison(database_url, tmp_path / "state", job.id, '{"n_epochs": 4, "a_knob_since_removed": true, "seed": 7}')
     loaded = store.get(job.id)
     assert loaded.status == JobStatus.FAILED and loaded.error == "x"
     assert loaded.params.epochs == 4 and loaded.params.seed == 7
