@@ -157,6 +157,7 @@ def test_weights_and_card_are_written_durably_and_readable_by_other_users(tmp_pa
         assert log.durably_replaced(directory / name)
 
 
-def test_weights_holding_nan_are_refused_with_the_reason(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_weights_holding_nan_are_refused_with_the_reason(tmp_path, dtype):
     with pytest.raises(CheckpointError, match="NaN or infinite values in 1 tensor.*diverged"):
-        load_checkpoint(diverged_checkpoint(tmp_path / "nan"))
+        load_checkpoint(diverged_checkpoint(tmp_path / "nan", dtype=dtype))

@@ -65,10 +65,10 @@ def with_calibration(checkpoint: Path, directory: Path, temperature: float = 2.0
     return directory
 
 
-def diverged_checkpoint(directory: Path, architecture: str = "resnet18") -> Path:
+def diverged_checkpoint(directory: Path, architecture: str = "resnet18", dtype: str = "float32") -> Path:
     """A checkpoint as a diverged run would write it: a valid card over weights holding NaN."""
     model = build_model(architecture)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
-    save_checkpoint(model, directory, architecture=architecture, test_accuracy=0.1)
+    save_checkpoint(model, directory, architecture=architecture, dtype=dtype, test_accuracy=0.1)
     return directory
