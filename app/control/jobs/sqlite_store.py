@@ -1,9 +1,10 @@
 """The embedded job store: SQLite in ``APP_STATE_DIR/jobs.db``, and a file lock beside it electing the runner.
 
-Each call opens its own short-lived connection, so the store is safe to use from the event loop and from worker
-threads alike, and from several processes sharing the state directory on one host (SQLite's locks need one
-kernel: not a network file system). The runner is whichever process holds ``flock`` on
-``APP_STATE_DIR/runner.lock``; the kernel drops the lock when that process dies, even by SIGKILL.
+Each call opens its own short-lived connection, so the store is safe to use from any thread (async code calls
+it from worker threads: a locked database must not hold an event loop for the busy timeout), and from several
+processes sharing the state directory on one host (SQLite's locks need one kernel: not a network file system).
+The runner is whichever process holds ``flock`` on ``APP_STATE_DIR/runner.lock``; the kernel drops the lock
+when that process dies, even by SIGKILL.
 """
 
 from __future__ import annotations

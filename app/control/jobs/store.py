@@ -10,6 +10,12 @@ Both keep the same guarantees in the database itself, so they hold whoever asks:
 or running (a partial unique index), every status change is a compare-and-set (``claim``, ``finish`` and
 ``requeue`` only move a job from the statuses they name, so a late writer cannot overwrite an outcome), and
 the store hands out the ``RunnerLock`` that elects the one process that runs jobs.
+
+Both are synchronous, and every call is bounded: SQLite waits at most its ``BUSY_TIMEOUT_S`` for a lock, PostgreSQL
+calls have a pool wait, a statement timeout and a client-side deadline (postgres_store.py). A call that runs out
+of time raises ``JobStoreUnavailable``. Async code calls them in worker threads (the runner's ``_call``), so a
+slow database never holds an event loop. Every record reads back: parameters are checked to survive being
+stored before they are, and a record that still cannot be read is shown as a failed job (``job_from_row``).
 """
 
 from __future__ import annotations
