@@ -222,7 +222,7 @@ class JobRunner:
                     logger.warning("job %s was running when its runner last stopped; marked interrupted", job.id)
                     marked.append(job.id)
             except Exception:
-                logger.exception("could not recover job %s; the next election round tries again", job.id)
+                logger.exception("could not recover job %s; it stays as recorded until the next election", job.id)
         return marked
 
     async def shutdown(self) -> None:
