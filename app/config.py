@@ -124,8 +124,9 @@ class Settings(BaseSettings):
                             "directory (runs/<id>/)")
     registry_dir: Path | None = Field(None, description="the model registry; unset = $APP_STATE_DIR/registry")
     data_dir: Path = Field(Path("data"), description="the folder holding cifar-10-batches-py/ for training jobs")
-    data_skip_integrity_check: bool = Field(False, description="pass --skip-integrity-check to training: "
-                                            "needed for rebuilt copies such as ../shared/cifar10")
+    data_skip_integrity_check: bool = Field(False, description="pass --skip-integrity-check to training: for a "
+                                            "copy of CIFAR-10 that is not byte-identical to torchvision's download "
+                                            "(the same images re-pickled), which fails its MD5 check")
     promote: Literal["if-better", "always", "never"] = Field("if-better", description="what a successful "
                                                              "job does with its model (app/control/promotion.py)")
     training_device: str = Field("auto", description="--device of training jobs: auto, cpu, cuda or cuda:N")
@@ -142,6 +143,11 @@ class Settings(BaseSettings):
                                "current and previous ones always); 0 = keep all")
     registry_poll_s: float = Field(5.0, ge=0, description="how often to check the registry's current version "
                                    "and serve one another replica promoted; 0 = never")
+
+    def __init__(self, **values: object) -> None:
+        super().__init__(**values)  # type: ignore[arg-type]  # pydantic-settings types its own keywords only
+        if not values:  # read from the environment alone, as the service starts (uvicorn app.main:app included)
+            refuse_unknown_variables()
 
     @field_validator("device", "training_device")
     @classmethod
@@ -190,6 +196,12 @@ class Settings(BaseSettings):
                 f"APP_ADMIN_TOKEN must be a real secret of at least {MIN_TOKEN_LENGTH} characters, not a "
                 "placeholder; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
+        if token != token.strip():
+            # A token read from a file or a secret store often ends in a newline; no client sends that, so
+            # every admin request would be refused with 403 while the token looked set (issue 22).
+            raise ValueError("APP_ADMIN_TOKEN has whitespace (a space or a newline) at its start or end, which no "
+                             "request's Authorization header can carry, so it would never match; remove it "
+                             "(e.g. printf '%s' \"$TOKEN\", or tr -d '\\n' when reading it from a file)")
         return token
 
     @model_validator(mode="after")
@@ -244,14 +256,28 @@ def _explain(detail: ErrorDetails) -> str:
 
 
 def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
-    """A warning for each ``APP_*`` variable that is no setting (a typo is otherwise silently ignored)."""
+    """A line for each ``APP_*`` variable that is no setting, with a guess at the one meant."""
+    return [f"{variable} is not a setting and is ignored{guess}" for variable, guess in _unknown(environ)]
+
+
+def refuse_unknown_variables(environ: Mapping[str, str] = os.environ) -> None:
+    """Raise ``SettingsError`` naming every ``APP_*`` variable that is no setting. A misspelt setting would
+    otherwise be silently ignored, and its default used instead: a wrong admin token name leaves the admin
+    routes off, a wrong limit's name leaves the limit at its default. ``Settings()`` calls it whenever it reads
+    the environment alone, so every way of starting the service refuses them, uvicorn's included."""
+    unknown = _unknown(environ)
+    if unknown:
+        raise SettingsError("\n".join(f"{variable} is not a setting{guess}; correct or unset it (every APP_* "
+                                      "variable is read as a setting)" for variable, guess in unknown))
+
+
+def _unknown(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     known = {f"APP_{name.upper()}" for name in Settings.model_fields}
-    warnings = []
+    found = []
     for variable in sorted(environ):
         upper = variable.upper()
         if not upper.startswith("APP_") or upper in known:
             continue
         close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
-        guess = f"; did you mean {close[0]}?" if close else "; docs/service.md lists the settings"
-        warnings.append(f"{variable} is not a setting and is ignored{guess}")
-    return warnings
+        found.append((variable, f"; did you mean {close[0]}?" if close else "; docs/service.md lists the settings"))
+    return found

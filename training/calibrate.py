@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint directory (model.safetensors + card.json); its card.json is rewritten")
     parser.add_argument("--data-dir", type=Path, required=True, help="folder that holds cifar-10-batches-py")
     parser.add_argument("--skip-integrity-check", action="store_true",
-                        help="skip torchvision's MD5 check (needed for rebuilt copies, as in `python -m training`)")
+                        help="skip torchvision's MD5 check, for a copy of CIFAR-10 that is not byte-identical to "
+                             "torchvision's download (as in `python -m training`)")
     parser.add_argument("--test-limit", type=_positive, metavar="N",
                         help="report on only the first N test images (default: all; the fit never uses them)")
     parser.add_argument("--out-dir", type=Path, help="also write reliability.png and a metrics record here")

@@ -88,9 +88,10 @@ class TrainingConfig:
                             help="fetch CIFAR-10 into --data-dir if absent (needs the internet)")
     skip_integrity_check: bool = option(
         False, group="data", switch="flag", job=False,
-        help="skip torchvision's MD5 check of the batch files. Needed for rebuilt copies such as ../shared/cifar10, "
-             "whose pickles hold the same images and labels in different bytes; without it they are refused as "
-             "corrupt")
+        help="skip torchvision's MD5 check of the batch files, for a copy of CIFAR-10 that is not byte-identical "
+             "to torchvision's download (the same images and labels, pickled again); without it such a copy is "
+             "refused as corrupt. The files are then read through an allow-list that refuses any pickle a "
+             "CIFAR-10 batch could not be")
     train_limit: int | None = option(None, group="data", minimum=1, metavar="N",
                                      help="use only the first N training images (smoke runs; default: all)")
     test_limit: int | None = option(None, group="data", minimum=1, metavar="N",

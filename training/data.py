@@ -6,11 +6,14 @@ no DataLoader, no worker processes, no host-to-device copies per step.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
@@ -24,41 +27,40 @@ BATCH_FILES = tuple(name for name, _ in CIFAR10.train_list + CIFAR10.test_list)
 META_FILE = CIFAR10.meta["filename"]
 
 
-# The rebuilt copy this project is developed with (../shared/cifar10, its README's table of SHA-256s): the
-# test set is exact, but training images 4,000-49,999 were decoded from JPEG, which costs a trained model up
-# to about a point of accuracy against the original files. A model card trained on it says so.
-REBUILT_COPY_SHA256 = {
-    "data_batch_1": "756ab69cffccfc6512a758cd6f94d50d6d38cd4685dd3d3918ae260560b4f269",
-    "data_batch_2": "8105b2b3faf99c773949a057176e12ece5376d3ba077eb196fb84cc8303a4f59",
-    "data_batch_3": "2e8ce0a4ac13569e2cef477973f38bd1716a1fd163d19375a6b39648c12d607e",
-    "data_batch_4": "ff5efad5ee2e126bec933cd1114325a06082109efd987b198019642ea29668e2",
-    "data_batch_5": "4d73b768db210e0cf5b9cf8544da5ebb5b7c84d05680a1fb99888339e2ae76b7",
-    "test_batch": "bfe2b4c5aaaeae1da41e9ba26c047aaeb71b7560201e2f77379865314dd36a26",
-}
-REBUILT_COPY_NOTE = ("this is the rebuilt copy of ../shared/cifar10: the test set is exact, but 92 % of the "
-                     "training images (4,000-49,999) were decoded from JPEG (quality about 75, about 30 dB PSNR), "
-                     "which may cost up to about a point of test accuracy against training on the original files")
-
-
 class DatasetError(RuntimeError):
     """The dataset is missing, corrupt or unreadable; the message says what to do."""
 
 
-class _CIFAR10WithoutMD5(CIFAR10):
-    """torchvision's CIFAR10 with the MD5 check replaced by a presence check.
+# What a CIFAR-10 batch pickle may name: a dict of lists and one uint8 numpy array. The official files
+# (pickled by Python 2's numpy) and copies re-pickled since name only these; a pickle may otherwise name any
+# callable, which loading runs. With the MD5 check on, torchvision only ever unpickles the official bytes;
+# with it skipped (--skip-integrity-check) the bytes are unknown, so they go through this allow-list instead.
+_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),  # protocols 0-4
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+    ("_codecs", "encode"),  # how Python 3 writes bytes into a protocol-2 pickle
+})
 
-    Rebuilt copies (../shared/cifar10) hold the official images and labels in pickles whose bytes differ from
-    the originals, so every MD5 differs; this is used only when the user passes --skip-integrity-check.
-    """
 
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name in BATCH_FILES)
+class ForbiddenPickle(pickle.UnpicklingError):
+    """A batch file's pickle names a callable no CIFAR-10 batch needs; it was not loaded."""
 
-    def _load_meta(self) -> None:
-        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as handle:
-            self.classes = pickle.load(handle, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise ForbiddenPickle(f"it names {module}.{name}, which no CIFAR-10 batch holds")
+        return super().find_class(module, name)
+
+
+def read_batch(path: Path) -> dict[str, Any]:
+    """One batch file, through the allow-list (``_PICKLE_GLOBALS``): never runs code a pickle names."""
+    with open(path, "rb") as handle:
+        entry = _BatchUnpickler(handle, encoding="latin1").load()
+    if not isinstance(entry, dict):
+        raise ValueError(f"it holds a {type(entry).__name__}, not a batch")
+    return entry
 
 
 @dataclass(frozen=True)
@@ -109,37 +111,74 @@ def load_cifar10(
 def load_split(
     data_dir: str | os.PathLike[str], *, train: bool, download: bool = False, skip_integrity_check: bool = False,
 ) -> ImageSet:
-    """One split as uint8 tensors; every failure becomes a DatasetError with a one-line message."""
+    """One split as uint8 tensors; every failure becomes a DatasetError with a one-line message.
+
+    ``skip_integrity_check`` is for a copy of CIFAR-10 that is not byte-identical to torchvision's download (the
+    same images and labels, pickled again): its files fail the MD5 check, so they are read without it, each
+    through an allow-list of what a batch pickle may hold."""
     root = Path(data_dir)
     folder = root / BATCH_FOLDER
-    dataset_class = _CIFAR10WithoutMD5 if skip_integrity_check else CIFAR10
-    if not download:
+    if not download or (skip_integrity_check and folder.is_dir()):
         _require_files(root, folder)
     try:
-        dataset = dataset_class(root=str(root), train=train, download=download)
+        if skip_integrity_check and folder.is_dir():
+            data, targets = _read_unverified(folder, train)
+        else:
+            dataset = CIFAR10(root=str(root), train=train, download=download)  # MD5-checked, then unpickled
+            data, targets = dataset.data, dataset.targets
     except RuntimeError as error:
         if download:
             raise DatasetError(f"could not download CIFAR-10 into {root}: {error}") from None
         failing = [name for name, md5 in CIFAR10.train_list + CIFAR10.test_list
                    if not check_integrity(str(folder / name), md5)]
         raise DatasetError(
-            f"{', '.join(failing) or 'batches.meta'} in {folder} fail torchvision's MD5 check: corrupt, or a "
-            "rebuilt copy such as ../shared/cifar10 whose pickles differ byte-wise; pass --skip-integrity-check "
-            "to load a rebuilt copy, or download afresh with --download into an empty --data-dir"
+            f"{', '.join(failing) or 'batches.meta'} in {folder} fail torchvision's MD5 check: corrupt, or a copy "
+            "of CIFAR-10 that is not byte-identical to torchvision's download (the same images re-pickled); pass "
+            "--skip-integrity-check to load such a copy, or download afresh with --download into an empty "
+            "--data-dir"
         ) from None
+    except ForbiddenPickle as error:
+        raise DatasetError(f"{folder} holds a batch file that is no CIFAR-10 pickle ({error}); it was not "
+                           "loaded. Replace the folder with an intact copy, or download afresh with --download "
+                           "into an empty --data-dir") from None
     except OSError as error:  # network failures during --download, unreadable files
         raise DatasetError(f"could not read or fetch CIFAR-10 in {root}: {error}") from None
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as error:
         raise DatasetError(f"{folder} holds a corrupt CIFAR-10 batch file ({type(error).__name__}: {error}); "
                            "replace it with an intact copy, or download afresh with --download") from None
-    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
-    labels = torch.tensor(dataset.targets, dtype=torch.int64)
+    images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
+    labels = torch.tensor(targets, dtype=torch.int64)
     if images.shape[1:] != (3, 32, 32) or len(labels) != len(images) or len(labels) == 0:
         raise DatasetError(f"{folder} holds {tuple(images.shape)} images for {len(labels)} labels; "
                            "expected N x 32 x 32 x 3 images with one label each")
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise DatasetError(f"{folder} has labels outside 0..{NUM_CLASSES - 1}: not CIFAR-10")
     return ImageSet(images=images, labels=labels)
+
+
+def _read_unverified(folder: Path, train: bool) -> tuple[np.ndarray, list[int]]:
+    """The batch files of one split as torchvision lays them out (N x 32 x 32 x 3 uint8, labels), read
+    through ``read_batch``."""
+    names = [name for name, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
+    arrays: list[np.ndarray] = []
+    targets: list[int] = []
+    for name in names:
+        entry = read_batch(folder / name)
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        arrays.append(data.reshape(-1, 3, 32, 32))
+        targets.extend(int(label) for label in entry.get("labels", entry.get("fine_labels", [])))
+    return np.ascontiguousarray(np.vstack(arrays).transpose(0, 2, 3, 1)), targets
+
+
+def test_set_fingerprint(test: ImageSet) -> str:
+    """SHA-256 over exactly the images and labels a test accuracy is measured on, in order (after any
+    ``--test-limit``): two cards' accuracies compare only when their fingerprints are equal. It covers the
+    decoded pixels rather than the files, so the same images compare equal whatever pickle holds them."""
+    digest = hashlib.sha256(b"cifar-serve test set v1\0")
+    digest.update(len(test).to_bytes(8, "little"))
+    digest.update(test.labels.cpu().numpy().astype("<i8").tobytes())
+    digest.update(test.images.cpu().contiguous().numpy().astype("uint8").tobytes())  # N x 3 x 32 x 32, RGB
+    return digest.hexdigest()
 
 
 def _require_files(root: Path, folder: Path) -> None:
@@ -158,13 +197,11 @@ def describe_provenance(
 ) -> str:
     folder = Path(data_dir).resolve() / BATCH_FOLDER
     if skip_integrity_check:
-        # The MD5s say nothing about a rebuilt copy, so name its exact bytes (../shared/cifar10's README lists
-        # the full SHA-256 of each file for comparison).
+        # The MD5s say nothing about a copy that is not byte-identical, so name its exact bytes: whoever made
+        # the copy can compare them with the SHA-256s they publish for it.
         digests = {name: file_sha256(folder / name) for name in BATCH_FILES}
         listed = " ".join(f"{name}={digest[:12]}" for name, digest in digests.items())
         check = f"MD5 check skipped (--skip-integrity-check); SHA-256 prefixes {listed}"
-        if digests == REBUILT_COPY_SHA256:
-            check += f"; {REBUILT_COPY_NOTE}"
     else:
         check = "torchvision MD5 check passed"
     return (f"CIFAR-10 (cifar-10-batches-py via torchvision) from {folder}; {check}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -31,6 +32,19 @@ PROGRESS_LINE_EVERY_S = 30.0
 # On a CPU an epoch can take many minutes (ResNet-50: about half an hour): after this many steps, timed from
 # the second step on so the first step's one-off set-up is left out, the run says how long it will take.
 ESTIMATE_AFTER_STEPS = 6
+# Steps between checks that the loss is still finite. Each check reads one number from the device (a sync), so
+# not every step; a diverged run then stops within this many steps rather than training to the end and
+# shipping NaN weights (issue 22). Every epoch's end checks too, on the loss summed over all ranks.
+DIVERGENCE_CHECK_EVERY = 20
+
+
+class Diverged(RuntimeError):
+    """The loss (or the weights) stopped being finite numbers: training cannot recover from that."""
+
+    def __init__(self, what: str, epoch: int, step: int | None, lr: float | torch.Tensor) -> None:
+        where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
+        super().__init__(f"training diverged: {what} at {where} (learning rate {float(lr):.4g}); lower --lr or "
+                         "--norm-lr-scale, or lengthen --warmup-epochs, and train again. No checkpoint was written")
 
 
 @dataclass(frozen=True)
@@ -191,6 +205,10 @@ def train_one_epoch(
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         progress.update()
+        # The running sum stays non-finite once any step's loss was. Only alone: under DDP one rank raising
+        # mid-epoch would leave the others waiting in an all-reduce, so there the epoch's end decides.
+        if worker.world_size == 1 and step % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+            raise Diverged(f"the loss became {loss.item()}", epoch + 1, step + 1, learner.scheduler.get_last_lr()[0])
         if announce_speed and worker.is_main and step in (0, ESTIMATE_AFTER_STEPS):
             synchronize(device)
             if step == 0:
@@ -211,4 +229,13 @@ def train_one_epoch(
     synchronize(device)
     seconds = time.perf_counter() - start
     loss_total, correct_total = totals.tolist()
+    if not math.isfinite(loss_total):
+        raise Diverged(f"the epoch's mean loss is {loss_total / images}", epoch + 1, None,
+                       learner.scheduler.get_last_lr()[0])
     return EpochResult(loss=loss_total / images, accuracy=correct_total / images, images=images, seconds=seconds)
+
+
+def non_finite_weights(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters and buffers that hold a NaN or an infinity."""
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]

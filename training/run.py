@@ -14,7 +14,7 @@ from tqdm import tqdm
 from model.checkpoint import Calibration, load_checkpoint, save_checkpoint
 from training.cli import Command
 from training.config import TrainingConfig, write_config
-from training.data import CifarSplits, ImageSet, load_cifar10, load_split
+from training.data import CifarSplits, ImageSet, load_cifar10, load_split, test_set_fingerprint
 from training.distributed import Worker, main_first, resolve_device, start_distributed, stop_distributed
 from training.evaluate import Evaluation, evaluate, predict
 from training.interrupt import Interrupted
@@ -28,7 +28,7 @@ from training.layout import (
     RELIABILITY_FILE,
     STATE_FILE,
 )
-from training.loop import Learner, build_learner, train_one_epoch
+from training.loop import Diverged, Learner, build_learner, non_finite_weights, train_one_epoch
 from training.metrics import MetricsLog, epoch_log_line, read_metrics
 from training.plots import GRID_IMAGES, plot_confusion_matrix, plot_curves, plot_predictions, plot_reliability
 from training.precision import autocast_for, resolve_precision
@@ -187,6 +187,9 @@ class TrainingRun:
         device = device_name(self.worker.device)
         if self.worker.world_size > 1:
             device = f"{self.worker.world_size} x {device}"
+        if broken := non_finite_weights(learner.evaluated_model):
+            raise Diverged(f"{len(broken)} weight tensor(s) hold NaN or infinity ({', '.join(broken[:3])})",
+                           config.epochs, None, learner.scheduler.get_last_lr()[0])
         calibration = None
         if self.worker.is_main:
             calibration = self._calibrate(learner, data)
@@ -196,6 +199,7 @@ class TrainingRun:
                 train_seconds=round(self.train_seconds, 3), device=device, precision=self.precision,
                 git_commit=self.git_commit,
                 data_provenance=data.provenance, calibration=calibration,
+                test_set_sha256=test_set_fingerprint(data.test),
             )
             if config.plots:
                 self._plot(learner, data.test, test_result)

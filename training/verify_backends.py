@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint directory (model.safetensors + card.json); the report is written there")
     parser.add_argument("--data-dir", required=True, help="folder that holds cifar-10-batches-py")
     parser.add_argument("--skip-integrity-check", action="store_true",
-                        help="skip torchvision's MD5 check, for rebuilt copies such as ../shared/cifar10")
+                        help="skip torchvision's MD5 check, for a copy of CIFAR-10 that is not byte-identical to "
+                             "torchvision's download (as in `python -m training`)")
     parser.add_argument("--device", type=parse_device_name, default="auto",
                         help="auto, cpu, cuda or cuda:N; auto picks cuda when present (default %(default)s)")
     parser.add_argument("--batch-sizes", type=_positive(int), nargs="+", default=list(defaults.batch_sizes),

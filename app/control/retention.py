@@ -3,8 +3,14 @@ without bound (``APP_KEEP_RUNS``, ``APP_KEEP_VERSIONS``).
 
 Only the replica that runs jobs prunes (at start-up and after each successful job), so two replicas never
 race to delete the same directory. Never deleted: a queued or running job's directory, the registry's
-``current`` and ``previous`` versions (``ModelRegistry.prune``). A pruned job keeps its record; only its
-files (log, metrics, training state, checkpoint) go.
+``current`` and ``previous`` versions, and any version a serving replica recorded it serves
+(``ModelRegistry.record_serving``; ``ModelRegistry.prune``). A pruned job keeps its record; only its files
+(log, metrics, training state, checkpoint) go. Leftover ``.staging-*``/``.deleting-*`` folders of
+interrupted registrations and deletions go too.
+
+The versions it keeps are verified against their SHA256SUMS each time (``verify_kept``): a damaged one is
+logged as an error naming the file, and is replaced by the next registration of the same weights; retention
+never deletes it by itself, since it may be ``current``, and an operator should see why.
 """
 
 from __future__ import annotations
@@ -39,12 +45,25 @@ def prune_runs(store: JobStore, runs_dir: Path, keep: int) -> list[str]:
     return deleted
 
 
+def verify_kept(registry: ModelRegistry) -> dict[str, list[str]]:
+    """Check every registered version's files against its SHA256SUMS; logs and returns the damaged ones."""
+    damaged = {}
+    for model in registry.versions():
+        if problems := registry.verify(model.version):
+            damaged[model.version] = problems
+            logger.error("registry version %s is damaged: %s; register its checkpoint again to repair it",
+                         model.version, "; ".join(problems))
+    return damaged
+
+
 def prune(store: JobStore, runs_dir: Path, registry: ModelRegistry, keep_runs: int, keep_versions: int) -> None:
-    """Apply both policies; a failure is logged, never raised: retention must not fail a job or a start."""
+    """Apply both policies, then verify what is kept; a failure is logged, never raised: retention must not
+    fail a job or a start."""
     try:
         runs = prune_runs(store, runs_dir, keep_runs)
         versions = registry.prune(keep_versions)
-    except OSError:
+        verify_kept(registry)
+    except Exception:  # the job store may be down (JobStoreUnavailable), the disk odd: logged, retried next time
         logger.exception("pruning old runs and model versions failed")
         return
     if runs or versions:

@@ -1,7 +1,12 @@
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import Settings, SettingsError, load_settings
+from tests.support import REPO_ROOT
 
 
 def test_defaults(monkeypatch):
@@ -88,3 +93,32 @@ def test_a_request_pixel_budget_below_one_image_is_refused():
 def test_model_names_that_do_not_fit_in_a_url_path_are_refused(name):
     with pytest.raises(ValidationError, match="model_name"):
         Settings(model_name=name)
+
+
+@pytest.mark.parametrize("token", ["a-long-enough-real-secret\n", " a-long-enough-real-secret",
+                                   "a-long-enough-real-secret\t"])
+def test_an_admin_token_with_surrounding_whitespace_is_refused(monkeypatch, token):
+    monkeypatch.setenv("APP_ADMIN_TOKEN", token)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert "APP_ADMIN_TOKEN has whitespace" in str(error.value) and "never match" in str(error.value)
+    assert "real-secret" not in str(error.value)
+
+
+def test_a_misspelt_setting_is_refused_when_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("APP_MAX_BACH_SIZE", "8")
+    with pytest.raises(SettingsError, match="APP_MAX_BACH_SIZE is not a setting; did you mean APP_MAX_BATCH_SIZE"):
+        Settings()
+    with pytest.raises(SettingsError, match="APP_MAX_BACH_SIZE"):
+        load_settings()
+    assert Settings(device="cpu").device == "cpu"  # explicit settings (tests, embedding) read no stray variables
+
+
+def test_uvicorn_refuses_a_misspelt_setting_too(tmp_path):
+    """The path that skipped the check before: `uvicorn app.main:app`, not `python -m app`."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("APP_")}
+    env |= {"APP_ADMIN_TOKNE": "a-long-enough-real-secret", "APP_STATE_DIR": str(tmp_path)}
+    started = subprocess.run([sys.executable, "-m", "uvicorn", "app.main:app", "--port", "0"], cwd=REPO_ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode != 0
+    assert "APP_ADMIN_TOKNE is not a setting; did you mean APP_ADMIN_TOKEN?" in started.stderr

@@ -18,7 +18,7 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.labels import CLASS_NAMES
-from tests.support.checkpoints import make_checkpoint
+from tests.support.checkpoints import diverged_checkpoint, make_checkpoint
 from tests.support.durability import record_fsyncs
 
 
@@ -155,3 +155,9 @@ def test_weights_and_card_are_written_durably_and_readable_by_other_users(tmp_pa
         # safetensors' own save_file creates 0600, unreadable to a container's other UID.
         assert (directory / name).stat().st_mode & 0o777 == 0o644
         assert log.durably_replaced(directory / name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_weights_holding_nan_are_refused_with_the_reason(tmp_path, dtype):
+    with pytest.raises(CheckpointError, match="NaN or infinite values in 1 tensor.*diverged"):
+        load_checkpoint(diverged_checkpoint(tmp_path / "nan", dtype=dtype))

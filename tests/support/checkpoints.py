@@ -3,25 +3,41 @@ trained ones)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from model.architectures import build_model
 from model.checkpoint import CARD_FILE, Calibration, OutOfDistributionRule, read_card, save_checkpoint, write_card
+from tests.support.cifar10 import write_cifar10
+from training.data import load_split, test_set_fingerprint
 
 
 def make_checkpoint(directory: Path, seed: int = 0, architecture: str = "resnet18",
-                    test_accuracy: float | None = None) -> Path:
+                    test_accuracy: float | None = None, test_set_sha256: str | None = "synthetic") -> Path:
     """A random-init checkpoint; its card claims ``test_accuracy`` (to steer the if-better promotion
-    policy), by default 0.1 + seed / 100."""
+    policy), by default 0.1 + seed / 100, measured on the test set ``test_set_sha256`` names: by default the
+    synthetic one (``synthetic_cifar10``'s, which the tests' training runs are scored on), None for a card from
+    before test-set fingerprints."""
     torch.manual_seed(seed)
     model = build_model(architecture)
     accuracy = 0.1 + seed / 100 if test_accuracy is None else test_accuracy
-    save_checkpoint(model, directory, architecture=architecture, test_accuracy=accuracy)
+    fingerprint = synthetic_test_set_sha256() if test_set_sha256 == "synthetic" else test_set_sha256
+    save_checkpoint(model, directory, architecture=architecture, test_accuracy=accuracy,
+                    test_set_sha256=fingerprint)
     return directory
+
+
+@functools.cache
+def synthetic_test_set_sha256() -> str:
+    """The test-set fingerprint a training run on the ``synthetic_cifar10`` data records (no test_limit)."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = write_cifar10(Path(folder))
+        return test_set_fingerprint(load_split(root, train=False, skip_integrity_check=True))
 
 
 def with_input_size(checkpoint: Path, directory: Path, input_size: int) -> Path:
@@ -46,4 +62,13 @@ def with_calibration(checkpoint: Path, directory: Path, temperature: float = 2.0
                               test_nll_after=0.3, holdout_nll_before=0.5, holdout_nll_after=0.3, ood=rule)
     card = read_card(directory).model_copy(update={"calibration": calibration})
     write_card(card, directory / CARD_FILE)
+    return directory
+
+
+def diverged_checkpoint(directory: Path, architecture: str = "resnet18", dtype: str = "float32") -> Path:
+    """A checkpoint as a diverged run would write it: a valid card over weights holding NaN."""
+    model = build_model(architecture)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_checkpoint(model, directory, architecture=architecture, dtype=dtype, test_accuracy=0.1)
     return directory

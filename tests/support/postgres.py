@@ -14,6 +14,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -88,19 +89,43 @@ class PostgresServer:
             admin.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def processes(self) -> list[int]:
+        """The postmaster's PID and its children's (the backends and background workers)."""
+        postmaster = int((self._data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            if int(text[text.rindex(")") + 2:].split()[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the server: its sockets stay open and the kernel still acknowledges
+        packets, but nothing answers, as with a server stuck on a dead disk or swapped out."""
+        for pid in self.processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if (self._data / "postmaster.pid").is_file():
+            for pid in self.processes():
+                os.kill(pid, signal.SIGCONT)
+
     def log(self) -> str:
         path = self.socket_dir / "server.log"
         return path.read_text() if path.is_file() else ""
 
 
 @contextmanager
-def running_postgres() -> Iterator[PostgresServer]:
-    """A new server in a temporary folder, stopped and removed afterwards (the tests' session fixture, and
-    benchmarks/faults.py, which stops and freezes it)."""
+def running_server() -> Iterator[PostgresServer]:
+    """A new server of its own, stopped and deleted afterwards (the tests' fixtures, and benchmarks/faults.py,
+    which stops and freezes it)."""
     binaries = postgres_binaries()
     if binaries is None:
         raise PostgresMissing("PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin); "
-                              "apt-get install postgresql, as .ci/run does")
+                    "apt-get install postgresql, as .ci/run does")
     user = _unprivileged_user()
     # Not under pytest's tmp_path: that is private to the user running the tests (mode 0700), and the server
     # may run as another.
@@ -118,6 +143,7 @@ def running_postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         try:
+            server.thaw()
             server.stop()
         except subprocess.CalledProcessError:
             pass  # already stopped (a test or benchmark stopped it on purpose)
@@ -129,14 +155,27 @@ class PostgresMissing(RuntimeError):
     """No PostgreSQL binaries on this machine."""
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+@contextmanager
+def _server_for_tests() -> Iterator[PostgresServer]:
     pytest.importorskip("psycopg", reason="psycopg is the [postgres] extra: pip install -e '.[test]'")
     try:
-        with running_postgres() as server:
+        with running_server() as server:
             yield server
     except PostgresMissing as missing:
         pytest.skip(str(missing))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    with _server_for_tests() as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres_server() -> Iterator[PostgresServer]:
+    """A server for one test alone: for tests that stop or freeze it, which would disturb the others."""
+    with _server_for_tests() as server:
+        yield server
 
 
 @pytest.fixture

@@ -2,6 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.training.conftest import tiny_run_args
+from training import loop
+from training.__main__ import main
 from training.loop import build_learner, smoothed_cross_entropy, speed_estimate
 
 
@@ -52,3 +55,21 @@ def test_progress_line():
 
     assert progress_line(1, 35, 120, 390, 1.23456, 411.7) == ("epoch 1/35: step 120/390 (31 %), loss 1.235, "
                                                               "412 images/s")
+
+
+def test_a_run_whose_loss_diverges_stops_with_a_clear_error_and_no_checkpoint(synthetic_cifar10, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # A learning rate far past any that trains: the loss is NaN within the first epoch.
+    status = main(tiny_run_args(synthetic_cifar10, run_dir, "--lr", "100", "--norm-lr-scale", "1e30", "--no-plots"))
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "error: training diverged: the epoch's mean loss is nan at epoch 1" in error and "lower --lr" in error
+    assert not (run_dir / "checkpoint").exists()
+
+
+def test_the_loss_is_checked_within_an_epoch_too(synthetic_cifar10, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(loop, "DIVERGENCE_CHECK_EVERY", 1)
+    status = main(tiny_run_args(synthetic_cifar10, tmp_path / "run", "--lr", "100", "--norm-lr-scale", "1e30",
+                                "--no-plots"))
+    assert status == 1
+    assert "error: training diverged: the loss became nan at epoch 1, step " in capsys.readouterr().err

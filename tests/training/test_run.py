@@ -147,3 +147,12 @@ def test_torchrun_with_two_processes_shards_the_work_and_only_rank_0_writes(synt
     assert records[0]["world_size"] == 2
     assert records[-1]["test_images"] == 20, "the two test shards add up to the whole test set"
     assert load_checkpoint(run_dir / "checkpoint").card.device.startswith("2 x ")
+
+
+def test_the_card_fingerprints_the_exact_test_images_it_was_scored_on(trained_run, synthetic_cifar10):
+    from training.data import load_split, test_set_fingerprint
+
+    card = load_checkpoint(trained_run / "checkpoint").card
+    test = load_split(synthetic_cifar10, train=False, skip_integrity_check=True)
+    assert card.test_set_sha256 == test_set_fingerprint(test.take(0, 20))  # TINY_RUN's --test-limit 20
+    assert card.test_set_sha256 != test_set_fingerprint(test)

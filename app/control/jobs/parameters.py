@@ -48,8 +48,15 @@ def _field(default: Any, how: Option) -> Any:
 # A model made at import time, subclassed for the job API's own field and rules. Type checkers cannot see its
 # fields: the TYPE_CHECKING block names the one app code reads as an attribute, the rest go through model_dump().
 # Strict: a body's 0 is no boolean and "3" no number (the schema says so, and schemathesis holds us to it).
-_TrainingFields: Any = create_model("TrainingFields", __config__=ConfigDict(extra="forbid", frozen=True, strict=True),
+# Finite: JSON's 1e999 parses as infinity, which passes every bound ("> 0") but is stored as null and could
+# never be read back (issue 22: one such POST /train took every /train route and the next start-up down).
+_TrainingFields: Any = create_model("TrainingFields", __config__=ConfigDict(extra="forbid", frozen=True, strict=True,
+                                                                            allow_inf_nan=False),
                                     **_fields())
+
+# Options renamed since jobs were first stored: old name -> new name. A stored record is read through this
+# (``stored_params``), so an upgrade that renames an option keeps old jobs readable; add a line per rename.
+RENAMED_OPTIONS: dict[str, str] = {}
 
 
 class TrainParams(_TrainingFields):
@@ -87,3 +94,13 @@ class TrainParams(_TrainingFields):
         if batch_size is not None and (problem := split_problem(batch_size, value, spell=str)):
             raise ValueError(problem)
         return value
+
+
+def stored_params(stored: dict[str, Any]) -> tuple[TrainParams, list[str]]:
+    """A job's parameters as the store kept them, read by today's rules: renamed options under their new name,
+    options this version no longer has left out. Returns the parameters and the options left out (for the job's
+    record to mention). Raises ``ValueError`` (pydantic's ``ValidationError``) if what is left is not valid now."""
+    known = TrainParams.model_fields
+    current = {RENAMED_OPTIONS.get(name, name): value for name, value in stored.items()}
+    dropped = sorted(name for name in current if name not in known)
+    return TrainParams.model_validate({name: value for name, value in current.items() if name in known}), dropped

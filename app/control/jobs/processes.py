@@ -30,10 +30,13 @@ def start_time(pid: int) -> int | None:
 
 
 def is_alive(pid: int, started: int | None) -> bool:
-    """Whether ``pid`` is still the process that started at ``started``."""
+    """Whether ``pid`` is still the process that started at ``started``. Without a recorded start time the
+    answer is no: a PID alone may name any process by now (issue 22), and signalling a stranger is worse than
+    leaving an orphan, which its own run directory and the host's process list still show."""
+    if started is None:
+        return False
     if Path("/proc/self/stat").exists():
-        current = start_time(pid)
-        return current is not None and (started is None or current == started)
+        return start_time(pid) == started
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -43,8 +46,9 @@ def is_alive(pid: int, started: int | None) -> bool:
     return True
 
 
-# Secrets of the service that a training process has no use for.
-WITHHELD_VARIABLES = frozenset({"APP_ADMIN_TOKEN"})
+# Secrets of the service that a training process has no use for: the admin token, and the job database's
+# URL, which carries its password (training writes files; only the runner writes job records).
+WITHHELD_VARIABLES = frozenset({"APP_ADMIN_TOKEN", "APP_DATABASE_URL"})
 
 
 def launch(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.control.jobs import processes
 from app.control.jobs.progress import MetricsFollower, tail_lines
@@ -37,6 +37,7 @@ from training.cli import command_line
 from training.layout import CHECKPOINT_DIR, DATA_FOLDER, LOG_FILE, METRICS_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,9 @@ class TrainingCommand:
         if folder.is_dir():
             return None
         return (f"no CIFAR-10 in APP_DATA_DIR ({self.data_dir}): expected the folder {folder}. Put the dataset "
-                "there (the official cifar-10-python.tar.gz unpacked, or `.venv/bin/python ../shared/cifar10/"
-                f"compact/unpack.py --out {self.data_dir}` with APP_DATA_SKIP_INTEGRITY_CHECK=true), or point "
-                "APP_DATA_DIR at the folder that holds it; then POST /train again")
+                "there (the official cifar-10-python.tar.gz unpacked; a copy that is not byte-identical to it "
+                "also needs APP_DATA_SKIP_INTEGRITY_CHECK=true), or point APP_DATA_DIR at the folder that holds "
+                "it; then POST /train again")
 
     def _launcher(self, params: TrainParams) -> list[str]:
         if params.gpus > 1:
@@ -133,6 +134,8 @@ class JobRunner:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._stopping: dict[str, JobStatus] = {}
+        # Jobs whose training exited and whose model is being registered and promoted: past cancelling.
+        self._concluding: set[str] = set()
         self._campaign: asyncio.Task[None] | None = None
 
     @property
@@ -148,8 +151,13 @@ class JobRunner:
 
     async def start(self) -> None:
         """Try for the lock once now (so start-up logs say which this process is), then keep trying, or keep
-        checking it is still held, in the background."""
-        await self._stand()
+        checking it is still held, in the background. A job database that is down now does not stop the start:
+        the next round tries again."""
+        try:
+            await self._stand()
+        except Exception:
+            logger.exception("the job runner's first election round failed; retrying every %g s",
+                             self.election_interval_s)
         if not self.elected and self.lock is not None:
             logger.warning("standby: another process holds %s and runs the training jobs in %s; this one serves "
                            "predictions, queues jobs for it and takes over if it stops", self.lock.holder,
@@ -159,48 +167,62 @@ class JobRunner:
     async def submit(self, params: TrainParams) -> Job:
         """Queue a job, and start it if this process is the runner (else the runner starts it within
         ``election_interval_s``); raises ``JobConflict`` if one is already queued or running."""
-        job = self.store.create(params)
+        job = await self._call(self.store.create, params)
         if self.elected:
-            self._dispatch(job)
-        return self._get(job.id)
+            await self._dispatch(job)
+        return await self._get(job.id)
 
     async def resume(self, job_id: str) -> Job:
         """Continue an interrupted or cancelled job from its last training-state checkpoint."""
-        job = self._get(job_id)
+        job = await self._get(job_id)
         if job.status not in RESUMABLE_STATUSES:
             raise JobStateError(f"job {job_id} is {job.status}; only an interrupted or cancelled job can be resumed")
-        if not self.store.requeue(job_id, only_from=RESUMABLE_STATUSES):
+        if not await self._call(self.store.requeue, job_id, only_from=RESUMABLE_STATUSES):
             raise JobStateError(f"job {job_id} changed status meanwhile; GET /train/{job_id} shows it")
         if self.elected:
-            self._dispatch(self._get(job_id))
-        return self._get(job_id)
+            await self._dispatch(await self._get(job_id))
+        return await self._get(job_id)
 
     async def cancel(self, job_id: str) -> Job:
         """Stop a queued or running job and mark it cancelled; its files stay. A job another process runs is
         marked here, and its runner, which watches the record, stops the process group."""
-        job = self._get(job_id)
+        job = await self._get(job_id)
         if job.status not in ACTIVE_STATUSES:
             raise JobStateError(f"job {job_id} already finished ({job.status}); only a queued or running job "
                                 "can be cancelled")
+        if job_id in self._concluding:
+            raise JobStateError(f"job {job_id} has finished training and its model is being registered; it can "
+                                f"no longer be cancelled. GET /train/{job_id} shows the outcome in a moment")
         await self._stop(job_id, JobStatus.CANCELLED, "cancelled by DELETE /train/" + job_id)
-        return self._get(job_id)
+        return await self._get(job_id)
 
     def recover(self) -> list[str]:
         """On election: a job left running by an earlier runner (crashed, killed, or cut off from the
         database) is stopped, its recorded process group killed if it is still alive on this host, and marked
-        interrupted. Queued jobs wait for ``_dispatch``. Returns the ids it marked."""
+        interrupted. Queued jobs wait for ``_dispatch``. Returns the ids it marked.
+
+        Blocking (the store, waiting for processes to stop): async code calls it in a worker thread. One job
+        that cannot be handled is logged and skipped: recovery must not stop the runner, or a start-up."""
         marked = []
+        self.store.active()  # settles an unreadable queued or running record (store.active_or_settled)
         for job in self.store.newest_first():
             # A job cancelled through a standby while no runner was elected may have left its process behind.
             if job.status not in (JobStatus.RUNNING, JobStatus.CANCELLED) or job.id in self._children:
                 continue
-            recorded = self.store.process(job.id)
-            if recorded is not None and recorded.host in (None, self.host):
-                processes.stop_group(recorded.pid, recorded.started, timeout_s=self.stop_timeout_s)
-            if job.status == JobStatus.RUNNING and self.store.finish(
-                    job.id, JobStatus.INTERRUPTED, error=_interrupted_message(job.id), only_from=(JobStatus.RUNNING,)):
-                logger.warning("job %s was running when its runner last stopped; marked interrupted", job.id)
-                marked.append(job.id)
+            try:
+                recorded = self.store.process(job.id)
+                if recorded is not None and recorded.host in (None, self.host):
+                    if recorded.started is None:
+                        logger.warning("job %s's process %d is not signalled: its start time was not recorded, so "
+                                       "the PID may belong to another process by now", job.id, recorded.pid)
+                    processes.stop_group(recorded.pid, recorded.started, timeout_s=self.stop_timeout_s)
+                if job.status == JobStatus.RUNNING and self.store.finish(
+                        job.id, JobStatus.INTERRUPTED, error=_interrupted_message(job.id),
+                        only_from=(JobStatus.RUNNING,)):
+                    logger.warning("job %s was running when its runner last stopped; marked interrupted", job.id)
+                    marked.append(job.id)
+            except Exception:
+                logger.exception("could not recover job %s; it stays as recorded until the next election", job.id)
         return marked
 
     async def shutdown(self) -> None:
@@ -241,28 +263,35 @@ class JobRunner:
             for job_id in list(self._monitors):
                 await self._stop(job_id, JobStatus.INTERRUPTED, _interrupted_message(job_id))
             return
-        job = self.store.active()
+        job = await self._call(self.store.active)
         if self.elected and job is not None and job.status == JobStatus.QUEUED:
-            self._dispatch(job)
+            await self._dispatch(job)
 
-    def _get(self, job_id: str) -> Job:
-        job = self.store.get(job_id)
+    async def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A job-store call, in a worker thread: the store is synchronous, and a slow or stalled database must
+        not hold the event loop (in a process that also serves predictions, every request would wait). The
+        stores bound each call with their own timeouts, so the thread comes back too."""
+        return await asyncio.to_thread(method, *args, **kwargs)
+
+    async def _get(self, job_id: str) -> Job:
+        job = await self._call(self.store.get, job_id)
         if job is None:
             raise UnknownJob(job_id)
         return job
 
-    def _dispatch(self, job: Job) -> None:
+    async def _dispatch(self, job: Job) -> None:
         """Claim a queued job and start its process: the claim is the store's compare-and-set, so of two
         runners racing for one job only the winner starts a process. A job that ran before (requeued by
         resume) continues from its training state."""
-        if job.id in self._children or not self.store.claim(job.id, self.host):
+        if job.id in self._children or not await self._call(self.store.claim, job.id, self.host):
             return
-        self._start(job, resume=job.started_at is not None)
+        await self._start(job, resume=job.started_at is not None)
 
-    def _start(self, job: Job, *, resume: bool) -> None:
+    async def _start(self, job: Job, *, resume: bool) -> None:
         if (problem := self.command.data_problem()) is not None:
-            self.store.finish(job.id, JobStatus.FAILED, error=problem)
+            await self._call(self.store.finish, job.id, JobStatus.FAILED, error=problem)
             return
+        assert job.params is not None  # a queued job is readable (store.active_or_settled)
         run_dir = self.run_dir(job.id)
         # Without a training-state checkpoint (stopped before its first one) there is nothing to continue
         # from, so the job starts over with its original parameters.
@@ -275,24 +304,31 @@ class JobRunner:
                 log.write(f"# {'resuming' if continuing else 'starting'}: {subprocess.list2cmdline(argv)}\n")
             child = processes.launch(argv, log_path)
         except OSError as error:  # an unwritable state directory, a missing interpreter: the job fails, not the API
-            self.store.finish(job.id, JobStatus.FAILED, error=f"could not start training in {run_dir}: {error}")
+            await self._call(self.store.finish, job.id, JobStatus.FAILED,
+                             error=f"could not start training in {run_dir}: {error}")
             return
         self._children[job.id] = child
-        if not resume:
-            self.store.update_progress(job.id, JobProgress(epoch=0, epochs=job.params.epochs))
-        self.store.record_process(job.id, child.pid, processes.start_time(child.pid))
+        # From here on the monitor owns the process: whatever the store does, it follows it to an outcome.
+        self._monitors[job.id] = asyncio.create_task(self._follow(job, child), name=f"training job {job.id}")
+        try:
+            if not resume:
+                await self._call(self.store.update_progress, job.id, JobProgress(epoch=0, epochs=job.params.epochs))
+            await self._call(self.store.record_process, job.id, child.pid, processes.start_time(child.pid))
+        except Exception:
+            logger.exception("job %s started, but its record could not be updated", job.id)
         logger.info("job %s %s: pid %d, logs in %s", job.id, "resumed" if continuing else "started", child.pid,
                     log_path)
-        self._monitors[job.id] = asyncio.create_task(self._follow(job, child), name=f"training job {job.id}")
 
     async def _follow(self, job: Job, child: subprocess.Popen[bytes]) -> None:
+        assert job.params is not None
+        epochs = job.params.epochs
         metrics = MetricsFollower(self.run_dir(job.id) / METRICS_FILE)
         try:
             while child.poll() is None:
                 try:
                     if metrics.poll():
-                        self.store.update_progress(job.id, metrics.progress(job.params.epochs))
-                    if self._finished_elsewhere(job.id):
+                        await self._call(self.store.update_progress, job.id, metrics.progress(epochs))
+                    if await self._finished_elsewhere(job.id):
                         # Cancelled through another replica: the record says so; this process stops the group.
                         self._stopping[job.id] = JobStatus.CANCELLED
                         await asyncio.to_thread(processes.stop_group, child.pid, None, self.stop_timeout_s, child)
@@ -300,7 +336,7 @@ class JobRunner:
                     logger.warning("could not update job %s's record; retrying", job.id, exc_info=True)
                 await asyncio.sleep(self.poll_interval_s)
             if metrics.poll():
-                self.store.update_progress(job.id, metrics.progress(job.params.epochs))
+                await self._call(self.store.update_progress, job.id, metrics.progress(epochs))
             await self._conclude(job, child.returncode, metrics.final)
         except Exception as error:  # the job must end in a final status whatever went wrong here
             logger.exception("following job %s failed", job.id)
@@ -318,7 +354,7 @@ class JobRunner:
         delay = self.poll_interval_s
         while True:
             try:
-                self.store.finish(job_id, JobStatus.FAILED, error=error, only_from=ACTIVE_STATUSES)
+                await self._call(self.store.finish, job_id, JobStatus.FAILED, error=error, only_from=ACTIVE_STATUSES)
                 logger.error("job %s failed: %s", job_id, error)
                 return
             except Exception:
@@ -332,20 +368,31 @@ class JobRunner:
             return  # _stop records the outcome
         if returncode != 0 or final is None:
             error = self._failure(job.id, returncode)
-            self.store.finish(job.id, JobStatus.FAILED, error=error, only_from=(JobStatus.RUNNING,))
+            await self._call(self.store.finish, job.id, JobStatus.FAILED, error=error, only_from=(JobStatus.RUNNING,))
             logger.warning("job %s failed: %s", job.id, error)
             return
         checkpoint = Path(final.get("checkpoint") or CHECKPOINT_DIR)
         checkpoint = checkpoint if checkpoint.is_absolute() else self.run_dir(job.id) / checkpoint
+        self._concluding.add(job.id)
         try:
             conclusion = await self.on_success(job, checkpoint, final)
         except Exception as error:
             logger.exception("registering job %s's checkpoint failed", job.id)
-            self.store.finish(job.id, JobStatus.FAILED, only_from=(JobStatus.RUNNING,),
-                              error=f"training finished, but registering its checkpoint {checkpoint} failed: {error}")
+            await self._call(self.store.finish, job.id, JobStatus.FAILED, only_from=(JobStatus.RUNNING,),
+                             error=f"training finished, but registering its checkpoint {checkpoint} failed: {error}")
             return
-        self.store.finish(job.id, JobStatus.SUCCEEDED, result=conclusion.result, error=conclusion.error,
-                          only_from=(JobStatus.RUNNING,))
+        finally:
+            self._concluding.discard(job.id)
+        if not await self._call(self.store.finish, job.id, JobStatus.SUCCEEDED, result=conclusion.result,
+                                error=conclusion.error, only_from=(JobStatus.RUNNING,)):
+            # Cancelled through another replica while the model was registered (and perhaps promoted): the
+            # record must say what happened, or a served model would belong to a "cancelled" job.
+            late = (f"a cancel arrived after training had finished; the model {conclusion.result.model_version} "
+                    "was registered anyway")
+            note = f"{conclusion.error}; {late}" if conclusion.error else late
+            if await self._call(self.store.finish, job.id, JobStatus.SUCCEEDED, result=conclusion.result,
+                                error=note, only_from=(JobStatus.CANCELLED,)):
+                logger.warning("job %s: %s", job.id, late)
         logger.info("job %s succeeded: test accuracy %s, model %s", job.id, conclusion.result.test_accuracy,
                     conclusion.result.model_version)
 
@@ -362,10 +409,10 @@ class JobRunner:
             return f"training exited without a final metrics line; see GET /train/{job_id}/logs"
         return f"training exited with code {returncode}; see GET /train/{job_id}/logs"
 
-    def _finished_elsewhere(self, job_id: str) -> bool:
+    async def _finished_elsewhere(self, job_id: str) -> bool:
         if job_id in self._stopping:
             return False
-        current = self.store.get(job_id)
+        current = await self._call(self.store.get, job_id)
         return current is not None and current.status != JobStatus.RUNNING
 
     async def _stop(self, job_id: str, status: JobStatus, error: str) -> None:
@@ -376,7 +423,7 @@ class JobRunner:
             self._stopping[job_id] = status
             await asyncio.to_thread(processes.stop_group, child.pid, None, self.stop_timeout_s, child)
         try:
-            self.store.finish(job_id, status, error=None if status == JobStatus.CANCELLED else error)
+            await self._call(self.store.finish, job_id, status, error=None if status == JobStatus.CANCELLED else error)
         except Exception:
             if child is None:
                 raise

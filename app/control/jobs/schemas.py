@@ -44,7 +44,8 @@ class JobResult(BaseModel):
 class Job(BaseModel):
     id: str
     status: JobStatus
-    params: TrainParams
+    params: TrainParams | None = Field(description="the training parameters; null when the stored record can no "
+                                       "longer be read (the job is then shown failed, and error says why)")
     progress: JobProgress = Field(default_factory=JobProgress)
     created_at: datetime
     started_at: datetime | None = None

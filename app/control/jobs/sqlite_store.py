@@ -1,9 +1,10 @@
 """The embedded job store: SQLite in ``APP_STATE_DIR/jobs.db``, and a file lock beside it electing the runner.
 
-Each call opens its own short-lived connection, so the store is safe to use from the event loop and from worker
-threads alike, and from several processes sharing the state directory on one host (SQLite's locks need one
-kernel: not a network file system). The runner is whichever process holds ``flock`` on
-``APP_STATE_DIR/runner.lock``; the kernel drops the lock when that process dies, even by SIGKILL.
+Each call opens its own short-lived connection, so the store is safe to use from any thread (async code calls
+it from worker threads: a locked database must not hold an event loop for the busy timeout), and from several
+processes sharing the state directory on one host (SQLite's locks need one kernel: not a network file system).
+The runner is whichever process holds ``flock`` on ``APP_STATE_DIR/runner.lock``; the kernel drops the lock
+when that process dies, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from app.control.jobs.schemas import ACTIVE_STATUSES, Job, JobProgress, JobResult, JobStatus, TrainParams
-from app.control.jobs.store import JobConflict, RecordedProcess, job_from_row, utc_now
+from app.control.jobs.store import (
+    JobConflict,
+    JobStoreUnavailable,
+    RecordedProcess,
+    active_or_settled,
+    job_from_row,
+    serialised,
+    utc_now,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -39,6 +48,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_active_job
     ON jobs ((status IN ('queued', 'running'))) WHERE status IN ('queued', 'running');
 """
 _ACTIVE_SQL = "('queued', 'running')"
+# How long a call waits for another connection's write lock before it fails (SQLite's busy timeout). Writes
+# here take milliseconds; a lock held for seconds means a stuck process, and the caller (a worker thread of the
+# runner or a route) should get an error it can report rather than wait on.
+BUSY_TIMEOUT_S = 5.0
 
 
 class SQLiteJobStore:
@@ -60,24 +73,32 @@ class SQLiteJobStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
             yield db
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error) or "busy" in str(error):
+                raise JobStoreUnavailable(f"the job database {self.path} stayed locked by another process for "
+                                          f"{BUSY_TIMEOUT_S:g} s; try again") from error
+            raise
         finally:
             db.close()
 
     def create(self, params: TrainParams) -> Job:
-        job_id = secrets.token_hex(6)
-        try:
-            with self._connect() as db:
-                db.execute(
-                    "INSERT INTO jobs (id, status, params, created_at) VALUES (?, ?, ?, ?)",
-                    (job_id, JobStatus.QUEUED, params.model_dump_json(), utc_now().isoformat()),
-                )
-        except sqlite3.IntegrityError:
-            active = self.active()
-            raise JobConflict(active.id if active else None) from None
+        job_id, stored = secrets.token_hex(6), serialised(params)
+        for _ in range(2):  # once more if the job in the way was an unreadable record, now marked failed
+            try:
+                with self._connect() as db:
+                    db.execute("INSERT INTO jobs (id, status, params, created_at) VALUES (?, ?, ?, ?)",
+                               (job_id, JobStatus.QUEUED, stored, utc_now().isoformat()))
+                break
+            except sqlite3.IntegrityError:
+                active = self.active()
+                if active is not None:
+                    raise JobConflict(active.id) from None
+        else:
+            raise JobConflict(None)
         job = self.get(job_id)
         assert job is not None
         return job
@@ -95,7 +116,7 @@ class SQLiteJobStore:
     def active(self) -> Job | None:
         with self._connect() as db:
             row = db.execute(f"SELECT * FROM jobs WHERE status IN {_ACTIVE_SQL}").fetchone()
-        return job_from_row(row) if row else None
+        return active_or_settled(self, job_from_row(row) if row else None)
 
     def process(self, job_id: str) -> RecordedProcess | None:
         with self._connect() as db:

@@ -1,13 +1,15 @@
 import asyncio
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from app.control.jobs.schemas import Job, JobStatus, TrainParams
-from app.control.promotion import ModelPromoter, should_promote
-from app.control.registry import ModelRegistry, UnknownVersion
-from model.checkpoint import ModelCard, read_card
+from app.control.promotion import ModelPromoter, decide, should_promote
+from app.control.registry import ModelRegistry, PromotionBusy, UnknownVersion
+from model.checkpoint import CheckpointError, ModelCard, read_card
 from tests.support.checkpoints import make_checkpoint
 
 
@@ -46,7 +48,7 @@ def job() -> Job:
 def test_should_promote(policy: str, candidate: float | None, serving: float | None, expected: bool,
                         checkpoints: list[Path]) -> None:
     card = read_card(checkpoints[0]).model_copy(update={"test_accuracy": serving})
-    assert should_promote(policy, candidate, card) is expected
+    assert should_promote(policy, candidate, card, card.test_set_sha256) is expected
 
 
 def test_should_promote_when_nothing_is_served() -> None:
@@ -158,3 +160,96 @@ def test_the_service_log_says_whether_a_job_model_was_promoted(tmp_path: Path, c
     with caplog.at_level("INFO", logger="app.control.promotion"):
         version = asyncio.run(scenario())
     assert f"job job1: promoted {version}: nothing with a known test accuracy was served" in caplog.messages
+
+
+def fingerprinted(checkpoint: Path, test_set_sha256: str | None, accuracy: float) -> ModelCard:
+    return read_card(checkpoint).model_copy(update={"test_set_sha256": test_set_sha256, "test_accuracy": accuracy})
+
+
+def test_accuracies_on_other_test_images_are_not_compared(checkpoints: list[Path]) -> None:
+    incumbent = fingerprinted(checkpoints[0], "a" * 64, 0.5)
+    promote, reason = decide("if-better", 0.9, None, incumbent, "b" * 64)
+    assert not promote
+    assert "other test images" in reason and "aaaaaaaaaaaa" in reason and "POST /admin/promote/" in reason
+    assert decide("if-better", 0.9, None, incumbent, "a" * 64) == (
+        True, f"test accuracy 0.9000 >= 0.5000 of {incumbent.version}")
+    assert not decide("if-better", 0.9, None, incumbent, None)[0]  # a run that cannot say what it was scored on
+    assert decide("always", 0.1, None, incumbent, "b" * 64)[0]  # the policy that compares nothing
+
+
+def test_a_card_from_before_fingerprints_is_not_replaced_by_itself(checkpoints: list[Path]) -> None:
+    legacy = fingerprinted(checkpoints[0], None, 0.5)
+    promote, reason = decide("if-better", 0.9, None, legacy, "a" * 64)
+    assert not promote and "predates test-set fingerprints" in reason
+    # One scored on part of the test set never counted, fingerprint or not.
+    partial = legacy.model_copy(update={"training": {"test_limit": 100}})
+    assert decide("if-better", 0.2, None, partial, "a" * 64)[0]
+
+
+class HeldEngine(FakeEngine):
+    """A swap that waits for the test to let it finish: a window for a second promotion to race into."""
+
+    def __init__(self, card: ModelCard | None) -> None:
+        super().__init__(card)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def swap(self, checkpoint: Path, origin: str = "") -> ModelCard:
+        self.entered.set()
+        await self.release.wait()
+        return await super().swap(checkpoint, origin)
+
+
+def test_promotions_from_two_processes_take_turns_and_compare_with_the_winner(tmp_path: Path) -> None:
+    """Two promoters on one registry folder (as two replicas on a shared volume): each has its own in-process
+    lock, so only the folder's file lock keeps the second from deciding against a stale incumbent."""
+    better = make_checkpoint(tmp_path / "better", seed=20)  # 0.30
+    good = make_checkpoint(tmp_path / "good", seed=10)  # 0.20
+    incumbent = read_card(make_checkpoint(tmp_path / "served", seed=0))  # 0.10
+
+    async def scenario() -> None:
+        first_engine, second_engine = HeldEngine(incumbent), FakeEngine(incumbent)
+        first = ModelPromoter(ModelRegistry(tmp_path / "registry"), first_engine, "if-better")
+        second = ModelPromoter(ModelRegistry(tmp_path / "registry"), second_engine, "if-better")
+        one = asyncio.create_task(first.register_run(job(), better, {"test_accuracy": 0.30}))
+        await asyncio.wait_for(first_engine.entered.wait(), timeout=60)
+        two = asyncio.create_task(second.register_run(job(), good, {"test_accuracy": 0.20}))
+        await asyncio.sleep(0.3)  # give the second a chance to decide early, as it did before the lock
+        assert not two.done() and second_engine.swapped == []
+        first_engine.release.set()
+        winner, loser = (await one).result, (await two).result
+        assert winner.promoted and not loser.promoted
+        assert loser.reason == f"test accuracy 0.2000 < 0.3000 of {winner.model_version}"
+        assert first.registry.current() == winner.model_version
+
+    asyncio.run(scenario())
+
+
+def test_a_promotion_waits_for_the_lock_and_says_so_when_it_gives_up(tmp_path: Path, checkpoints: list[Path]) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.register(checkpoints[0]).version
+    holder = subprocess.Popen(  # another process, promoting
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); sys.stdin.read()", str(tmp_path / "registry" / "promotion.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        promoter = ModelPromoter(registry, FakeEngine(None), "always", lock_wait_s=0.2)
+        with pytest.raises(PromotionBusy, match="another process has been promoting"):
+            asyncio.run(promoter.promote(version))
+        assert registry.current() is None
+    finally:
+        holder.communicate("")
+    asyncio.run(promoter.promote(version))
+    assert registry.current() == version
+
+
+def test_a_swap_that_fails_for_any_reason_is_a_clear_error_and_changes_nothing(tmp_path: Path,
+                                                                                checkpoints: list[Path]) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.register(checkpoints[0]).version
+    promoter = ModelPromoter(registry, FakeEngine(None, fail=True), "always")
+    with pytest.raises(CheckpointError, match=f"could not serve {version}: RuntimeError: CUDA out of memory; "
+                                              "still serving nothing"):
+        asyncio.run(promoter.promote(version))
+    assert registry.current() is None

@@ -1,10 +1,12 @@
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app.control.registry import ModelRegistry, UnknownVersion
+from app.control.registry import STALE_LEFTOVER_S, ModelRegistry, RegistryError, UnknownVersion
 from model.backend_report import (
     BackendMeasurement,
     BackendReport,
@@ -14,7 +16,7 @@ from model.backend_report import (
 )
 from model.calibration_set import CALIBRATION_FILE, save_calibration_set
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_card
-from tests.support.checkpoints import make_checkpoint
+from tests.support.checkpoints import diverged_checkpoint, make_checkpoint
 from tests.support.durability import record_fsyncs
 
 
@@ -140,3 +142,83 @@ def test_a_version_registered_before_verification_gains_the_reports_later_but_ne
     (verified / "backends-cpu.json").write_text("{}")  # a later, different file does not replace it
     registry.register(verified)
     assert (directory / "backends-cpu.json").read_bytes() == report
+
+
+def test_a_checkpoint_with_nan_weights_is_never_registered(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    with pytest.raises(CheckpointError, match="NaN or infinite.*diverged"):
+        registry.register(diverged_checkpoint(tmp_path / "nan"))
+    assert registry.versions() == [] and list((tmp_path / "registry" / "versions").iterdir()) == []
+
+
+def test_odd_entries_in_the_versions_folder_hide_no_version(tmp_path: Path, checkpoints: list[Path]) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    good = registry.register(checkpoints[0]).version
+    damaged = registry.register(checkpoints[1]).version
+    (registry.versions_dir / "README.txt").write_text("a stray file\n")
+    (registry.versions_dir / "resnet18-cardless").mkdir()
+    (registry.versions_dir / "resnet18-cardless" / "registration.json").write_text("{}")
+    registration = registry.versions_dir / damaged / "registration.json"
+    registration.chmod(0o644)
+    registration.write_text("{not json")
+    assert [model.version for model in registry.versions()] == [good]
+    with pytest.raises(RegistryError, match=f"registry version {damaged} .* is damaged"):
+        registry.get(damaged)
+    with pytest.raises(UnknownVersion):
+        registry.get("resnet18-cardless")
+
+
+def test_a_pointer_that_is_no_version_name_is_a_clear_error(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    (tmp_path / "registry" / "current").write_bytes(b"\xff\xfe")
+    with pytest.raises(RegistryError, match="is not text"):
+        registry.current()
+    (tmp_path / "registry" / "current").write_text("../../etc/passwd\n")
+    with pytest.raises(RegistryError, match="does not hold a version name"):
+        registry.current()
+
+
+def test_retention_spares_what_replicas_serve_until_they_stop_saying_so(tmp_path: Path,
+                                                                       checkpoints: list[Path]) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    old = registry.register(checkpoints[0]).version
+    other = registry.register(make_checkpoint(tmp_path / "c2", seed=2)).version
+    newest = registry.register(make_checkpoint(tmp_path / "c3", seed=3)).version
+    registry.record_serving("replica-a", old)  # a replica that has not followed the pointer yet
+    registry.record_serving("replica-b", newest)
+    assert registry.serving_versions() == {old, newest}
+    assert registry.prune(keep=1) == [other]
+    assert {m.version for m in registry.versions()} == {old, newest}
+    # A replica that stopped refreshing its record is forgotten, and so is what it served.
+    assert registry.prune(keep=1, serving_max_age_s=0) == [old]
+    assert registry.serving_versions() == set()
+    with pytest.raises(ValueError):
+        registry.record_serving("../escape", newest)
+
+
+def test_retention_clears_leftovers_of_interrupted_registrations(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    stale, fresh = registry.versions_dir / ".staging-dead", registry.versions_dir / ".staging-live"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+        (folder / "model.safetensors").chmod(0o444)
+    long_ago = time.time() - 2 * STALE_LEFTOVER_S
+    os.utime(stale, (long_ago, long_ago))
+    registry.prune(keep=5)
+    assert not stale.exists() and fresh.exists()  # a live registration is left to finish
+
+
+def test_a_damaged_version_is_found_and_registering_its_weights_again_repairs_it(tmp_path: Path,
+                                                                                checkpoints: list[Path]) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.register(checkpoints[0]).version
+    assert registry.verify(version) == []
+    weights = registry.versions_dir / version / "model.safetensors"
+    weights.chmod(0o644)
+    with open(weights, "r+b") as handle:  # a flipped byte: bit rot, a bad copy
+        handle.seek(100)
+        handle.write(bytes([handle.read(1)[0] ^ 0xFF]))
+    assert registry.verify(version) == ["model.safetensors does not match its SHA-256 in SHA256SUMS"]
+    registry.register(checkpoints[0])
+    assert registry.verify(version) == [] and load_checkpoint(registry.path(version)).card.version == version

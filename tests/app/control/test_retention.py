@@ -6,7 +6,7 @@ from app.control.jobs.schemas import JobStatus, TrainParams
 from app.control.jobs.sqlite_store import SQLiteJobStore
 from app.control.jobs.store import JobStore, this_host
 from app.control.registry import ModelRegistry
-from app.control.retention import prune, prune_runs
+from app.control.retention import prune, prune_runs, verify_kept
 from tests.support.checkpoints import make_checkpoint
 
 
@@ -48,3 +48,17 @@ def test_retention_prunes_both_and_a_failure_never_raises(tmp_path: Path, monkey
 
     monkeypatch.setattr(registry, "prune", full_disk)
     prune(store, runs, registry, keep_runs=1, keep_versions=1)  # logged, not raised
+
+
+def test_retention_verifies_the_versions_it_keeps(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store, runs, _ = jobs_with_runs(tmp_path, 1)
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.register(make_checkpoint(tmp_path / "c0")).version
+    card = registry.versions_dir / version / "card.json"
+    card.chmod(0o644)
+    card.write_text(card.read_text().replace('"epochs": null', '"epochs": 99'))
+    with caplog.at_level("ERROR", logger="app.control.retention"):
+        prune(store, runs, registry, keep_runs=5, keep_versions=5)
+    assert verify_kept(registry) == {version: ["card.json does not match its SHA-256 in SHA256SUMS"]}
+    assert any(version in message and "damaged" in message for message in caplog.messages)
+    assert registry.versions()[0].version == version  # kept: it may be current; the log says what to do

@@ -1,6 +1,4 @@
 import asyncio
-import errno
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -12,8 +10,10 @@ from app.control.jobs import processes
 from app.control.jobs.runner import JobRunner, JobStateError, TrainingCommand
 from app.control.jobs.schemas import Job, JobResult, JobStatus, TrainParams
 from app.control.jobs.sqlite_store import SQLiteJobStore
-from app.control.jobs.store import JobConflict, this_host
+from app.control.jobs.store import JobConflict, open_job_store, this_host
 from tests.app.control.jobs.fake_command import FakeCommand, Recorder
+from tests.app.control.jobs.records import poison
+from tests.support.training_api import TINY_JOB
 from tests.support.waiting import eventually
 
 
@@ -210,78 +210,149 @@ def test_resuming_before_the_first_training_state_starts_over(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
-def test_the_training_process_does_not_inherit_the_admin_token(tmp_path: Path, monkeypatch) -> None:
+def test_the_training_process_inherits_neither_the_admin_token_nor_the_database_url(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
     monkeypatch.setenv("APP_ADMIN_TOKEN", "a-secret-the-trainer-never-needs")
+    monkeypatch.setenv("APP_DATABASE_URL", "postgresql://jobs:its-password@db/jobs")
     monkeypatch.setenv("APP_DATA_DIR", "/kept")
-    script = "import os; print(os.environ.get('APP_ADMIN_TOKEN'), os.environ['APP_DATA_DIR'])"
+    script = ("import os; print(os.environ.get('APP_ADMIN_TOKEN'), os.environ.get('APP_DATABASE_URL'), "
+              "os.environ['APP_DATA_DIR'])")
     processes.launch([sys.executable, "-c", script], tmp_path / "log").wait()
-    assert (tmp_path / "log").read_text() == "None /kept\n"
+    assert (tmp_path / "log").read_text() == "None None /kept\n"
 
 
-class FullDiskStore(SQLiteJobStore):
-    """A job store on a disk that fills up mid-job: progress cannot be written, and recording the failure
-    fails ``finish_failures`` times before space comes back."""
-
-    def __init__(self, path: Path, finish_failures: int) -> None:
-        super().__init__(path)
-        self.full = False
-        self.finish_failures = finish_failures
-
-    def update_progress(self, job_id: str, progress: Any) -> None:
-        if self.full:
-            raise sqlite3.OperationalError("database or disk is full")
-        super().update_progress(job_id, progress)
-
-    def finish(self, job_id: str, status: JobStatus, **kwargs: Any) -> bool:
-        if self.full and self.finish_failures > 0:
-            self.finish_failures -= 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return super().finish(job_id, status, **kwargs)
+def test_recover_never_signals_a_pid_whose_start_time_is_unknown(tmp_path: Path) -> None:
+    runner, _ = make_runner(tmp_path)
+    job = runner.store.create(TrainParams())
+    bystander = processes.launch([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log")
+    try:
+        runner.store.claim(job.id, this_host())
+        runner.store.record_process(job.id, bystander.pid, None)  # as a runner that crashed mid-launch left it
+        assert runner.recover() == [job.id]
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
-def test_a_full_disk_fails_the_job_stops_its_training_and_frees_the_slot(tmp_path: Path) -> None:
+def test_recover_marks_running_jobs_past_an_unreadable_record(tmp_path: Path, database_url: str | None) -> None:
+    store = open_job_store(database_url, tmp_path / "state")
+    runner = JobRunner(store, tmp_path / "runs", FakeCommand(()), Recorder())
+    try:
+        poisoned = store.create(TrainParams())
+        store.finish(poisoned.id, JobStatus.FAILED, error="x")
+        running = store.create(TrainParams())
+        store.claim(running.id, this_host())
+        # As POST /train {"norm_lr_scale": 1e999} once stored it.
+        poison(database_url, tmp_path / "state", poisoned.id, '{"norm_lr_scale": null}')
+        assert runner.recover() == [running.id]  # before the fix: a ValidationError, and the service exited
+        assert store.get(running.id).status == JobStatus.INTERRUPTED
+        # A running record that cannot be read is settled as failed, so it stops holding the active slot.
+        stuck = store.create(TrainParams())
+        store.claim(stuck.id, this_host())
+        poison(database_url, tmp_path / "state", stuck.id, '{"epochs": -1}')
+        assert runner.recover() == [] and store.active() is None
+        assert store.get(stuck.id).status == JobStatus.FAILED and "epochs" in store.get(stuck.id).error
+    finally:
+        store.close()
+
+
+class HeldConclusion:
+    """A success handler that registers and promotes only when the test lets it: a window to cancel in."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, job: Job, checkpoint: Path, final: dict[str, Any]) -> Any:
+        from app.control.jobs.runner import Conclusion
+
+        self.entered.set()
+        await self.release.wait()
+        return Conclusion(JobResult(model_version="resnet18-abc", test_accuracy=0.5, promoted=True))
+
+
+@pytest.mark.parametrize("where", ["this runner", "another replica"])
+def test_a_cancel_while_the_model_is_promoted_leaves_the_job_succeeded(tmp_path: Path, where: str) -> None:
     async def scenario() -> None:
-        store = FullDiskStore(tmp_path / "jobs.sqlite3", finish_failures=2)
-        runner = JobRunner(store, tmp_path / "runs", FakeCommand(("--epoch-seconds", "0.3")), Recorder(),
-                           poll_interval_s=0.02, stop_timeout_s=5.0)
-        job = await runner.submit(TrainParams(epochs=50))
-        await wait_for(runner, job.id, lambda j: (j.progress.epoch or 0) >= 1)
-        recorded = store.process(job.id)
-        pid, started = recorded.pid, recorded.started
-        store.full = True
-        failed = await wait_for(runner, job.id, finished)
-        assert failed.status == JobStatus.FAILED and "disk" in failed.error and "POST /train" in failed.error
-        assert not processes.is_alive(pid, started)
-        store.full = False
-        assert (await runner.submit(TrainParams(epochs=3))).status == JobStatus.RUNNING  # no 409
+        runner, _ = make_runner(tmp_path, "--epoch-seconds", "0.01")
+        held = HeldConclusion()
+        runner.on_success = held
+        job = await runner.submit(TrainParams(epochs=2))
+        await asyncio.wait_for(held.entered.wait(), timeout=120)
+        if where == "this runner":
+            with pytest.raises(JobStateError, match="being registered"):
+                await runner.cancel(job.id)
+        else:  # DELETE through a standby: the record only
+            assert runner.store.finish(job.id, JobStatus.CANCELLED)
+        held.release.set()
+        done = await wait_for(runner, job.id, lambda j: j.status == JobStatus.SUCCEEDED)
+        assert done.result.promoted and done.result.model_version == "resnet18-abc"
+        if where == "another replica":
+            assert "a cancel arrived after training had finished" in done.error
+
+    asyncio.run(scenario())
+
+
+class StalledStore(SQLiteJobStore):
+    """A job store whose reads stall until the test lets them go (a database that stopped answering). The stall
+    ends by itself after a while, so a runner that blocked the event loop makes the test fail, not hang."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import threading
+
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        self.stall = False
+        self.released_by_test: list[bool] = []
+
+    def get(self, job_id: str) -> Job | None:
+        if self.stall:
+            self.stalled.set()
+            self.released_by_test.append(self.release.wait(timeout=20))
+        return super().get(job_id)
+
+
+def test_a_stalled_job_store_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = StalledStore(tmp_path / "jobs.sqlite3")
+        runner = JobRunner(store, tmp_path / "runs", FakeCommand(()), Recorder(), poll_interval_s=0.02)
+        job = store.create(TrainParams())
+        store.finish(job.id, JobStatus.CANCELLED)
+        store.stall = True
+        resuming = asyncio.create_task(runner.resume(job.id))
+        # The loop runs other work (here: this wait) while the store call hangs in its worker thread; before the
+        # fix the call ran on the loop itself, nothing else ran until the store answered.
+        await eventually(store.stalled.is_set, what="the store call to start")
+        ticks = 0
+        for _ in range(5):
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 5 and not resuming.done()
+        store.stall = False
+        store.release.set()
+        resumed = await resuming
+        assert store.released_by_test == [True] and resumed.id == job.id
         await runner.shutdown()
 
     asyncio.run(scenario())
 
 
-def test_the_service_log_has_a_line_when_a_job_starts_and_when_it_ends(tmp_path: Path,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_a_diverging_training_run_fails_its_job_with_the_reason(tmp_path: Path, synthetic_cifar10: Path) -> None:
+    """The real training module, not a fake: a learning rate far too high makes the loss NaN, and the job
+    fails saying so instead of registering NaN weights."""
     async def scenario() -> None:
-        runner, _ = make_runner(tmp_path, "--accuracy", "0.5")
-        job = await runner.submit(TrainParams(epochs=3))
-        await wait_for(runner, job.id, finished)
-        await eventually(lambda: not runner._monitors, what="the monitor to end")
-        return job.id
+        recorder = Recorder()
+        command = TrainingCommand(data_dir=synthetic_cifar10, skip_integrity_check=True, device="cpu")
+        runner = JobRunner(SQLiteJobStore(tmp_path / "jobs.sqlite3"), tmp_path / "runs", command, recorder,
+                           poll_interval_s=0.05)
+        params = TrainParams(**(TINY_JOB | {"lr": 100.0, "norm_lr_scale": 1e30}))
+        job = await runner.submit(params)
+        done = await wait_for(runner, job.id, finished)
+        assert done.status == JobStatus.FAILED
+        assert done.error.startswith("training diverged: ") and "lower --lr" in done.error
+        assert recorder.calls == []  # nothing registered, nothing promoted
+        await runner.shutdown()
 
-    with caplog.at_level("INFO", logger="app.control.jobs.runner"):
-        job_id = asyncio.run(scenario())
-    messages = [record.getMessage() for record in caplog.records]
-    assert any(m.startswith(f"job {job_id} started: pid ") for m in messages), messages
-    assert f"job {job_id} succeeded: test accuracy 0.5, model resnet18-abc" in messages
-
-
-def test_recover_stops_the_process_of_a_job_cancelled_while_no_runner_was_elected(tmp_path: Path) -> None:
-    runner, _ = make_runner(tmp_path)
-    job = runner.store.create(TrainParams(epochs=1000))
-    run_dir = runner.run_dir(job.id)
-    orphan = processes.launch(FakeCommand(("--epoch-seconds", "0.1")).start(job.params, run_dir), tmp_path / "log")
-    assert runner.store.claim(job.id, this_host())
-    runner.store.record_process(job.id, orphan.pid, processes.start_time(orphan.pid))
-    assert runner.store.finish(job.id, JobStatus.CANCELLED)  # DELETE through a standby: the record only
-    assert runner.recover() == [] and orphan.wait(timeout=10) is not None
-    assert runner.store.get(job.id).status == JobStatus.CANCELLED
+    asyncio.run(scenario())

@@ -138,8 +138,7 @@ def test_two_runners_that_both_saw_a_job_queued_start_it_once(candidates: Candid
         job = candidates.store().create(TrainParams(epochs=2))
         seen_by_both = one.store.get(job.id)
         assert seen_by_both.status == JobStatus.QUEUED
-        one._dispatch(seen_by_both)
-        other._dispatch(seen_by_both)
+        await asyncio.gather(one._dispatch(seen_by_both), other._dispatch(seen_by_both))
         done = await until(one.store, job.id, final, "the job")
         assert done.status == JobStatus.SUCCEEDED and starts(one, job.id) == 1
         assert (len(one.on_success.calls), len(other.on_success.calls)) == (1, 0)  # type: ignore[attr-defined]

@@ -9,10 +9,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from app.control.jobs import parameters
 from app.control.jobs.schemas import JobProgress, JobResult, JobStatus, TrainParams
 from app.control.jobs.sqlite_store import SQLiteJobStore
-from app.control.jobs.store import JobConflict, JobStore, MissingDriver, RecordedProcess, open_job_store
+from app.control.jobs.store import (
+    JobConflict,
+    JobStore,
+    MissingDriver,
+    RecordedProcess,
+    UnstorableParams,
+    open_job_store,
+)
+from tests.app.control.jobs.records import poison
 
 Opener = Callable[[], JobStore]
 
@@ -145,3 +155,76 @@ def test_an_unreachable_postgresql_server_is_one_clear_error(tmp_path: Path, mon
         open_job_store(url, tmp_path)
     assert "APP_DATABASE_URL=postgresql://app:***@" in str(unreachable.value)
     assert "s3cret" not in str(unreachable.value)
+
+
+# What an unreadable record can hold, and what its error must name. JSONB refuses text that is not JSON, so
+# that one is SQLite's only.
+UNREADABLE = {
+    "a non-finite number stored as null": ('{"norm_lr_scale": null}', "norm_lr_scale"),
+    "a value today's bounds refuse": ('{"epochs": -5}', "epochs"),
+    "not an object": ("[1, 2]", "list"),
+    "not JSON": ("{not json", "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("kind", UNREADABLE)
+def test_an_unreadable_record_is_shown_failed_and_hides_no_other(
+        store: JobStore, database_url: str | None, tmp_path: Path, kind: str) -> None:
+    stored, named = UNREADABLE[kind]
+    if database_url is not None and kind == "not JSON":
+        pytest.skip("PostgreSQL's JSONB column holds only JSON")
+    good = store.create(TrainParams(epochs=3))
+    store.finish(good.id, JobStatus.SUCCEEDED, result=JobResult(model_version="v", test_accuracy=0.5, promoted=True))
+    bad = store.create(TrainParams())
+    store.finish(bad.id, JobStatus.SUCCEEDED, result=JobResult(model_version="w", test_accuracy=0.5, promoted=True))
+    poison(database_url, tmp_path / "state", bad.id, stored)
+
+    listed = {job.id: job for job in store.newest_first()}
+    assert set(listed) == {good.id, bad.id}
+    assert listed[good.id].status == JobStatus.SUCCEEDED and listed[good.id].params.epochs == 3
+    shown = store.get(bad.id)
+    assert shown == listed[bad.id]
+    assert shown.status == JobStatus.FAILED and shown.params is None
+    assert named in shown.error and "recorded as 'succeeded'" in shown.error
+
+
+def test_an_unreadable_active_record_is_settled_so_new_jobs_can_start(
+        store: JobStore, database_url: str | None, tmp_path: Path) -> None:
+    stuck = store.create(TrainParams())
+    poison(database_url, tmp_path / "state", stuck.id, '{"norm_lr_scale": null}')
+    # Before the fix it held the one active slot: every POST /train was a 409 that no cancel could clear.
+    assert store.active() is None
+    assert store.get(stuck.id).status == JobStatus.FAILED
+    fresh = store.create(TrainParams(epochs=2))
+    assert store.active().id == fresh.id
+
+
+def test_a_conflict_with_an_unreadable_active_record_settles_it_and_creates(
+        store: JobStore, database_url: str | None, tmp_path: Path) -> None:
+    stuck = store.create(TrainParams())
+    poison(database_url, tmp_path / "state", stuck.id, '{"epochs": -5}')
+    fresh = store.create(TrainParams(epochs=2))  # the insert collides, settles the bad record, then goes in
+    assert fresh.status == JobStatus.QUEUED and store.active().id == fresh.id
+    assert "epochs" in store.get(stuck.id).error
+
+
+def test_old_records_with_removed_or_renamed_options_still_load(
+        store: JobStore, database_url: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parameters, "RENAMED_OPTIONS", {"n_epochs": "epochs"})
+    job = store.create(TrainParams())
+    store.finish(job.id, JobStatus.FAILED, error="x")
+    poison(database_url, tmp_path / "state", job.id, '{"n_epochs": 4, "a_knob_since_removed": true, "seed": 7}')
+    loaded = store.get(job.id)
+    assert loaded.status == JobStatus.FAILED and loaded.error == "x"
+    assert loaded.params.epochs == 4 and loaded.params.seed == 7
+
+
+def test_non_finite_parameters_are_refused_before_they_are_stored(store: JobStore) -> None:
+    with pytest.raises(ValidationError, match="finite"):
+        TrainParams.model_validate_json('{"norm_lr_scale": 1e999}')
+    with pytest.raises(ValidationError, match="finite"):
+        TrainParams(lr=float("nan"))
+    # And whatever slips past validation (model_construct skips it) fails the round trip, not a later read.
+    with pytest.raises(UnstorableParams):
+        store.create(TrainParams.model_construct(**(TrainParams().model_dump() | {"norm_lr_scale": float("inf")})))
+    assert store.newest_first() == []
