@@ -28,7 +28,7 @@ def test_a_shipped_checkpoint_matches_its_card_and_names_its_provenance(director
     assert card.test_accuracy is not None and card.test_accuracy_tta is not None
     assert card.epochs == card.training["epochs"] and card.train_seconds and card.train_seconds > 0
     assert card.device and card.precision in ("bf16", "fp32") and card.torch_version
-    assert card.data_provenance and card.git_commit
+    assert card.data_provenance and card.git_commit and card.test_set_sha256
     assert card.training["holdout"] > 0, "tuned and calibrated on a holdout, never on the test set"
 
 
@@ -46,3 +46,15 @@ def test_a_shipped_checkpoint_classifies_real_test_images_at_its_cards_accuracy(
     expected = checkpoint.card.test_accuracy
     standard_error = math.sqrt(expected * (1 - expected) / len(sample))
     assert abs(accuracy - expected) < 4 * standard_error, (accuracy, expected)
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("directory", SHIPPED, ids=lambda path: path.name)
+def test_a_shipped_cards_test_set_fingerprint_is_the_real_test_set(directory: Path, real_cifar10):
+    """So that a run scored on the whole test set is compared with the shipped model by promotion's
+    ``if-better``, rather than refused as scored on other images (app/control/promotion.py)."""
+    from training.data import test_set_fingerprint
+
+    card = load_checkpoint(directory).card
+    assert card.test_set_sha256 == test_set_fingerprint(load_split(real_cifar10, train=False,
+                                                                   skip_integrity_check=True))
