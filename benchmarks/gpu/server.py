@@ -8,6 +8,11 @@ settings), and is ready when ``GET /readyz`` answers 200. The wait ends early, w
 when the process exits, or when ``/readyz`` says the checkpoint could not be loaded (the service then stays up
 without a model, and a plain wait would last until its timeout); else after ``ready_timeout_s``. On the GPU
 machine every second counts: 15 minutes in all (benchmarks/gpu/run.sh).
+
+The service runs in a process group of its own (so that stopping it stops every uvicorn worker). A caller killed
+by a timeout's SIGTERM still stops it, since SIGTERM then unwinds the caller like Ctrl-C; and where
+``BENCHMARK_PID_DIR`` is set, the group's id is written there while the service runs, so that a script whose step
+was killed outright (SIGKILL) can stop what that step left, by id.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,11 +85,27 @@ def service(checkpoint: Path | None, environment: dict[str, str], workers: int =
                                    cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    pid_dir = os.environ.get("BENCHMARK_PID_DIR")
+    pidfile = Path(pid_dir) / f"{port}.pid" if pid_dir else None
+    if pidfile is not None:
+        pidfile.write_text(f"{process.pid}\n")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _unwind)
     try:
         wait_until_ready(url, process, log, ready_timeout_s)
         yield url, process.pid
     finally:
         stop(process)
+        if pidfile is not None:
+            pidfile.unlink(missing_ok=True)
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _unwind(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
