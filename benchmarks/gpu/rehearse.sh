@@ -9,8 +9,10 @@
 # 3. A fresh copy of what travels (tracked files, untracked ones git does not ignore, .whl and .gpu-data) in which
 #    run.sh runs whole, with REHEARSAL=1 (only what needs CUDA scaled down), with the stand-in's python3 first on
 #    PATH: it installs the wheels offline exactly as on the device, and writes $OUT as there.
-# 4. $OUT checked against the device tool's limits (8 files, 16 MiB each, 64 MiB in all), then the way back:
-#    receive.py joins the weights from $OUT, checks every SHA-256 and evaluates them here.
+# 4. $OUT checked against the device tool's limits (8 files, 16 MiB each, 64 MiB in all).
+# 5. A rerun as on the still-warm machine, after a training stopped by its limit (state.pt kept, no checkpoint), with a
+#    deadline that cuts the serving sweeps: the resume, the deadline and the stopping of a running service.
+# 6. The way back: receive.py joins the weights from $OUT, checks every SHA-256 and evaluates them here.
 # The log goes to benchmarks/results/gpu/rehearsal-<date>.log. The stand-in (~5 GB) is kept in REHEARSAL_DIR and
 # reused; a first build downloads torch's CUDA wheels (about 3 GB, 2 minutes here).
 set -euo pipefail
@@ -81,17 +83,41 @@ problems += ["more than 64 MiB in all"] if sum(sizes.values()) > 64 * 2 ** 20 el
 results = json.loads((out / "results.json").read_text())
 print("steps:")
 for step in results.get("steps") or []:
-    print(f"  {step['seconds']:>5} s  {step['status']:<8} {step['step']}")
+    print(f"  call {step['call']}  {step['seconds']:>5} s  {step['status']:<8} {step['step']}")
 problems += [f"step {step['step']!r}: {step['status']}" for step in results.get("steps") or [] if step["status"] != "ok"]
 print("problems: " + ("; ".join(problems) if problems else "none"))
 sys.exit(1 if problems else 0)
 EOF
 checked=$?
 
+phase "a rerun on the warm machine: training stopped after its last state.pt, the deadline cutting the sweeps"
+# What a second call finds when the first one's training was stopped: .gpu-work/ with state.pt and no checkpoint.
+rm -rf "$R/tree/.gpu-work/run/checkpoint" "$R/out-rerun"
+mkdir -p "$R/out-rerun"
+(cd "$R/tree" && env -u PYTHONPATH -u VIRTUAL_ENV PATH="$VENV/bin:$PATH" OUT="$R/out-rerun" REHEARSAL=1 \
+    DEADLINE_S=${RERUN_DEADLINE_S:-150} bash benchmarks/gpu/run.sh > "$R/rerun.log" 2>&1)
+rerun=$?
+sed 's/^/    | /' "$R/out-rerun/log.txt"
+"$HERE_PY" - "$R/out-rerun" "$R/tree/.gpu-work/pids" <<'EOF'
+import json, sys
+from pathlib import Path
+out, pids = Path(sys.argv[1]), Path(sys.argv[2])
+steps = {step["step"]: step["status"] for step in json.loads((out / "results.json").read_text())["steps"]
+         if step["call"] == 2}
+print("rerun steps:", steps)
+problems = [] if (out / "weights_manifest.json").is_file() else ["no weights"]
+problems += [] if steps.get("training, resumed from the state.pt an earlier call left") == "ok" else ["no resumed training"]
+problems += [] if steps.get("serving sweeps") in ("timeout", "skipped") else ["the deadline did not cut the sweeps"]
+problems += [f"leftover service {path.name}" for path in pids.glob("*.pid")]
+print("rerun problems: " + ("; ".join(problems) if problems else "none"))
+sys.exit(1 if problems else 0)
+EOF
+rerun_checked=$?
+
 phase "the way back: receive.py joins and checks the weights, evaluates them here"
 # One test image of the rehearsal's 128 is 0.78 points; the real run's check is on all 10,000 at 0.1 point.
 (cd "$R/tree" && env -u PYTHONPATH "$HERE_PY" -m benchmarks.gpu.receive "$R/out" "$R/received" --test-limit 128 \
     --tolerance 1)
 received=$?
-phase "done: run.sh rc $rc; log $LOG"
-exit $(( rc != 0 || checked != 0 || received != 0 ))
+phase "done: run.sh rc $rc, rerun rc $rerun; log $LOG"
+exit $(( rc != 0 || checked != 0 || received != 0 || rerun_checked != 0 ))
