@@ -11,7 +11,8 @@ the two accuracies with what the service claims in ``GET /model``: its serving b
 the checkpoint's backend report verified it (``backend_test_accuracy``; int8's, say), or without one the
 card's float32 ``test_accuracy``; the run fails (exit 1) if either differs from it by more than
 ``--tolerance`` points. Every answer must also name
-the model version of that card, so a swap in the middle of the run would be caught. Writes
+the model version of that card, so a swap in the middle of the run would be caught. A 503 (the engine's queue is
+full) is sent again after the Retry-After it names, at most 20 times; the JSON counts them. Writes
 ``benchmarks/results/api_accuracy_<version>.json``.
 """
 
