@@ -27,11 +27,13 @@ HERE_PY=${HERE_PY:-$REPO/.venv/bin/python}
 VENV=$R/venv-py312
 mkdir -p "$R" "$REPO/benchmarks/results/gpu"
 LOG=$REPO/benchmarks/results/gpu/rehearsal-$(date -u +%Y%m%dT%H%MZ).log
-exec > >(tee "$LOG") 2>&1
+# This machine's pip warns about an absent local index for every package it looks up: noise, left out of the log.
+exec > >(grep --line-buffered -v 'is ignored: it is neither a file nor a directory' | tee "$LOG") 2>&1
 began=$(date +%s)
 phase() { echo "### $(( $(date +%s) - began )) s: $*"; }
 echo "rehearsal of benchmarks/gpu/run.sh at $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' + uncommitted changes'), $(date -u +%FT%TZ)"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $("$PY312" --version)"
+echo "load average at the start (the step times below depend on it): $(cut -d' ' -f1-3 /proc/loadavg)"
 
 phase "prepare: wheels, data, size"
 PY312=$PY312 bash benchmarks/gpu/prepare.sh
@@ -119,5 +121,6 @@ phase "the way back: receive.py joins and checks the weights, evaluates them her
 (cd "$R/tree" && env -u PYTHONPATH "$HERE_PY" -m benchmarks.gpu.receive "$R/out" "$R/received" --test-limit 128 \
     --tolerance 1)
 received=$?
-phase "done: run.sh rc $rc, rerun rc $rerun; log $LOG"
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+phase "done: run.sh rc $rc, rerun rc $rerun (1 expected: the deadline cut its sweeps); log $LOG"
 exit $(( rc != 0 || checked != 0 || received != 0 || rerun_checked != 0 ))
