@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = test.labels[:args.test_limit].tolist()
     # A state folder of its own, so that no registry version of an earlier run is served instead.
     state = tempfile.TemporaryDirectory(prefix="api_accuracy-")
-    environment = {"APP_STATE_DIR": state.name}
+    # A queue that holds every batch request in flight (concurrency / 4 of 64 images): the run measures accuracy,
+    # not the queue's limit; the 503 retries stay for a service started elsewhere (--url).
+    queue = max(256, max(1, args.concurrency // 4) * BATCH_FILES)
+    environment = {"APP_STATE_DIR": state.name, "APP_MAX_QUEUE": str(queue)}
     weights = args.weights.resolve() if args.weights else None
     running = (nullcontext((args.url, None)) if args.url
                else service(weights, environment, ready_timeout_s=args.ready_timeout))
