@@ -82,6 +82,7 @@ step() {
 # The functions below run in a child bash under `timeout` (export -f); what they decide goes through files.
 install_wheels() {  # the device lacks these (benchmarks/gpu/wheels.txt); pip resolves them against its own packages
     rm -rf "$WORK/site" "$WORK/site-nodeps"
+    ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl: run benchmarks/gpu/prepare.sh here and carry .whl"; return 1; }
     # --prefix, not --target: pip then counts the device's own packages as installed and adds only what they lack
     # (a spare from .whl only where the device's copy is too old), instead of reinstalling every dependency.
     if $PY -m pip install -q --no-index --find-links .whl --no-cache-dir --disable-pip-version-check \
