@@ -173,7 +173,9 @@ if [ -f "$CHECKPOINT/model.safetensors" ] && (( data_ok == 0 )); then
             --ready-timeout 60 --out "$WORK/api_accuracy.json" "${API_ARGS[@]}"
 fi
 
-step "serving sweeps" 240 30 \
+# SERVE_LIMIT_S: the sweeps' own limit (device seconds, x4 in a rehearsal); the rehearsal's rerun sets it low to see
+# a step stopped while its service runs.
+step "serving sweeps" "${SERVE_LIMIT_S:-240}" 30 \
     $PY -m benchmarks.gpu.serve_gpu --weights "$SERVED" --out "$WORK/serve.json" --log-dir "$WORK/logs" \
         "${SERVE_ARGS[@]}"
 
