@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-
 STARTUP_TIMEOUT_S = 120.0  # for every client process to start; a BrokenBarrierError after it
 
 

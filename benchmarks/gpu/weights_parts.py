@@ -60,7 +60,8 @@ def join(parts_dir: Path, checkpoint: Path) -> Path:
     # The run's CUDA backend verification travels inside results.json (summarise.py), since only 8 files
     # come back; it is bound to the weights' SHA-256, which the service checks when it reads it.
     results = parts_dir / RESULTS_FILE
-    backends = json.loads(results.read_text()).get("backends", {}) if results.is_file() else {}
+    # Absent (null) when the run stopped before training ended, an error object when it could not be read.
+    backends = (json.loads(results.read_text()).get("backends") if results.is_file() else None) or {}
     if "weights_sha256" in backends:
         (checkpoint / CUDA_BACKEND_REPORT).write_text(json.dumps(backends, indent=2) + "\n")
     return checkpoint

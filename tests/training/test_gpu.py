@@ -1,5 +1,7 @@
 """The CUDA path: bf16 autocast, data and augmentation on the GPU. Skipped where no GPU is visible; run on the
-GPU machine with `python -m pytest tests/training -m gpu`."""
+GPU machine with `python -m pytest tests/training -m gpu` (benchmarks/gpu/run.sh does)."""
+
+import math
 
 import pytest
 import torch
@@ -31,3 +33,19 @@ def test_deterministic_cuda_runs_give_identical_weights(synthetic_cifar10, tmp_p
     _cuda_run(synthetic_cifar10, tmp_path / "b", "--deterministic")
     first, second = (load_checkpoint(tmp_path / name / "checkpoint").card for name in ("a", "b"))
     assert first.weights_sha256 == second.weights_sha256
+
+
+def test_bf16_autocast_training_on_cuda_as_the_gpu_run_trains(synthetic_cifar10, tmp_path):
+    """benchmarks/gpu/run.sh trains with --precision auto (bf16 autocast on CUDA) and saves float16 weights; the
+    tiny runs above are float32, so this is the only test of the path the real run takes."""
+    records = _cuda_run(synthetic_cifar10, tmp_path / "run", "--precision", "auto", "--weights-dtype", "float16")
+    start = next(r for r in records if r["event"] == "start")
+    assert start["precision"] == "bf16"
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert all(math.isfinite(r["train_loss"]) for r in epochs)
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint", "cuda")
+    assert checkpoint.card.precision == "bf16" and checkpoint.card.weights_dtype == "float16"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = checkpoint.model(torch.randn(4, 3, 32, 32, device="cuda"))
+    assert logits.shape == (4, 10) and torch.isfinite(logits.float()).all()

@@ -86,6 +86,8 @@ async def test_cuda_auto_serves_fp32_without_a_backend_report(tmp_path):
         assert engine.model.backend == "fp32" and engine.model.dtype == "float32"
         assert "no backend report" in engine.model.backend_reason
         result = await engine.predict(pixels(2), timeout=30)
-        assert np.asarray(result.probabilities).shape == (2, 10)
+        # The engine answers logits (ModelOutput); float32 on CUDA means no autocast anywhere on the path.
+        assert result.logits.shape == (2, 10) and result.logits.dtype == np.float32
+        assert np.isfinite(result.logits).all()
     finally:
         await engine.stop(timeout=30)

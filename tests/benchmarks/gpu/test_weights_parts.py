@@ -35,8 +35,10 @@ def test_join_writes_the_runs_cuda_backend_report_from_results(tmp_path, tiny_ch
     assert json.loads((restored / report_file("cuda")).read_text()) == report
 
 
-def test_join_writes_no_backend_report_when_the_run_had_none(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("backends", [None, {"error": "JSONDecodeError: ..."}])
+def test_join_writes_no_backend_report_when_the_run_had_none(tmp_path, tiny_checkpoint, backends):
     split(tiny_checkpoint, tmp_path / "parts")
-    (tmp_path / "parts" / "results.json").write_text(json.dumps({"backends": {"error": "no backends-cuda.json"}}))
+    (tmp_path / "parts" / "results.json").write_text(json.dumps({"backends": backends}))
     restored = join(tmp_path / "parts", tmp_path / "restored")
     assert not (restored / report_file("cuda")).exists()
+    assert load_checkpoint(restored).card == load_checkpoint(tiny_checkpoint).card
