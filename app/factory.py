@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # The last one added runs first: the request context wraps the gate, so its refusals are counted and
     # logged, and the gate wraps the forward, so no request reaches the control plane without the token.
-    app.add_middleware(ControlForward, link=link, max_body_bytes=settings.max_json_bytes)
+    app.add_middleware(ControlForward, link=link, routes=[*train.router.routes, *admin.promotion_router.routes],
+                       max_body_bytes=settings.max_json_bytes)
     app.add_middleware(AdminGate, settings=settings, prefixes=(admin.router.prefix, train.router.prefix))
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     for routes in (predict, explain, health, model_info, admin, v2, web, registry):

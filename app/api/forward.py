@@ -1,7 +1,7 @@
 """How admin writes reach the control plane from a serving replica: a thin forward over HTTP.
 
 A serving replica does not run jobs or write the registry (docs/design.md, "Two planes"). The routes that do,
-``/train`` and everything under it and ``POST /admin/promote/{version}``, are served by the control plane's
+the job API (``/train`` and under it) and ``POST /admin/promote/{version}``, are served by the control plane's
 own process (``app/control/service.py``). ``ControlForward`` passes those requests on to it unchanged, so
 clients keep one address: after ``AdminGate`` has checked the token and bounded the body (an unauthenticated
 body is never read, let alone forwarded), the request goes to ``APP_CONTROL_URL`` (or the control process this
@@ -24,9 +24,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import httpx
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import expected_response
@@ -35,7 +35,7 @@ from app.logging import request_id
 
 logger = logging.getLogger(__name__)
 
-FORWARDED_PREFIXES = ("/train", "/admin/promote")
+PROMOTION_PREFIX = "/admin/promote"
 # connect: the control plane is on the same host or network; read: the slowest answer is POST /train (the job
 # runner starts a process) and a promotion (the weights' SHA-256 is verified), seconds on a CPU.
 TIMEOUTS = httpx.Timeout(connect=3.0, read=60.0, write=10.0, pool=5.0)
@@ -52,13 +52,6 @@ _NOT_FORWARDED = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-a
 
 class ControlUnreachable(JobsNotRunHere):
     """The control plane did not answer: a 503, with Retry-After."""
-
-
-@dataclass(frozen=True)
-class _ForwardedRoute:
-    """What the request-context middleware labels a forwarded request's metrics with (a bounded set)."""
-
-    path: str
 
 
 class ControlLink:
@@ -123,25 +116,26 @@ class ControlLink:
             await asyncio.sleep(PROBE_INTERVAL_S)
 
 
-def forwarded(path: str) -> str | None:
-    """The prefix under which ``path`` goes to the control plane, or None."""
-    return next((p for p in FORWARDED_PREFIXES if path == p or path.startswith(p + "/")), None)
-
-
 class ControlForward:
-    """ASGI middleware: requests under ``FORWARDED_PREFIXES`` go to the control plane, the rest to ``app``."""
+    """ASGI middleware: a request that one of the control plane's ``routes`` matches, method included, goes to
+    the control plane; any other (a wrong method gets its 405, an unknown path its 404) to ``app``."""
 
-    def __init__(self, app: ASGIApp, link: ControlLink, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, link: ControlLink, routes: list[BaseRoute], max_body_bytes: int) -> None:
         self.app = app
         self.link = link
+        self.routes = routes
         self.max_body_bytes = max_body_bytes
 
+    def route(self, scope: Scope) -> BaseRoute | None:
+        return next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        prefix = forwarded(scope["path"]) if scope["type"] == "http" else None
-        if prefix is None:
+        route = self.route(scope) if scope["type"] == "http" else None
+        if route is None:
             await self.app(scope, receive, send)
             return
-        scope["route"] = _ForwardedRoute(f"{prefix} (control plane)")
+        template: str = getattr(route, "path", None) or scope["path"]
+        scope["route"] = route  # the request context labels the metrics and access log with its template
         client = self.link.client
         if self.link.url is None or client is None:
             await expected_response(scope["path"], JobsNotRunHere(self.link.unavailable))(scope, receive, send)
@@ -159,7 +153,7 @@ class ControlForward:
             await _unreachable(scope, receive, send, f"{type(error).__name__}: {error}")
             return
         try:
-            if scope["method"] == "POST" and prefix == "/admin/promote" and response.is_success:
+            if template.startswith(PROMOTION_PREFIX) and response.is_success:
                 await self._serve_promoted()
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in
