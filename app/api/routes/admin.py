@@ -95,7 +95,8 @@ promotion_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Requ
 async def promote(control_plane: ControlPlaneDep, version: str) -> Promotion:
     """Make ``version`` the registry's current version, once its files verify; every serving replica follows
     (the one that forwarded this request serves it before answering). ``previous_version`` is the
-    registry's current version before."""
-    previous = await asyncio.to_thread(control_plane.registry.current)
+    registry's current version before (else the model replicas start with, which they served)."""
+    incumbent = control_plane.promoter.engine.card
+    previous = await asyncio.to_thread(control_plane.registry.current) or (incumbent and incumbent.version)
     await control_plane.promoter.promote(version)
     return Promotion(version=version, previous_version=previous)
