@@ -1,5 +1,6 @@
-"""deploy/nginx.conf, run by a real nginx (tests/deploy/load_balancer.py) in front of two stand-in API
-servers that answer with their names: `api`, `api-replica` and `control`. Skipped where nginx is not installed (apt-get install nginx-light)."""
+"""deploy/nginx.conf, run by a real nginx (tests/deploy/load_balancer.py) in front of three stand-in servers that
+answer with their names: `api`, `api-replica` and `control`. Skipped where nginx is not installed
+(apt-get install nginx-light)."""
 
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ def test_two_processes_a_job_from_the_serving_port_and_a_killed_control_plane_re
         assert [j["id"] for j in http.get(f"{server.url}/train").json()] == [job_id]  # the store outlived it
         assert any("restarting it in" in line for line in server.log_lines())
         assert http.get(f"{server.url}/readyz").json()["control_plane"] == "ready"
-    assert not Path(f"/proc/{restarted}").exists() or b"app.control" not in Path(f"/proc/{restarted}/cmdline").read_bytes()
+    stopped = Path(f"/proc/{restarted}/cmdline")  # with the serving process, on its SIGTERM
+    assert not stopped.exists() or b"app.control" not in stopped.read_bytes()
 
 
 def test_the_serving_process_starts_and_serves_while_the_control_plane_cannot(

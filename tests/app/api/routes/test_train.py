@@ -183,7 +183,9 @@ def test_an_api_crash_interrupts_the_job_and_resume_finishes_it(tmp_path: Path, 
             job_id = remote.post("/train", json=TINY_JOB).json()["id"]
             wait_until(lambda: remote.get(f"/train/{job_id}").json()["progress"]["epoch"] >= 1, what="epoch 1")
             pid, started, _ = SQLiteJobStore(tmp_path / "state" / "jobs.db").process(job_id)
-            api.kill()  # no shutdown handler runs: the training process is orphaned
+            # Both planes at once, the serving process and its control plane (one process group), with no
+            # shutdown handler: the training process, in a session of its own, is orphaned.
+            os.killpg(api.pid, signal.SIGKILL)
             api.wait()
         assert processes.is_alive(pid, started)
 
