@@ -142,7 +142,9 @@ class ControlForward:
             return
         body = await _body(receive, self.max_body_bytes)
         query = scope.get("query_string", b"").decode("latin-1")
-        url = f"{self.link.url}{scope['path']}" + (f"?{query}" if query else "")
+        # The path as the client sent it, still percent-encoded: the decoded one may hold control characters.
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        url = f"{self.link.url}{path}" + (f"?{query}" if query else "")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _NOT_FORWARDED]
         if (rid := request_id.get()) is not None:
             headers.append((b"x-request-id", rid.encode()))
