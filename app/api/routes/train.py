@@ -23,7 +23,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"description": "the job's status does not allow it"},
     503: {"description": "no control plane here (APP_RUN_JOBS=false), or it cannot be reached now (retry)"},
 }
-_UNAVAILABLE = {503: _RESPONSES[503]}
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: _RESPONSES[503]}
 
 
 @router.post("", status_code=202, response_model=Job, responses=_RESPONSES)
