@@ -40,7 +40,7 @@ PROMOTION_PREFIX = "/admin/promote"
 # runner starts a process) and a promotion (the weights' SHA-256 is verified), seconds on a CPU.
 TIMEOUTS = httpx.Timeout(connect=3.0, read=60.0, write=10.0, pool=5.0)
 MAX_CONNECTIONS = 16
-PROBE_INTERVAL_S = 2.0
+PROBE_INTERVAL_S = 5.0  # each probe is a line in the control plane's access log
 RETRY_AFTER_S = 2
 # How long after start-up a refused connection is retried rather than answered with 503: the control plane
 # starts beside the replica and takes seconds to import and open its store; nothing was sent, so a retry is safe.
