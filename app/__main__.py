@@ -1,8 +1,11 @@
-"""``python -m app [--host 127.0.0.1] [--port 8000] [--workers 1]``: run the service under uvicorn.
+"""``python -m app [--host 127.0.0.1] [--port 8000] [--workers 1]``: the whole service on one machine.
 
-Each worker is a process with its own engine and its own copy of the model; on one GPU, one worker
-batches best. With APP_RUN_JOBS (the default) every worker stands for job runner and the job database's lock
-elects one of them (docs/jobs.md). Settings come from ``APP_*`` environment variables (see ``app/config.py``).
+Two planes, two processes: the serving replica (this process, under uvicorn) and the control plane (training
+jobs, promotion), which it starts as a supervised child on 127.0.0.1:APP_CONTROL_PORT and forwards the job API
+to, unless APP_CONTROL_URL names a control plane elsewhere or APP_RUN_JOBS=false (docs/jobs.md). Each worker
+is a process with its own engine and its own copy of the model; on one GPU, one worker batches best; with
+several, this process supervises the one control plane they share. Settings come from ``APP_*`` environment
+variables (see ``app/config.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from app.config import SettingsError, load_settings, unknown_variables
+from app.control.supervisor import ControlSupervisor, supervises_control_plane
 from app.logging import configure_logging
 from app.server import server_options
 
@@ -54,7 +58,16 @@ def main(argv: list[str] | None = None) -> None:
     # stands for job runner or loads a model (uvicorn alone binds one worker's port only after its lifespan).
     listening = config.bind_socket()
     if args.workers > 1:
-        Multiprocess(config, sockets=[listening]).run()
+        # One control plane for all the workers, supervised here; each worker forwards to it.
+        supervisor = ControlSupervisor(settings) if supervises_control_plane(settings) else None
+        if supervisor is not None:
+            os.environ["APP_CONTROL_URL"] = supervisor.url
+            supervisor.start()
+        try:
+            Multiprocess(config, sockets=[listening]).run()
+        finally:
+            if supervisor is not None:
+                supervisor.stop()
         return
     server = uvicorn.Server(config)
     server.run(sockets=[listening])

@@ -137,6 +137,12 @@ class Settings(BaseSettings):
                            "job database elects one (a lock), and the others stand by")
     jobs_url: str | None = Field(None, description="where the replica that runs jobs is reached; named in "
                                  "the 503 that replicas with APP_RUN_JOBS=false answer POST /train with")
+    control_port: int = Field(8001, ge=1, le=65535, description="the control plane's port (jobs API, "
+                              "promotion); python -m app starts the control plane there, on 127.0.0.1, "
+                              "unless APP_CONTROL_URL is set or APP_RUN_JOBS=false")
+    control_url: str | None = Field(None, description="where this serving replica forwards POST /train, "
+                                    "/train/* and POST /admin/promote/*; unset = start the control plane "
+                                    "here as a supervised child process on APP_CONTROL_PORT")
     keep_runs: int = Field(50, ge=0, description="run directories kept (the newest jobs'; a queued or running "
                            "job's always); older ones are deleted, their job records stay; 0 = keep all")
     keep_versions: int = Field(20, ge=0, description="registry versions kept (the newest registered, plus the "

@@ -1,4 +1,11 @@
-"""``create_app(settings)`` builds the service; its lifespan owns the engine, the classifier and the model.
+"""``create_app(settings)`` builds a serving replica (the data plane); its lifespan owns the engine, the
+classifier, the model, the registry follower and, on one machine, the control plane's supervised process.
+
+The replica only reads the registry: training jobs and promotion are the control plane's, a process of its
+own (``app/control/service.py``). Unless ``APP_CONTROL_URL`` names one elsewhere (or ``APP_RUN_JOBS=false``
+says none runs here), the lifespan starts it as a supervised child (``app/control/supervisor.py``); either way
+the job API and promotion are forwarded to it (``app/api/forward.py``). Nothing the control plane does, or
+fails to do, stops this process from starting or answering.
 
 Start-up does not wait for the model: the process answers ``/healthz`` at once, loads and warms up
 ``APP_WEIGHTS`` in the background, and reports ready on ``/readyz`` only after that. Without a checkpoint
@@ -17,6 +24,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
+from app.api.forward import ControlForward, ControlLink
 from app.api.middleware import AdminGate, RequestContextMiddleware
 from app.api.openapi import install_openapi
 from app.api.routes import admin, explain, health, model_info, predict, registry, train, v2, web
@@ -24,7 +32,10 @@ from app.classification.classifier import Classifier
 from app.classification.explanations import Explainer
 from app.classification.images import pillow_pixel_limit
 from app.config import Settings
-from app.control.plane import InitialModel, initial_model, open_control_plane
+from app.control.follower import RegistryFollower, RegistryMetrics
+from app.control.plane import InitialModel, initial_model
+from app.control.registry import ModelRegistry
+from app.control.supervisor import ControlSupervisor, supervises_control_plane
 from app.engine.backend_choice import BackendPolicy
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
@@ -50,14 +61,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
+    app.state.control_link = link = ControlLink(control_url(settings), _no_control_plane(settings))
     install_error_handlers(app)
-    # The last one added runs first: the request context wraps the gate, so its refusals are counted and logged.
+    # The last one added runs first: the request context wraps the gate, so its refusals are counted and
+    # logged, and the gate wraps the forward, so no request reaches the control plane without the token.
+    app.add_middleware(ControlForward, link=link, routes=[*train.router.routes, *admin.promotion_router.routes],
+                       max_body_bytes=settings.max_json_bytes)
     app.add_middleware(AdminGate, settings=settings, prefixes=(admin.router.prefix, train.router.prefix))
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
-    for routes in (predict, explain, health, model_info, admin, v2, web, train, registry):
+    for routes in (predict, explain, health, model_info, admin, v2, web, registry):
         app.include_router(routes.router)
+    # Served by the control plane (ControlForward answers them before any route runs); included here so the
+    # OpenAPI document describes every route a client reaches at this address.
+    app.include_router(train.router)
+    app.include_router(admin.promotion_router)
     install_openapi(app, settings)
     return app
+
+
+def control_url(settings: Settings) -> str | None:
+    """Where this replica forwards the job API and promotions; None when no control plane is reachable."""
+    if settings.control_url is not None:
+        return settings.control_url
+    return f"http://127.0.0.1:{settings.control_port}" if settings.run_jobs else None
+
+
+def _no_control_plane(settings: Settings) -> str:
+    where = settings.jobs_url or "the control plane (python -m app.control), and set APP_CONTROL_URL to its address"
+    return (f"this replica does not run training jobs (APP_RUN_JOBS=false and no APP_CONTROL_URL); send training "
+            f"requests to {where}")
 
 
 @asynccontextmanager
@@ -83,11 +115,22 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                           calibrated=settings.calibration == "on")
     app.state.engine, app.state.classifier, app.state.explainer = engine, classifier, explainer
     await engine.start()
-    app.state.control_plane = control_plane = await open_control_plane(settings, engine)
-    app.state.initial_model = choice = initial_model(control_plane.registry, settings.weights,
-                                                     settings.shipped_weights)
+    supervisor = ControlSupervisor(settings) if supervises_control_plane(settings) else None
+    if supervisor is not None:
+        supervisor.start()
+    app.state.control_supervisor = supervisor
+    link: ControlLink = app.state.control_link
+    link.open()
+    follower = RegistryFollower(settings.registry_path, engine, settings.registry_poll_s,
+                                RegistryMetrics(app.state.metrics.registry))
+    app.state.follower = follower
+    registry = await asyncio.to_thread(_registry_or_none, follower)
+    app.state.initial_model = choice = await asyncio.to_thread(initial_model, registry, settings.weights,
+                                                               settings.shipped_weights)
+    await asyncio.to_thread(follower.note_start_up)
+    link.on_promoted = follower.check
     loading = start_loading(engine, choice)
-    control_plane.follow_registry(engine, settings.registry_poll_s)
+    follower.start()
     grpc_server = None
     try:
         # The KServe v2 gRPC server (app/grpc), on this event loop and this engine; loaded only when enabled.
@@ -102,10 +145,21 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await grpc_server.stop(grace_s=settings.request_timeout_s)
         if loading is not None:
             loading.cancel()
-        await control_plane.close()  # a running training job is stopped and marked interrupted, never orphaned
+        await follower.close()
+        await link.close()
+        if supervisor is not None:  # a running training job is stopped and marked interrupted, never orphaned
+            await asyncio.to_thread(supervisor.stop)
         await engine.stop(timeout=settings.request_timeout_s)
         classifier.close()
         explainer.close()
+
+
+def _registry_or_none(follower: RegistryFollower) -> ModelRegistry | None:
+    try:
+        return follower.registry()
+    except OSError as error:  # the follower reports it and keeps trying; the replica starts without it
+        logger.error("the model registry under %s cannot be opened (%s); starting without it", follower.root, error)
+        return None
 
 
 def start_loading(engine: InferenceEngine, choice: InitialModel) -> asyncio.Task[None] | None:

@@ -20,9 +20,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.errors import AdminDisabled, NotAuthenticated, WrongToken
+from app.api.forward import ControlLink
 from app.classification.classifier import Classifier
 from app.classification.explanations import Explainer
 from app.config import Settings
+from app.control.follower import RegistryFollower
 from app.control.jobs.runner import JobRunner
 from app.control.plane import ControlPlane, InitialModel
 from app.engine.engine import InferenceEngine
@@ -50,7 +52,15 @@ async def _metrics(request: Request) -> ServiceMetrics:
 
 
 async def _control_plane(request: Request) -> ControlPlane:
-    return request.app.state.control_plane
+    return request.app.state.control_plane  # the control app's only (app/control/service.py)
+
+
+async def _follower(request: Request) -> RegistryFollower:
+    return request.app.state.follower  # a serving app's only
+
+
+async def _control_link(request: Request) -> ControlLink:
+    return request.app.state.control_link  # a serving app's only
 
 
 async def _initial_model(request: Request) -> InitialModel:
@@ -63,6 +73,8 @@ ClassifierDep = Annotated[Classifier, Depends(_classifier)]
 ExplainerDep = Annotated[Explainer, Depends(_explainer)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
 ControlPlaneDep = Annotated[ControlPlane, Depends(_control_plane)]
+FollowerDep = Annotated[RegistryFollower, Depends(_follower)]
+ControlLinkDep = Annotated[ControlLink, Depends(_control_link)]
 InitialModelDep = Annotated[InitialModel, Depends(_initial_model)]
 
 

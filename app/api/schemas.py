@@ -140,14 +140,20 @@ class ReloadResponse(BaseModel):
 class Readiness(BaseModel):
     status: str
     model_version: str | None = None
+    registry_error: str | None = Field(None, description="why the registry's pointer could not be read at the "
+                                       "last check; the replica keeps serving its model and retries; null when "
+                                       "it could")
+    control_plane: str | None = Field(None, description="the control plane as this replica last saw it: ready, "
+                                      "starting, unreachable (why) or off; it never makes /readyz fail")
 
 
 class Liveness(BaseModel):
     status: str
     model_version: str | None = Field(None, description="the model being served; null while none is")
-    job_runner: Literal["runner", "standby", "off"] = Field(
-        description="whether this process runs the training jobs (runner: it holds the job database's lock), "
-        "may take over from the process that does (standby), or never does (off: APP_RUN_JOBS=false)")
+    job_runner: Literal["runner", "standby", "off", "unknown"] = Field(
+        description="whether the control plane this replica forwards to runs the training jobs (runner: it "
+        "holds the job database's lock), may take over from the one that does (standby), never does (off: "
+        "APP_RUN_JOBS=false), or cannot be reached now (unknown)")
 
 
 class ModelVersion(BaseModel):

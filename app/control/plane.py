@@ -1,17 +1,19 @@
-"""The control plane as the service holds it for one lifespan: job store, registry, promoter and runner.
+"""The control plane as its own process holds it for one lifespan: job store, registry, promoter and runner.
 
-Built in the app's lifespan (``open_control_plane``) and closed there (``close``); the routes reach it
-through ``app/api/deps.py``. This module wires the others together and is the only one that imports all
-of them (``app/control/__init__.py`` draws the arrows).
+Built in the control app's lifespan (``app/control/service.py``, ``open_control_plane``) and closed there
+(``close``); the routes reach it through ``app/api/deps.py``. This module wires the others together and is
+the only one that imports all of them (``app/control/__init__.py`` draws the arrows). It also picks the model a
+serving replica starts with (``initial_model``), the same choice the control plane compares new runs with.
+
+The control process serves no model: promoting verifies the version's files (``VerifiedPointer``) and moves
+the registry's pointer; the serving replicas follow the pointer (``app/control/follower.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from app.control.jobs.schemas import Job
 from app.control.jobs.store import JobStore, UnknownJob, open_job_store
 from app.control.promotion import HotSwappable, ModelPromoter
 from app.control.registry import ModelRegistry, UnknownVersion
-from model.checkpoint import CARD_FILE, CheckpointError, read_card
+from model.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, ModelCard, file_sha256, read_card
 from training.layout import LOG_FILE
 
 logger = logging.getLogger(__name__)
@@ -43,13 +45,6 @@ class ControlPlane:
     runner: JobRunner | None
     runs_dir: Path
     jobs_url: str | None = None
-    # What stops this process when a background task dies: SIGTERM, so uvicorn shuts down gracefully (jobs
-    # marked interrupted) and then re-raises it, so the process ends killed by SIGTERM (status 143 in a
-    # shell, non-zero for a supervisor to restart), rather than serving on with a replica that silently
-    # stopped following the registry. Tests replace it.
-    stop_process: Callable[[], None] = field(default=lambda: signal.raise_signal(signal.SIGTERM))
-    failure: str | None = None
-    _follower: asyncio.Task[None] | None = None
 
     def job(self, job_id: str) -> Job:
         """The job's record, from the shared database, so any replica can show it; raises ``UnknownJob``."""
@@ -76,37 +71,62 @@ class ControlPlane:
                                  f"requests to {where}")
         return self.runner
 
-    def follow_registry(self, engine: HotSwappable, interval_s: float) -> None:
-        """Serve whatever version the registry's pointer names, checking every ``interval_s``: a promotion made
-        by another replica sharing the registry reaches this one too."""
-        if interval_s > 0:
-            self._follower = asyncio.create_task(_follow(self.registry, engine, interval_s),
-                                                 name="registry follower")
-            self._follower.add_done_callback(self._stop_if_failed)
-
-    def _stop_if_failed(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        self.failure = f"the {task.get_name()} failed: {task.exception()!r}"
-        logger.critical("%s; stopping the service so that it is restarted", self.failure,
-                        exc_info=task.exception())
-        self.stop_process()
-
     async def close(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
         if self.runner is not None:
             await self.runner.shutdown()
         self.store.close()
 
 
-async def open_control_plane(settings: Settings, engine: HotSwappable) -> ControlPlane:
+class VerifiedPointer:
+    """What promotion swaps in the control process, which serves no model: ``swap`` verifies the checkpoint's
+    files (its card, and the weights' SHA-256 against it) before the promoter moves the registry's pointer,
+    so the pointer never names a version whose files are broken; ``card`` is the last one verified, at first
+    the model a replica starts with (the incumbent a new run is compared with before any promotion)."""
+
+    def __init__(self, card: ModelCard | None) -> None:
+        self._card = card
+
+    @property
+    def card(self) -> ModelCard | None:
+        return self._card
+
+    async def swap(self, checkpoint: Path, origin: str = "") -> ModelCard:
+        self._card = await asyncio.to_thread(verified_card, checkpoint)
+        logger.info("verified %s for promotion (%s)", self._card.version, origin or checkpoint)
+        return self._card
+
+
+def verified_card(checkpoint: Path) -> ModelCard:
+    """The checkpoint's card, once its weights match the card's SHA-256; raises ``CheckpointError``."""
+    card = read_card(checkpoint)
+    weights = Path(checkpoint) / WEIGHTS_FILE
+    try:
+        digest = file_sha256(weights)
+    except OSError as error:
+        raise CheckpointError(f"cannot read the weights at {weights}: {error.strerror or error}") from None
+    if digest != card.weights_sha256:
+        raise CheckpointError(f"{weights} does not match its card's SHA-256; the checkpoint is damaged")
+    return card
+
+
+def _start_up_card(choice: InitialModel) -> ModelCard | None:
+    if choice.path is None:
+        return None
+    try:
+        return read_card(choice.path)
+    except (CheckpointError, OSError):
+        return None
+
+
+async def open_control_plane(settings: Settings) -> ControlPlane:
     """Open the job store and the registry; with APP_RUN_JOBS, stand for election as the job runner. The
     elected process first stops and marks ``interrupted`` any job an earlier runner left running."""
     url = settings.database_url.get_secret_value() if settings.database_url is not None else None
     store = await asyncio.to_thread(open_job_store, url, settings.state_dir)
     registry = ModelRegistry(settings.registry_path)
-    promoter = ModelPromoter(registry, engine, settings.promote)
+    start_up = await asyncio.to_thread(initial_model, registry, settings.weights, settings.shipped_weights)
+    target: HotSwappable = VerifiedPointer(await asyncio.to_thread(_start_up_card, start_up))
+    promoter = ModelPromoter(registry, target, settings.promote)
     runs_dir = settings.state_dir / RUNS_FOLDER
     runner = None
     if settings.run_jobs:
@@ -139,13 +159,18 @@ class InitialModel:
     fallback: InitialModel | None = None
 
 
-def initial_model(registry: ModelRegistry, configured: Path | None,
+def initial_model(registry: ModelRegistry | None, configured: Path | None,
                   shipped_root: Path = SHIPPED_WEIGHTS) -> InitialModel:
     """The registry's current version if there is one, else ``APP_WEIGHTS``, else the best shipped checkpoint.
     A current version comes with the previous one as its fallback, or, without one, what would be served if
-    there were no registry."""
-    current = registry.current()
-    if current is not None:
+    there were no registry. A registry that cannot be read counts as none (the follower reports the error
+    and serves the pointer's version once it can read it): start-up never fails on it."""
+    try:
+        current = registry.current() if registry is not None else None
+    except Exception as error:  # EIO, ESTALE, not UTF-8, a directory: any read error
+        logger.error("the registry's pointer cannot be read (%r); starting without it", error)
+        current = None
+    if registry is not None and current is not None:
         fallback = _previous_version(registry) or _without_registry(configured, shipped_root)
         try:
             return InitialModel(registry.path(current), f"registry version {current}, the registry's current "
@@ -168,7 +193,10 @@ def _without_registry(configured: Path | None, shipped_root: Path) -> InitialMod
 
 
 def _previous_version(registry: ModelRegistry) -> InitialModel | None:
-    previous = registry.previous()
+    try:
+        previous = registry.previous()
+    except Exception:  # as unreadable as the current one may be: no fallback from the registry
+        return None
     if previous is None:
         return None
     try:
@@ -192,21 +220,3 @@ def best_shipped_checkpoint(root: Path = SHIPPED_WEIGHTS) -> Path | None:
         if best is None or candidate[0] > best[0]:
             best = candidate
     return None if best is None else root / best[1]
-
-
-async def _follow(registry: ModelRegistry, engine: HotSwappable, interval_s: float) -> None:
-    seen = registry.current()
-    while True:
-        await asyncio.sleep(interval_s)
-        current = registry.current()
-        serving = engine.card.version if engine.card is not None else None
-        if current is None or current == seen or current == serving:
-            seen = current
-            continue
-        seen = current
-        try:
-            await engine.swap(registry.path(current), origin=f"registry version {current}, the registry's current")
-            logger.info("now serving %s, promoted through the shared registry", current)
-        except Exception:
-            logger.exception("could not serve %s, which the registry names as current; still serving %s until "
-                             "the pointer changes again", current, serving)

@@ -1,6 +1,6 @@
 """A second ``python -m app`` on the same APP_STATE_DIR (issue 13, item 6): it must neither recover nor stop the
-first instance's live training job. On another port it serves predictions as a standby and takes over the jobs
-when the first stops; on the same port it fails to bind before any start-up work."""
+first instance's live training job. On another port (and another control port) its control plane stands by and
+takes over the jobs when the first stops; on the same port it fails to bind before any start-up work."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def test_a_second_instance_stands_by_and_leaves_the_first_ones_job_alone(
     env = live_environment(tiny_checkpoint, APP_STATE_DIR=str(state), APP_DATA_DIR=str(synthetic_cifar10),
                            APP_DATA_SKIP_INTEGRITY_CHECK="true", APP_TRAINING_DEVICE="cpu", APP_REGISTRY_POLL_S="0")
     with live_server(tmp_path, env, wait_ready=False) as first, httpx.Client(headers=ADMIN, timeout=60) as http:
-        assert http.get(f"{first.url}/healthz").json()["job_runner"] == "runner"
+        wait_until(lambda: http.get(f"{first.url}/healthz").json()["job_runner"] == "runner",
+                   what="the first control plane to be elected")
         job_id = http.post(f"{first.url}/train", json=TINY_JOB | {"epochs": 10_000}).json()["id"]
         wait_until(lambda: (http.get(f"{first.url}/train/{job_id}").json()["progress"]["epoch"]
                             or 0) >= 1, what="the first epoch")
@@ -41,7 +42,8 @@ def test_a_second_instance_stands_by_and_leaves_the_first_ones_job_alone(
         assert "standby" not in clash.stderr and "elected" not in clash.stderr
 
         with live_server(tmp_path, env) as second:  # another port, same state directory; serves predictions
-            assert http.get(f"{second.url}/healthz").json()["job_runner"] == "standby"
+            wait_until(lambda: http.get(f"{second.url}/healthz").json()["job_runner"] == "standby",
+                       what="the second control plane to stand by")
             assert any("standby: another process holds the lock" in line for line in second.log_lines())
             job = http.get(f"{second.url}/train/{job_id}").json()
             assert job["status"] == "running" and job["error"] is None and processes.is_alive(pid, started)
@@ -58,16 +60,21 @@ def test_a_second_instance_stands_by_and_leaves_the_first_ones_job_alone(
 
 
 @pytest.mark.server
-def test_of_several_workers_one_is_elected_to_run_jobs(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_several_workers_share_one_control_plane(tmp_path: Path, tiny_checkpoint: Path) -> None:
     env = live_environment(tiny_checkpoint, APP_STATE_DIR=str(tmp_path / "state"), APP_REGISTRY_POLL_S="0")
-    with live_server(tmp_path, env, wait_ready=False, command=("-m", "app", "--workers", "2")) as server:
-        def both_started() -> list[str] | None:
-            roles = [line for line in server.log_lines()
-                     if "elected to run training jobs" in line or "standby: another process holds" in line]
-            return roles if len(roles) == 2 else None
-
-        roles = wait_until(both_started, what="both workers to stand for election")
-        assert sum("elected to run training jobs" in line for line in roles) == 1, roles
+    with live_server(tmp_path, env, wait_ready=False, command=("-m", "app", "--workers", "2")) as server, \
+            httpx.Client(headers=ADMIN, timeout=60) as http:
+        wait_until(lambda: any("elected to run training jobs" in line for line in server.log_lines()),
+                   what="the control plane to be elected")
+        # Whichever worker answers forwards to the same, single control plane.
+        for _ in range(6):
+            assert http.get(f"{server.url}/train").json() == []
+        wait_until(lambda: http.get(f"{server.url}/healthz").json()["job_runner"] == "runner",
+                   what="the workers to see the control plane")
+        lines = server.log_lines()
+        assert sum("elected to run training jobs" in line for line in lines) == 1
+        assert not any("standby: another process holds" in line for line in lines)
+        assert sum("control plane started on" in line for line in lines) == 1
 
 
 def _env(app_variables: dict[str, str]) -> dict[str, str]:

@@ -52,21 +52,25 @@ def container_environment(service: dict[str, Any], volumes: Path, weights: Path,
     return environment | (extra or {})
 
 
-def start_command(port: int) -> list[str]:
-    command = container_command(final_stage())
+def start_command(port: int, service: dict[str, Any] | None = None) -> list[str]:
+    """The service's compose `command` if it has one (the control plane's), else the image's CMD."""
+    command = list((service or {}).get("command") or container_command(final_stage()))
     command[0] = sys.executable
     command[command.index("--port") + 1] = str(port)
+    if "--host" in command:
+        command[command.index("--host") + 1] = "127.0.0.1"  # the container's 0.0.0.0, on a shared machine
     return command
 
 
 @contextmanager
-def running(environment: dict[str, str], workdir: Path) -> Iterator[RunningService]:
-    """The start command running until /readyz answers 200; killed on exit if still running."""
-    port = free_port()
+def running(environment: dict[str, str], workdir: Path, service: dict[str, Any] | None = None,
+            port: int | None = None) -> Iterator[RunningService]:
+    """The service's start command running until /readyz answers 200; killed on exit if still running."""
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)  # the image's WORKDIR: nothing imported from the checkout
     log = workdir / "service.log"
     with open(log, "wb") as output:
-        process = subprocess.Popen(start_command(port), cwd=workdir, env=environment,
+        process = subprocess.Popen(start_command(port, service), cwd=workdir, env=environment,
                                    stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

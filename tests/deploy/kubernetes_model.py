@@ -119,9 +119,10 @@ def env_value(container_spec: dict[str, Any], name: str) -> str | None:
 
 
 def runs_the_service(container_spec: dict[str, Any]) -> bool:
-    """Whether the container runs `python -m app`: stated, or by the image's CMD when no command is given."""
+    """Whether the container runs either plane, `python -m app` or `python -m app.control`: stated, or by the
+    image's CMD when no command is given."""
     command = container_spec.get("command", []) + container_spec.get("args", [])
-    return not command or command[:3] == ["python", "-m", "app"]
+    return not command or command[:3] in (["python", "-m", "app"], ["python", "-m", "app.control"])
 
 
 def service_containers(resources: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:

@@ -22,22 +22,24 @@ from tests.support.net import free_port
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
 
 
-def render(config: str, listen: int, runner: int, replica: int) -> str:
+def render(config: str, listen: int, api: int, replica: int, control: int) -> str:
     config = re.sub(r"^\s*resolver .*;\n", "", config, flags=re.MULTILINE)
     config = config.replace(" resolve;", ";")
-    config = config.replace("server api:8000", f"server 127.0.0.1:{runner}")
+    config = config.replace("server api:8000", f"server 127.0.0.1:{api}")
     config = config.replace("server api-replica:8000", f"server 127.0.0.1:{replica}")
+    config = config.replace("server control:8001", f"server 127.0.0.1:{control}")
     return config.replace("listen 8000;", f"listen 127.0.0.1:{listen};")
 
 
 @contextmanager
-def running_nginx(directory: Path, runner_port: int, replica_port: int) -> Iterator[str]:
+def running_nginx(directory: Path, api_port: int, replica_port: int, control_port: int) -> Iterator[str]:
     """nginx with the rendered config, until it answers /lb-healthz; yields its URL."""
     assert NGINX is not None, "nginx is not installed"
     port = free_port()
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "nginx.conf"
-    config.write_text(render((REPO_ROOT / "deploy" / "nginx.conf").read_text(), port, runner_port, replica_port))
+    config.write_text(render((REPO_ROOT / "deploy" / "nginx.conf").read_text(), port, api_port, replica_port,
+                             control_port))
     base = [NGINX, "-p", str(directory), "-c", str(config)]
     globals_ = f"pid {directory}/nginx.pid; error_log {directory}/error.log;"
     checked = subprocess.run([*base, "-t", "-g", globals_], capture_output=True, text=True, timeout=30)

@@ -71,27 +71,51 @@ def _api(*files: str) -> dict[str, Any]:
     return project(*files)["services"]["api"]
 
 
+def _control(*files: str) -> dict[str, Any]:
+    return project(*files)["services"]["control"]
+
+
 def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
     return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
 
 
-def test_api_reserves_nvidia_gpus() -> None:
-    (device,) = _gpu_devices(_api(BASE))
-    assert device["driver"] == "nvidia"
-    assert "gpu" in device["capabilities"]
-    assert "count" in device or "device_ids" in device
+def test_api_and_control_reserve_nvidia_gpus() -> None:
+    for service in (_api(BASE), _control(BASE)):
+        (device,) = _gpu_devices(service)
+        assert device["driver"] == "nvidia"
+        assert "gpu" in device["capabilities"]
+        assert "count" in device or "device_ids" in device
     assert _api(BASE)["environment"]["APP_DEVICE"] == "cuda"
+    assert _control(BASE)["environment"]["APP_TRAINING_DEVICE"] == "cuda"
 
 
-def test_cpu_variant_drops_the_gpu_and_serves_from_the_cpu() -> None:
-    api = _api(BASE, CPU)
-    assert _gpu_devices(api) == []
+def test_cpu_variant_drops_the_gpu_and_serves_and_trains_on_the_cpu() -> None:
+    api, control = _api(BASE, CPU), _control(BASE, CPU)
+    assert _gpu_devices(api) == [] and _gpu_devices(control) == []
     assert api["environment"]["APP_DEVICE"] == "cpu"
-    assert api["environment"]["APP_TRAINING_DEVICE"] == "cpu"
+    assert control["environment"]["APP_TRAINING_DEVICE"] == "cpu"
     assert api["image"] != _api(BASE)["image"], "the CPU-only image must not overwrite the CUDA one's tag"
-    # Everything else is the GPU service's.
-    for key in ("ports", "volumes", "healthcheck", "restart", "shm_size"):
+    assert control["image"] == api["image"] and control["build"] == api["build"], "one image, two commands"
+    # Everything else is the GPU services'.
+    for key in ("ports", "volumes", "healthcheck", "restart"):
         assert api[key] == _api(BASE)[key]
+    for key in ("command", "volumes", "healthcheck", "restart", "shm_size"):
+        assert control[key] == _control(BASE)[key]
+
+
+def test_the_planes_are_two_services_of_one_image() -> None:
+    api, control = _api(BASE), _control(BASE)
+    assert control["image"] == api["image"] and control["build"] == api["build"]
+    assert "command" not in api, "the serving service runs the image's CMD (python -m app)"
+    assert control["command"][:3] == ["python", "-m", "app.control"]
+    port = control["command"][control["command"].index("--port") + 1]
+    # The serving service starts no control plane of its own: it forwards to this one, by its compose name.
+    assert api["environment"]["APP_CONTROL_URL"] == f"http://control:{port}"
+    assert control["environment"]["APP_RUN_JOBS"] == "true"
+    assert "ports" not in control, "the control plane is reached through the serving port (or nginx) only"
+    assert f"127.0.0.1:{port}/readyz" in " ".join(control["healthcheck"]["test"])
+    # Predictions never wait for the control plane.
+    assert "depends_on" not in api
 
 
 def test_publishes_http_on_8000_and_grpc_on_8081() -> None:
@@ -108,18 +132,23 @@ def test_healthcheck_is_the_images_command_on_readiness() -> None:
 
 
 def test_restarts_and_has_room_in_shared_memory_for_training() -> None:
-    api = _api(BASE)
+    api, control = _api(BASE), _control(BASE)
     assert api["restart"] in ("always", "unless-stopped", "on-failure")
-    size = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(api["shm_size"]).lower())
-    assert size, api["shm_size"]
+    assert control["restart"] in ("always", "unless-stopped", "on-failure")
+    assert "shm_size" not in api, "training runs in the control service"
+    size = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(control["shm_size"]).lower())
+    assert size, control["shm_size"]
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[size[2]]
     assert int(size[1]) * scale >= 1 * 2**30, "DataLoader workers and NCCL need more than Docker's 64 MB"
 
 
 def test_named_volumes_hold_registry_job_state_and_data_where_the_service_looks() -> None:
-    api = _api(BASE)
-    mounts = dict(volume.split(":")[:2] for volume in api["volumes"])
-    environment = api["environment"]
+    api, control = _api(BASE), _control(BASE)
+    # The serving service reads the registry only; the job database and the data are the control plane's.
+    assert dict(volume.split(":")[:2] for volume in api["volumes"]) == {
+        "registry": api["environment"]["APP_REGISTRY_DIR"]}
+    mounts = dict(volume.split(":")[:2] for volume in control["volumes"])
+    environment = control["environment"]
     assert mounts == {
         "registry": environment["APP_REGISTRY_DIR"],
         "state": environment["APP_STATE_DIR"],
@@ -157,6 +186,7 @@ def test_no_secret_has_a_value_in_a_compose_file(path: Path) -> None:
 
 def test_the_admin_token_comes_from_the_environment_with_no_default() -> None:
     assert _api(BASE)["environment"]["APP_ADMIN_TOKEN"] is None
+    assert _control(BASE)["environment"]["APP_ADMIN_TOKEN"] is None
     example = (REPO_ROOT / "deploy" / "env.example").read_text(encoding="utf-8")
     assert re.search(r"^APP_ADMIN_TOKEN=$", example, re.MULTILINE), "the example leaves the token empty"
 
@@ -169,46 +199,48 @@ def test_no_env_file_is_committed() -> None:
     assert tracked == []
 
 
-def test_scale_out_has_one_job_runner_and_replicas_sharing_its_volumes() -> None:
+def test_scale_out_has_one_control_plane_and_serving_replicas_sharing_its_registry() -> None:
     services = project(BASE, SCALE)["services"]
-    api, replica, balancer = services["api"], services["api-replica"], services["lb"]
+    api, replica, balancer, control = services["api"], services["api-replica"], services["lb"], services["control"]
     runners = [n for n, s in services.items() if s.get("environment", {}).get("APP_RUN_JOBS") == "true"]
-    assert runners == ["api"], "exactly one service may start training jobs"
-    assert replica["environment"]["APP_RUN_JOBS"] == "false"
+    assert runners == ["control"], "exactly one service runs training jobs: the control plane"
+    serving = [n for n, s in services.items() if s.get("image", "").startswith("cifar-serve") and n != "control"]
+    assert sorted(serving) == ["api", "api-replica"]
+    for name in serving:  # none starts a control plane of its own
+        assert services[name]["environment"]["APP_CONTROL_URL"] == api["environment"]["APP_CONTROL_URL"]
+        assert "command" not in services[name] and "shm_size" not in services[name]
     assert replica["deploy"]["replicas"] >= 2
-    # Both see the same registry and job database, at the same paths.
-    for volume in ("registry", "state"):
-        mount = next(v for v in api["volumes"] if v.startswith(volume + ":"))
-        assert mount in replica["volumes"]
-    # One public port, on the load balancer; the API services are reached through it.
-    assert "ports" not in api and "ports" not in replica
+    # All see the same registry, at the same path; only the control plane has the job database.
+    mount = next(v for v in control["volumes"] if v.startswith("registry:"))
+    assert mount in api["volumes"] and mount in replica["volumes"]
+    assert not any(v.startswith("state:") for v in api["volumes"] + replica["volumes"])
+    # One public port, on the load balancer; the services are reached through it.
+    assert "ports" not in api and "ports" not in replica and "ports" not in control
     assert balancer["ports"] == ["8000:8000"]
-    assert {"api", "api-replica"} <= set(balancer["depends_on"])
+    assert {"api", "api-replica"} <= set(balancer["depends_on"]) and "control" not in balancer["depends_on"]
 
 
-def test_replicas_run_the_same_image_and_settings_as_the_runner() -> None:
+def test_replicas_run_the_same_image_and_settings_as_api() -> None:
     services = project(BASE, SCALE)["services"]
     api, replica = services["api"], services["api-replica"]
-    for key in ("build", "image", "healthcheck", "restart", "init"):
+    for key in ("build", "image", "healthcheck", "restart", "init", "volumes", "environment"):
         assert replica[key] == api[key], key
     assert _gpu_devices(replica) == _gpu_devices(api)
-    differ = {"APP_RUN_JOBS", "APP_TRAINING_DEVICE", "APP_DATA_DIR"}  # the replica never trains
-    assert {k: v for k, v in replica["environment"].items() if k not in differ} == {
-        k: v for k, v in api["environment"].items() if k not in differ
-    }
 
 
-def test_load_balancer_config_is_mounted_and_sends_training_to_the_runner_only() -> None:
+def test_load_balancer_config_is_mounted_and_sends_admin_writes_to_the_control_plane() -> None:
     balancer = project(BASE, SCALE)["services"]["lb"]
     (mount,) = balancer["volumes"]
     source, target, mode = mount.split(":")
     assert (REPO_ROOT / source).is_file() and target == "/etc/nginx/nginx.conf" and mode == "ro"
     config = (REPO_ROOT / source).read_text(encoding="utf-8")
-    jobs = re.search(r"upstream api_jobs \{(.*?)\}", config, re.DOTALL)[1]
+    control = re.search(r"upstream control \{(.*?)\}", config, re.DOTALL)[1]
     everyone = re.search(r"upstream api_all \{(.*?)\}", config, re.DOTALL)[1]
-    assert re.findall(r"server (\S+)", jobs) == ["api:8000"]
+    command = _control(BASE, SCALE)["command"]
+    assert re.findall(r"server (\S+)", control) == [f"control:{command[command.index('--port') + 1]}"]
     assert re.findall(r"server (\S+)", everyone) == ["api:8000", "api-replica:8000"]
-    assert re.search(r"location /train \{[^}]*proxy_pass http://api_jobs;", config)
+    assert re.search(r"location /train \{[^}]*proxy_pass http://control;", config)
+    assert re.search(r"location /admin/promote/ \{[^}]*proxy_pass http://control;", config)
     assert "listen 8000;" in config
 
 

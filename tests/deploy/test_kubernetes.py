@@ -135,10 +135,15 @@ def test_the_runner_is_ready_without_a_model_so_it_can_train_the_first_one(name:
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
-def test_the_probed_port_is_the_one_the_image_listens_on(name: str) -> None:
-    for _, service in service_containers(overlay(name)):
-        assert "command" not in service and "args" not in service, "the image's CMD sets host and port"
+def test_the_probed_port_is_the_one_the_process_listens_on(name: str) -> None:
+    for workload, service in service_containers(overlay(name)):
         ports = {p["name"]: p["containerPort"] for p in service["ports"]}
+        if workload["metadata"]["name"] == RUNNER:  # the control plane: the same image, its own command
+            command = service["command"]
+            assert command[:3] == ["python", "-m", "app.control"] and "args" not in service
+            assert ports == {"http": int(command[command.index("--port") + 1])}
+            continue
+        assert "command" not in service and "args" not in service, "the image's CMD sets host and port"
         assert ports["http"] == _image_port() and set(ports) <= {"http", "grpc"}
         default = Settings.model_fields["grpc_port"].default
         assert ports.get("grpc", default) == default, "the gRPC server's default port"
@@ -267,10 +272,10 @@ def test_exactly_one_job_runner(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
-def test_replicas_point_training_requests_at_the_runners_service(name: str) -> None:
+def test_replicas_forward_admin_writes_to_the_control_planes_service(name: str) -> None:
     resources = overlay(name)
     api = container(one(resources, "Deployment", API), "api")
-    url = urlsplit(env_value(api, "APP_JOBS_URL"))
+    url = urlsplit(env_value(api, "APP_CONTROL_URL"))
     service = one(resources, "Service", url.hostname)
     runner = one(resources, "Deployment", RUNNER)
     assert selects(service["spec"]["selector"], runner["spec"]["template"]["metadata"]["labels"])

@@ -1,5 +1,6 @@
-"""deploy/nginx.conf, run by a real nginx (tests/deploy/load_balancer.py) in front of two stand-in API
-servers that answer with their names. Skipped where nginx is not installed (apt-get install nginx-light)."""
+"""deploy/nginx.conf, run by a real nginx (tests/deploy/load_balancer.py) in front of three stand-in servers that
+answer with their names: `api`, `api-replica` and `control`. Skipped where nginx is not installed
+(apt-get install nginx-light)."""
 
 from __future__ import annotations
 
@@ -54,50 +55,54 @@ class StandInServer:
         self.server.server_close()
 
 
-# The balancer's URL, and the stand-ins for `api` (the job runner) and `api-replica`.
-Balancer = tuple[str, StandInServer, StandInServer]
+# The balancer's URL, and the stand-ins for the serving `api` and `api-replica`, and for `control`.
+Balancer = tuple[str, StandInServer, StandInServer, StandInServer]
 
 
 @pytest.fixture(scope="module")
 def balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
-    runner, replica = StandInServer("api"), StandInServer("api-replica")
+    api, replica, control = StandInServer("api"), StandInServer("api-replica"), StandInServer("control")
     try:
-        with running_nginx(tmp_path_factory.mktemp("nginx"), runner.port, replica.port) as url:
-            yield url, runner, replica
+        with running_nginx(tmp_path_factory.mktemp("nginx"), api.port, replica.port, control.port) as url:
+            yield url, api, replica, control
     finally:
-        runner.close()
-        replica.close()
+        for server in (api, replica, control):
+            server.close()
 
 
 def test_answers_its_own_health_check(balancer: Balancer) -> None:
-    url, _, _ = balancer
+    url, *_ = balancer
     response = httpx.get(f"{url}/lb-healthz")
     assert (response.status_code, response.text) == (200, "ok\n")
 
 
-def test_spreads_predictions_over_the_runner_and_the_replica(balancer: Balancer) -> None:
-    url, runner, replica = balancer
+def test_spreads_predictions_over_the_serving_services_only(balancer: Balancer) -> None:
+    url, runner, replica, control = balancer
     with httpx.Client(base_url=url, timeout=10) as client:
         backends = Counter(client.post("/predict", content=b"x" * 1000).json()["backend"] for _ in range(20))
     assert set(backends) == {"api", "api-replica"}, backends
     assert runner.forwarded_for | replica.forwarded_for == {"127.0.0.1"}
+    assert not any(hit.split()[1].startswith("/predict") for hit in control.hits)
 
 
-def test_sends_every_training_request_to_the_runner(balancer: Balancer) -> None:
-    url, runner, replica = balancer
+def test_sends_every_admin_write_to_the_control_plane(balancer: Balancer) -> None:
+    url, api, replica, control = balancer
     with httpx.Client(base_url=url, timeout=10) as client:
         answers = [answer for _ in range(3) for answer in (
             client.post("/train", json={"epochs": 1}), client.get("/train"),
-            client.get("/train/abc123"), client.delete("/train/abc123"),
+            client.get("/train/abc123"), client.delete("/train/abc123"), client.post("/admin/promote/v1"),
         )]
-    assert {a.json()["backend"] for a in answers} == {"api"}
-    assert not any(hit.split()[1].startswith("/train") for hit in replica.hits)
-    assert runner.hits["POST /train"] == 3
+        reload = client.post("/admin/reload")  # one replica's engine: a serving route
+    assert {a.json()["backend"] for a in answers} == {"control"}
+    for serving in (api, replica):
+        assert not any(hit.split()[1].startswith(("/train", "/admin/promote")) for hit in serving.hits)
+    assert control.hits["POST /train"] == 3 and control.hits["POST /admin/promote/v1"] == 3
+    assert reload.json()["backend"] in ("api", "api-replica")
 
 
 def test_passes_uploads_up_to_the_services_own_limit(balancer: Balancer) -> None:
     """nginx must not refuse what the service would accept: the service's 413 says what to do."""
-    url, _, _ = balancer
+    url, *_ = balancer
     size = 16 * 2**20
     response = httpx.post(f"{url}/predict", content=b"\0" * size, timeout=30)
     assert response.status_code == 200 and response.json()["received"] == size

@@ -35,6 +35,8 @@ def service_settings(weights: Path, **overrides: object) -> Settings:
         weights=weights, device="cpu", max_batch_size=8, max_batch_delay_ms=5, max_queue=64, max_batch_files=16,
         admin_token=ADMIN_TOKEN, torch_threads=1, parallel_batches=1, decode_threads=2,
         state_dir=Path(tempfile.mkdtemp(prefix="service-state-")), grpc_port=0,
+        # A data-plane test needs no control plane (tests/support/training_api.py's settings start one).
+        run_jobs=False,
     )
     return Settings(**(values | overrides))  # type: ignore[arg-type]
 
@@ -71,8 +73,10 @@ def live_server(tmp_path: Path, environment: dict[str, str], wait_ready: bool = 
     ``environment`` only; stopped with SIGTERM (then killed) on exit."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("APP_")}
-    # No gRPC server unless a test asks for one on a port of its own: servers run side by side here.
-    env |= {"APP_STATE_DIR": str(tmp_path / "state"), "APP_GRPC_PORT": "0"} | environment
+    # No gRPC server unless a test asks for one on a port of its own, and a control plane of its own on a
+    # free port: servers run side by side here, and the default ports may be another test's.
+    env |= {"APP_STATE_DIR": str(tmp_path / "state"), "APP_GRPC_PORT": "0",
+            "APP_CONTROL_PORT": str(free_port())} | environment
     log = tmp_path / f"server-{port}.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen([sys.executable, *command, "--port", str(port)], cwd=REPO_ROOT, env=env,

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from tests.support.net import free_port
 from tests.support.service import ADMIN, ADMIN_TOKEN
 from tests.support.waiting import wait_until
 
@@ -24,17 +25,22 @@ FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 def job_settings(state_dir: Path, data_dir: Path, weights: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
         weights=weights, device="cpu", training_device="cpu", state_dir=state_dir, data_dir=data_dir,
-        data_skip_integrity_check=True, admin_token=ADMIN_TOKEN, registry_poll_s=0, max_batch_size=4,
-        max_batch_files=4, torch_threads=1,
+        data_skip_integrity_check=True, admin_token=ADMIN_TOKEN, max_batch_size=4, max_batch_files=4,
+        torch_threads=1,
+        # The control plane is a process of its own, on a free port (8001 may be another test's); the replica
+        # learns of its promotions through the registry, so it polls often.
+        control_port=free_port(), registry_poll_s=0.1,
     )
     return Settings(**(values | overrides))
 
 
 def wait_ready(client: TestClient) -> str:
-    """The served model's version, once the service is ready."""
+    """The served model's version, once the service is ready and its control plane answers (or there is none)."""
     def version() -> str | None:
         response = client.get("/readyz")
-        return response.json()["model_version"] if response.status_code == 200 else None
+        if response.status_code != 200 or response.json()["control_plane"] not in ("ready", "off"):
+            return None
+        return response.json()["model_version"]
 
     return wait_until(version, what="the service to be ready")
 

@@ -1,21 +1,25 @@
-"""The admin routes (Bearer ``APP_ADMIN_TOKEN``): ``POST /admin/reload`` serves a registry version or a
-checkpoint directory under an allowed folder, ``POST /admin/promote/{version}`` a registry version.
+"""The admin routes (Bearer ``APP_ADMIN_TOKEN``): ``POST /admin/reload`` (``router``, served by each serving
+replica) and ``POST /admin/promote/{version}`` (``promotion_router``, served by the control plane).
 
-Both go through the registry: a reloaded checkpoint is registered, served, and made the registry's
-``current``, so every replica polling the registry follows, and a restart keeps it. A path outside the
-allowed folders is refused before anything is read from it, so the route cannot be used to probe the
-file system or read another file's contents into an error message.
+``/admin/reload`` changes one replica's engine and nothing else: it serves a registry version or a checkpoint
+directory under an allowed folder, and writes nothing (serving replicas only read the registry). The
+replica keeps it until the registry's pointer changes or the replica restarts. ``/admin/promote`` is the
+control plane's: it verifies the version's files and moves the registry's pointer, which every replica
+follows; a serving replica forwards it there (``app/api/forward.py``) and serves the version itself before
+answering. A path outside the allowed folders is refused before anything is read from it, so the route
+cannot be used to probe the file system or read another file's contents into an error message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
 
-from app.api.deps import ControlPlaneDep, EngineDep, InitialModelDep, RequireAdmin, SettingsDep
+from app.api.deps import ControlPlaneDep, EngineDep, FollowerDep, InitialModelDep, RequireAdmin, SettingsDep
 from app.api.errors import BadRequest
 from app.api.schemas import ErrorResponse, Promotion, ReloadRequest, ReloadResponse
 from app.config import Settings
@@ -34,23 +38,22 @@ _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
           "loaded or verified"},
     404: {"model": ErrorResponse, "description": "no such version in the registry"}, **_AUTH_ERRORS,
 })
-async def reload(engine: EngineDep, control_plane: ControlPlaneDep, initial: InitialModelDep,
+async def reload(engine: EngineDep, follower: FollowerDep, initial: InitialModelDep,
                  settings: SettingsDep, body: ReloadRequest | None = None) -> ReloadResponse:
     """Load, verify and warm up a checkpoint (a registry version, a checkpoint directory under an allowed
-    folder, else the one chosen at start-up), swap it in between two batches, and make it the registry's
-    current version. Requests in flight finish on the old model; none fail. The old model keeps serving
-    if the new one cannot be loaded."""
+    folder, else the one chosen at start-up) and swap it in between two batches, on this replica only.
+    Requests in flight finish on the old model; none fail. The old model keeps serving if the new one cannot
+    be loaded. To change what every replica serves, promote a registry version (``POST /admin/promote``)."""
     previous = engine.version
     started = time.perf_counter()
-    promoter = control_plane.promoter
     if body is not None and body.version:
-        registered = await promoter.promote(body.version, origin=f"registry version {body.version}, "
-                                            "POST /admin/reload")
-        weights = registered.path
+        path = await asyncio.to_thread(follower.registry().path, body.version)  # UnknownVersion: 404
+        origin = f"registry version {body.version}, POST /admin/reload"
     else:
         weights = allowed_checkpoint(body.weights, settings) if body and body.weights else _start_up_weights(initial)
-        registered = await promoter.serve_checkpoint(Path(weights), origin=f"POST /admin/reload of {weights}")
-    return ReloadResponse(model_version=registered.version, previous_version=previous, weights=weights,
+        path, origin = Path(weights), f"POST /admin/reload of {weights}"
+    card = await engine.swap(path, origin=origin)
+    return ReloadResponse(model_version=card.version, previous_version=previous, weights=str(path),
                           seconds=round(time.perf_counter() - started, 3))
 
 
@@ -82,11 +85,18 @@ def _start_up_weights(choice: InitialModel) -> str:
     return str(choice.path)
 
 
-@router.post("/promote/{version}", response_model=Promotion, responses={
-    404: {"model": ErrorResponse, "description": "no such version in the registry"}, **_AUTH_ERRORS,
+promotion_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[RequireAdmin])
+
+
+@promotion_router.post("/promote/{version}", response_model=Promotion, responses={
+    404: {"model": ErrorResponse, "description": "no such version in the registry"},
+    503: {"model": ErrorResponse, "description": "the control plane cannot be reached; retry"}, **_AUTH_ERRORS,
 })
-async def promote(control_plane: ControlPlaneDep, engine: EngineDep, version: str) -> Promotion:
-    """Serve ``version`` now (hot swap, no failed requests) and make it the registry's current version."""
-    previous = engine.version
+async def promote(control_plane: ControlPlaneDep, version: str) -> Promotion:
+    """Make ``version`` the registry's current version, once its files verify; every serving replica follows
+    (the one that forwarded this request serves it before answering). ``previous_version`` is the
+    registry's current version before (else the model replicas start with, which they served)."""
+    incumbent = control_plane.promoter.engine.card
+    previous = await asyncio.to_thread(control_plane.registry.current) or (incumbent and incumbent.version)
     await control_plane.promoter.promote(version)
     return Promotion(version=version, previous_version=previous)

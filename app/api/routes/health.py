@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import ControlPlaneDep, EngineDep, MetricsDep
+from app.api.deps import ControlLinkDep, EngineDep, FollowerDep, MetricsDep
 from app.api.schemas import ErrorResponse, Liveness, Readiness
 from app.engine.errors import NoModelLoaded
 
@@ -14,18 +14,21 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz(engine: EngineDep, control_plane: ControlPlaneDep) -> Liveness:
+async def healthz(engine: EngineDep, control: ControlLinkDep) -> Liveness:
     """200 while the process is alive (it answers even while the model loads); ``model_version`` names the
     model being served, null while none is."""
-    return Liveness(status="alive", model_version=engine.version, job_runner=control_plane.job_runner)
+    return Liveness(status="alive", model_version=engine.version, job_runner=control.job_runner)
 
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse, "description": "no warm model yet"}})
-async def readyz(engine: EngineDep) -> Readiness:
-    """200 only when a model is loaded and warmed up and the service is not shutting down."""
+async def readyz(engine: EngineDep, follower: FollowerDep, control: ControlLinkDep) -> Readiness:
+    """200 only when a model is loaded and warmed up and the service is not shutting down. A registry that
+    cannot be read (``registry_error``) or a control plane that cannot be reached (``control_plane``) is
+    reported, never a reason to answer 503: the replica serves the model it has."""
     if not engine.ready:
         raise NoModelLoaded(f"not ready: {engine.unavailable_reason}")
-    return Readiness(status="ready", model_version=engine.version)
+    return Readiness(status="ready", model_version=engine.version, registry_error=follower.error,
+                     control_plane=control.state)
 
 
 @router.get("/metrics", response_class=Response)

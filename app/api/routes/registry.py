@@ -3,19 +3,24 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 
-from app.api.deps import ControlPlaneDep, EngineDep
+from app.api.deps import EngineDep, FollowerDep
 from app.api.schemas import ModelListing, ModelVersion
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/models", response_model=ModelListing)
-def list_models(control_plane: ControlPlaneDep, engine: EngineDep) -> ModelListing:
+async def list_models(follower: FollowerDep, engine: EngineDep) -> ModelListing:
     """Every registered version, newest first; ``current`` is the registry's pointer, ``serving`` the version
     this replica answers with (they differ only for a moment after a promotion, or before any)."""
-    registry = control_plane.registry
-    current = registry.current()
-    return ModelListing(current=current, serving=engine.version,
-                        versions=[ModelVersion.of(m, current) for m in registry.versions()])
+    def read() -> tuple[str | None, list[ModelVersion]]:
+        registry = follower.registry()
+        current = registry.current()
+        return current, [ModelVersion.of(m, current) for m in registry.versions()]
+
+    current, versions = await asyncio.to_thread(read)  # a slow shared volume blocks a thread, not the loop
+    return ModelListing(current=current, serving=engine.version, versions=versions)

@@ -1,4 +1,8 @@
-"""The training-job API (admin only): start, list, follow, cancel and resume training runs."""
+"""The training-job API (admin only): start, list, follow, cancel and resume training runs.
+
+Served by the control plane (``app/control/service.py``); a serving replica forwards these routes to it
+(``app/api/forward.py``) and includes them only so that its OpenAPI document describes them.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ router = APIRouter(prefix="/train", tags=["training"], dependencies=[RequireAdmi
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such job"},
     409: {"description": "the job's status does not allow it"},
-    503: {"description": "this replica does not run jobs (APP_RUN_JOBS=false)"},
+    503: {"description": "no control plane here (APP_RUN_JOBS=false), or it cannot be reached now (retry)"},
 }
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: _RESPONSES[503]}
 
 
 @router.post("", status_code=202, response_model=Job, responses=_RESPONSES)
@@ -45,7 +50,7 @@ async def start_job(
 MOST_JOBS = 2**63 - 1
 
 
-@router.get("", response_model=list[Job])
+@router.get("", response_model=list[Job], responses=_UNAVAILABLE)
 def list_jobs(control_plane: ControlPlaneDep,
               limit: Annotated[int | None, Query(ge=1, le=MOST_JOBS)] = None) -> list[Job]:
     """All jobs, newest first."""

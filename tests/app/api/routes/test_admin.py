@@ -3,6 +3,7 @@ import shutil
 import anyio
 import pytest
 
+from app.control.registry import ModelRegistry
 from model.backend_report import machine_identity
 from tests.app.engine.test_backend_choice import CPU_ROWS, measured
 from tests.support import images
@@ -51,19 +52,24 @@ async def test_reload_swaps_to_the_given_checkpoint_and_back_to_the_configured_o
     assert back["model_version"] == first and back["weights"] == str(tiny_checkpoint)
 
 
-async def test_reload_moves_the_registry_pointer_so_every_replica_follows(service, other_checkpoint):
+async def test_reload_changes_this_replica_only_and_never_writes_the_registry(service, other_checkpoint):
+    # Serving replicas only read the registry (issue 22): moving the pointer is the control plane's promotion.
     client = service.client
+    registry = ModelRegistry(service.app.state.settings.registry_path)
+    before = registry.current()
     response = await client.post("/admin/reload", headers=AUTH, json={"weights": str(other_checkpoint)})
-    version = response.json()["model_version"]
-    registry = service.app.state.control_plane.registry
-    assert registry.current() == version and registry.get(version).card.version == version
-    # By version, too: the start-up model is now a registry version as well.
+    assert response.status_code == 200, response.text
+    assert registry.current() == before and registry.versions() == []
+    # By registry version, too: a version the control plane registered.
+    version = registry.register(other_checkpoint).version
     first = (await client.post("/admin/reload", headers=AUTH)).json()["model_version"]
     again = await client.post("/admin/reload", headers=AUTH, json={"version": version})
-    assert again.status_code == 200 and registry.current() == version and registry.previous() == first
+    assert again.status_code == 200 and again.json()["model_version"] == version
+    assert (await client.get("/model")).json()["version"] == version and registry.current() == before
     assert (await client.post("/admin/reload", headers=AUTH, json={"version": "resnet18-ffffffffffff"})
             ).status_code == 404
-    await client.post("/admin/reload", headers=AUTH, json={"version": first})
+    await client.post("/admin/reload", headers=AUTH, json={"weights": None})
+    assert (await client.get("/model")).json()["version"] == first
 
 
 @pytest.mark.parametrize("outside", ["/etc", "/nonexistent/checkpoint", "{other}/../../..", "nul\x00byte"])

@@ -183,7 +183,9 @@ def test_an_api_crash_interrupts_the_job_and_resume_finishes_it(tmp_path: Path, 
             job_id = remote.post("/train", json=TINY_JOB).json()["id"]
             wait_until(lambda: remote.get(f"/train/{job_id}").json()["progress"]["epoch"] >= 1, what="epoch 1")
             pid, started, _ = SQLiteJobStore(tmp_path / "state" / "jobs.db").process(job_id)
-            api.kill()  # no shutdown handler runs: the training process is orphaned
+            # Both planes at once, the serving process and its control plane (one process group), with no
+            # shutdown handler: the training process, in a session of its own, is orphaned.
+            os.killpg(api.pid, signal.SIGKILL)
             api.wait()
         assert processes.is_alive(pid, started)
 
@@ -277,7 +279,10 @@ def test_a_replica_that_does_not_run_jobs_says_which_does(tmp_path: Path) -> Non
         response = client.post("/train", headers=ADMIN)
         assert response.status_code == 503 and "http://trainer:8000" in response.json()["detail"]
         assert "APP_RUN_JOBS=false" in response.json()["detail"]
-        assert client.get("/train", headers=ADMIN).json() == []
+        # No control plane here, so no job store either: reading jobs is the control plane's too.
+        listing = client.get("/train", headers=ADMIN)
+        assert listing.status_code == 503 and "http://trainer:8000" in listing.json()["detail"]
+        assert client.get("/healthz").json()["job_runner"] == "off"
 
 
 def test_a_smoke_run_on_part_of_the_test_set_is_never_promoted_by_itself(tmp_path: Path,
