@@ -66,7 +66,8 @@ COPY --from=builder /src/weights/ weights/
 COPY examples/ examples/
 # Numeric, so that a runtime (Kubernetes' runAsNonRoot, for one) can tell it is not root without /etc/passwd.
 USER 10001:10001
-EXPOSE 8000
+# HTTP, and KServe v2 over gRPC (APP_GRPC_PORT); the control plane (python -m app.control) listens on 8001.
+EXPOSE 8000 8081 8001
 # python rather than curl: the slim image has no curl, and urlopen fails on anything but a 2xx answer.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]

@@ -45,7 +45,9 @@ def container_environment(service: dict[str, Any], volumes: Path, weights: Path,
     for key in VOLUME_SETTINGS:
         if key in environment:
             environment[key] = str(volumes / key.lower())
-    environment |= {"APP_WEIGHTS": str(weights), "APP_DEVICE": "cpu", "APP_TRAINING_DEVICE": "cpu"}
+    environment |= {"APP_WEIGHTS": str(weights), "APP_DEVICE": "cpu", "APP_TRAINING_DEVICE": "cpu",
+                    # each container has its own gRPC port 8081; here they share one machine's ports
+                    "APP_GRPC_PORT": str(free_port())}
     # Stands in for the image's installed package: an editable install made before a package existed
     # (app/, training/) does not find it, and the working directory is not the checkout.
     environment["PYTHONPATH"] = str(REPO_ROOT)

@@ -47,8 +47,12 @@ def test_runs_as_a_non_root_user() -> None:
     assert any(i.keyword == "RUN" and "useradd" in i.arguments and user in i.arguments for i in STAGE)
 
 
-def test_exposes_port_8000() -> None:
-    assert _one("EXPOSE").split() == ["8000"]
+def test_exposes_the_http_grpc_and_control_ports() -> None:
+    from app.config import Settings
+
+    defaults = Settings.model_fields
+    expected = ["8000", str(defaults["grpc_port"].default), str(defaults["control_port"].default)]
+    assert _one("EXPOSE").split() == expected
 
 
 def test_healthcheck_requests_healthz_on_the_served_port() -> None:
