@@ -109,7 +109,10 @@ class BackendReport(BaseModel):
     architecture: str
     machine: MachineIdentity
     reference: str = Field(description="the float32 row every agreement and difference is measured against")
-    test_images: int = Field(ge=1)
+    image_set: Literal["test", "verification"] = Field(
+        default="test", description="what the accuracies were measured on: the whole test set "
+        "(training.verify_backends), or the checkpoint's verification set (the service's own measurement)")
+    test_images: int = Field(ge=1, description="how many images of image_set were measured")
     calibration_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                            description="SHA-256 of the calibration.safetensors int8 used")
     calibration_images: int | None = None
@@ -139,6 +142,17 @@ class BackendReport(BaseModel):
         row = self.measurement(self.reference)
         assert row is not None  # checked by _consistent
         return row
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries whose kernels the backends run: a new one may choose other kernels."""
+    versions: dict[str, str] = {"torch": torch.__version__}
+    try:
+        import onnxruntime
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return versions
 
 
 def write_backend_report(report: BackendReport, directory: str | os.PathLike[str]) -> Path:
@@ -191,6 +205,7 @@ def choose_backend(
     max_drop_points: float = DEFAULT_MAX_DROP_POINTS,
     batch_size: int = DEFAULT_RANKING_BATCH,
     available: Collection[str] | None = None,
+    source: str | None = None,
 ) -> BackendChoice:
     """The fastest backend at ``batch_size`` whose verified test accuracy is at most ``max_drop_points``
     percentage points below the float32 reference's; without a report, the exact backend.
@@ -198,6 +213,7 @@ def choose_backend(
     ``batch_size`` not among the measured ones ranks by the largest measured one below it (or the smallest
     of all). ``available``: the backends this process can run (say, without ONNX Runtime installed);
     others are passed over. The reference itself always qualifies, so a report yields a measured backend.
+    ``source``: how the reason names the report (default: its file name).
     """
     exact = EXACT_BACKEND[device_type]
     if report is None:
@@ -216,6 +232,6 @@ def choose_backend(
         best.backend,
         f"{best.backend}: the fastest at batch {batch_size} ({best.images_per_s[batch_size]:.0f} images/s, float32 "
         f"{reference.images_per_s[batch_size]:.0f}) within {max_drop_points:g} points of float32 by "
-        f"{report_file(device_type)} (test accuracy {100 * best.accuracy:.2f} % vs {100 * reference.accuracy:.2f} % "
-        f"on {report.test_images} images)",
+        f"{source or report_file(device_type)} ({report.image_set} accuracy {100 * best.accuracy:.2f} % vs "
+        f"{100 * reference.accuracy:.2f} % on {report.test_images} images)",
     )
