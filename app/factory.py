@@ -28,6 +28,7 @@ from app.control.plane import InitialModel, initial_model, open_control_plane
 from app.engine.backend_choice import BackendPolicy
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
+from app.engine.self_verification import start_backend_verification
 from app.logging import configure_logging
 from app.service_metrics import ServiceMetrics
 from model.checkpoint import checkpoint_files
@@ -83,6 +84,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                           calibrated=settings.calibration == "on")
     app.state.engine, app.state.classifier, app.state.explainer = engine, classifier, explainer
     await engine.start()
+    app.state.backend_verification = verification = start_backend_verification(engine, settings.state_dir,
+                                                                                settings.cpu_backend)
     app.state.control_plane = control_plane = await open_control_plane(settings, engine)
     app.state.initial_model = choice = initial_model(control_plane.registry, settings.weights,
                                                      settings.shipped_weights)
@@ -94,6 +97,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if loading is not None:
             loading.cancel()
+        await verification.close()
         await control_plane.close()  # a running training job is stopped and marked interrupted, never orphaned
         await engine.stop(timeout=settings.request_timeout_s)
         classifier.close()
