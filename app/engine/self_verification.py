@@ -76,7 +76,7 @@ class BackendVerificationStatus(BaseModel):
     """``GET /model``'s ``backend_verification``: where the choice of CPU backend stands on this machine."""
 
     phase: Phase
-    detail: str = Field(description="one sentence: what is happening, or why the reference was kept")
+    summary: str = Field(description="one sentence: what is happening, or why the reference was kept")
     features: list[str] = Field(description="the CPU features the kernels may use here, after the ISA masks")
     isa_mask: dict[str, str] = Field(description="ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA as set, if set")
     source: Literal["checkpoint", "cache", "measured"] | None = Field(
@@ -220,7 +220,7 @@ class BackendVerification:
         if now_serving != chosen:
             self._current = self._current.model_copy(update={
                 "phase": "kept_reference",
-                "detail": f"the verification chose {chosen}, but {now_serving} serves: "
+                "summary": f"the verification chose {chosen}, but {now_serving} serves: "
                           f"{self.engine.model.backend_reason if self.engine.model else 'no model'}"})
 
     # -- the child process ---------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ class BackendVerification:
             lines.append(line)
             logger.info("self-verification: %s", line)
             if self._current.phase == "verifying":
-                self._current = self._current.model_copy(update={"detail": f"measuring: {line}"})
+                self._current = self._current.model_copy(update={"summary": f"measuring: {line}"})
 
     async def _stop_child(self) -> None:
         child, self._child = self._child, None
@@ -283,7 +283,7 @@ class BackendVerification:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
-                self._current = self._current.model_copy(update={"detail": "another worker of this service is "
+                self._current = self._current.model_copy(update={"summary": "another worker of this service is "
                                                                        "measuring; waiting for its report"})
                 await asyncio.sleep(self.poll_s)
 
@@ -314,10 +314,10 @@ class BackendVerification:
                                       max_probability_diff=row.max_probability_diff, max_logit_diff=row.max_logit_diff,
                                       images_per_s=row.images_per_s, within_drop=row.accuracy >= floor - 1e-8)
                       for row in report.backends])
-        logger.info("backend verification: %s (serving %s)", self._current.detail, serving)
+        logger.info("backend verification: %s (serving %s)", self._current.summary, serving)
 
-    def _status(self, phase: Phase, detail: str, **figures) -> BackendVerificationStatus:
-        return BackendVerificationStatus(phase=phase, detail=detail, features=list(self.machine.features),
+    def _status(self, phase: Phase, summary: str, **figures) -> BackendVerificationStatus:
+        return BackendVerificationStatus(phase=phase, summary=summary, features=list(self.machine.features),
                                          isa_mask=isa_mask(), **figures)
 
 

@@ -86,7 +86,7 @@ async def test_it_measures_in_a_child_caches_the_report_and_serves_the_winner(ch
         assert service.verification.status.phase == "verifying"
         await service.until("verified", "kept_reference")
         status = service.verification.status
-        assert status.phase == "verified", status.detail
+        assert status.phase == "verified", status.summary
         assert status.source == "measured" and status.image_set == "verification" and status.images == IMAGES
         rows = {row.backend: row for row in status.backends}
         assert {"eager", "fused", "bf16", "int8"} <= set(rows)
@@ -151,7 +151,7 @@ async def test_a_pinned_backend_is_never_measured(checkpoint, tmp_path, unmasked
     async with Service(tmp_path, pinned="fused") as service:
         await service.engine.swap(checkpoint)
         assert service.verification.status.phase == "pinned"
-        assert "APP_CPU_BACKEND=fused" in service.verification.status.detail
+        assert "APP_CPU_BACKEND=fused" in service.verification.status.summary
 
 
 async def test_without_a_verification_set_the_reference_is_kept_and_says_how_to_get_one(checkpoint, tmp_path,
@@ -161,7 +161,7 @@ async def test_without_a_verification_set_the_reference_is_kept_and_says_how_to_
         await service.engine.swap(checkpoint)
         status = service.verification.status
         assert status.phase == "kept_reference"
-        assert VERIFICATION_FILE in status.detail and "training.verify_backends" in status.detail
+        assert VERIFICATION_FILE in status.summary and "training.verify_backends" in status.summary
 
 
 async def test_a_verification_set_for_other_weights_keeps_the_reference_and_says_why(checkpoint, tmp_path,
@@ -173,7 +173,7 @@ async def test_a_verification_set_for_other_weights_keeps_the_reference_and_says
         await service.until("kept_reference", "verified")
         status = service.verification.status
         assert status.phase == "kept_reference"
-        assert "was written for weights" in status.detail and service.engine.model.backend == "fused"
+        assert "was written for weights" in status.summary and service.engine.model.backend == "fused"
 
 
 def _report(sha: str, machine) -> BackendReport:
