@@ -149,7 +149,7 @@ def _measure_cpu(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
         for backend, (predict, _, _) in prepared.items():
             started = time.perf_counter()
             logits[backend] = _logits_in_parallel(predict, images, settings.passes)
-            log(f"{backend}: {len(images)} test images in {time.perf_counter() - started:.1f} s")
+            log(f"{backend}: {len(images)} images in {time.perf_counter() - started:.1f} s")
         speeds = _interleaved_throughput({name: entry[0] for name, entry in prepared.items()}, images, settings,
                                          lambda predict, batch: _cpu_throughput(predict, batch, settings))
     finally:

@@ -25,6 +25,7 @@ import ctypes
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _follow_the_parent()
+    # torch's deprecation notices about its quantization API would reach /model as progress lines.
+    warnings.filterwarnings("ignore")
     import torch
 
     from model.calibration_set import CALIBRATION_FILE, CalibrationSetError, load_calibration_set, load_verification_set
