@@ -195,6 +195,7 @@ def test_the_child_measures_at_the_lowest_priority_and_prints_one_report(checkpo
     assert result.returncode == 0, result.stderr
     report = BackendReport.model_validate_json(result.stdout)
     assert report.conditions["niceness"] == NICENESS
+    assert report.conditions["scheduler"] == ("SCHED_IDLE" if sys.platform == "linux" else "default")
     assert report.image_set == "verification" and report.test_images == IMAGES
     assert report.calibration_sha256 == file_sha256(checkpoint / CALIBRATION_FILE)
     assert sorted(report.reference_measurement.images_per_s) == [1, 4]
