@@ -203,6 +203,8 @@ class BackendVerification:
                     return
                 save_cached_report(self.cache_dir, report)
                 source = "measured"
+        if self.engine.model is None or _key(self.engine.model) != _key(served):
+            return  # another checkpoint took over meanwhile: the report is kept, the follower turns to the new one
         self._report = report
         self._verified(report, source, served.backend, started_at, time.perf_counter() - started)
         await self._serve_the_winner(served, report)
