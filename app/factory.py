@@ -39,6 +39,7 @@ from app.control.supervisor import ControlSupervisor, supervises_control_plane
 from app.engine.backend_choice import BackendPolicy
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
+from app.engine.self_verification import start_backend_verification
 from app.logging import configure_logging
 from app.service_metrics import ServiceMetrics
 from model.checkpoint import checkpoint_files
@@ -115,6 +116,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                           calibrated=settings.calibration == "on")
     app.state.engine, app.state.classifier, app.state.explainer = engine, classifier, explainer
     await engine.start()
+    app.state.backend_verification = verification = start_backend_verification(engine, settings.state_dir,
+                                                                                settings.cpu_backend)
     supervisor = ControlSupervisor(settings) if supervises_control_plane(settings) else None
     if supervisor is not None:
         supervisor.start()
@@ -145,6 +148,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await grpc_server.stop(grace_s=settings.request_timeout_s)
         if loading is not None:
             loading.cancel()
+        await verification.close()
         await follower.close()
         await link.close()
         if supervisor is not None:  # a running training job is stopped and marked interrupted, never orphaned

@@ -27,7 +27,10 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from model.cpu_features import CPU_FEATURES, cpu_features, cpu_model_and_flags
 from model.durable import write_atomically
+
+__all__ = ["CPU_FEATURES"]  # re-exported: a report's machine names those of them the CPU has
 
 FORMAT_VERSION: Literal[1] = 1
 BATCH_SIZES = (1, 16, 64)
@@ -40,8 +43,6 @@ DEFAULT_RANKING_BATCH = 16
 REFERENCE_BACKEND = {"cpu": "eager", "cuda": "fp32"}
 EXACT_BACKEND = {"cpu": "fused", "cuda": "fp32"}  # what serves without a valid report: float32's own answers
 CUDA_PRECISIONS = ("fp32", "bf16")
-# The CPU features that decide which kernels oneDNN, fbgemm and ONNX Runtime run for these backends.
-CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 # A difference this small between two accuracies is float rounding, not a dropped image (1e-4 of one).
 _ROUNDING = 1e-8
 
@@ -66,8 +67,9 @@ class MachineIdentity(BaseModel):
 
     device_type: Literal["cpu", "cuda"]
     processor: str = Field(description="the CPU's model name, or the GPU's name")
-    features: tuple[str, ...] = Field(description="CPU: those of CPU_FEATURES it has; CUDA: its compute "
-                                                  "capability, e.g. sm_90")
+    features: tuple[str, ...] = Field(description="CPU: those of CPU_FEATURES it has, less what "
+                                                  "ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA mask; CUDA: its "
+                                                  "compute capability, e.g. sm_90")
     torch_version: str = Field(description="major.minor: a new torch may choose other kernels")
 
 
@@ -78,25 +80,10 @@ def machine_identity(device: str | torch.device = "cpu") -> MachineIdentity:
         major, minor = torch.cuda.get_device_capability(device)
         return MachineIdentity(device_type="cuda", processor=torch.cuda.get_device_name(device),
                                features=(f"sm_{major}{minor}",), torch_version=torch_version)
-    processor, flags = _cpu_model_and_flags()
-    return MachineIdentity(device_type="cpu", processor=processor,
-                           features=tuple(name for name in CPU_FEATURES if name in flags),
+    # The features as the kernels see them: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA mask them
+    # (model.cpu_features), so an AVX-512 machine under an AVX2 mask has an AVX2 machine's identity.
+    return MachineIdentity(device_type="cpu", processor=cpu_model_and_flags()[0], features=cpu_features(),
                            torch_version=torch_version)
-
-
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
-    processor, flags = "unknown", set[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and processor == "unknown":
-                processor = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:  # not Linux: the identity still names the CPU architecture torch sees
-        import platform
-        processor = platform.processor() or platform.machine()
-    return processor, flags
 
 
 class BackendMeasurement(BaseModel):
@@ -106,6 +93,9 @@ class BackendMeasurement(BaseModel):
     accuracy: float = Field(ge=0, le=1, description="top-1 on the test set, 0..1")
     agreement: float = Field(ge=0, le=1, description="share of test images whose top-1 class is the reference's")
     max_probability_diff: float = Field(ge=0, description="largest |p - p_reference| over all images and classes")
+    max_logit_diff: float | None = Field(default=None, ge=0, description="largest |logit - logit_reference| over "
+                                         "all images and classes; bounds the OOD score's difference (reports "
+                                         "written before it was measured lack it)")
     images_per_s: dict[int, float] = Field(description="batch size -> images/s (median of the rounds)")
     startup_s: float = Field(ge=0, description="preparing the backend: folding, export, calibration")
     first_calls_s: float = Field(ge=0, description="the first forward pass at each batch size after that")
@@ -119,7 +109,10 @@ class BackendReport(BaseModel):
     architecture: str
     machine: MachineIdentity
     reference: str = Field(description="the float32 row every agreement and difference is measured against")
-    test_images: int = Field(ge=1)
+    image_set: Literal["test", "verification"] = Field(
+        default="test", description="what the accuracies were measured on: the whole test set "
+        "(training.verify_backends), or the checkpoint's verification set (the service's own measurement)")
+    test_images: int = Field(ge=1, description="how many images of image_set were measured")
     calibration_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                            description="SHA-256 of the calibration.safetensors int8 used")
     calibration_images: int | None = None
@@ -149,6 +142,17 @@ class BackendReport(BaseModel):
         row = self.measurement(self.reference)
         assert row is not None  # checked by _consistent
         return row
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries whose kernels the backends run: a new one may choose other kernels."""
+    versions: dict[str, str] = {"torch": torch.__version__}
+    try:
+        import onnxruntime
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return versions
 
 
 def write_backend_report(report: BackendReport, directory: str | os.PathLike[str]) -> Path:
@@ -201,6 +205,7 @@ def choose_backend(
     max_drop_points: float = DEFAULT_MAX_DROP_POINTS,
     batch_size: int = DEFAULT_RANKING_BATCH,
     available: Collection[str] | None = None,
+    source: str | None = None,
 ) -> BackendChoice:
     """The fastest backend at ``batch_size`` whose verified test accuracy is at most ``max_drop_points``
     percentage points below the float32 reference's; without a report, the exact backend.
@@ -208,6 +213,7 @@ def choose_backend(
     ``batch_size`` not among the measured ones ranks by the largest measured one below it (or the smallest
     of all). ``available``: the backends this process can run (say, without ONNX Runtime installed);
     others are passed over. The reference itself always qualifies, so a report yields a measured backend.
+    ``source``: how the reason names the report (default: its file name).
     """
     exact = EXACT_BACKEND[device_type]
     if report is None:
@@ -226,6 +232,6 @@ def choose_backend(
         best.backend,
         f"{best.backend}: the fastest at batch {batch_size} ({best.images_per_s[batch_size]:.0f} images/s, float32 "
         f"{reference.images_per_s[batch_size]:.0f}) within {max_drop_points:g} points of float32 by "
-        f"{report_file(device_type)} (test accuracy {100 * best.accuracy:.2f} % vs {100 * reference.accuracy:.2f} % "
-        f"on {report.test_images} images)",
+        f"{source or report_file(device_type)} ({report.image_set} accuracy {100 * best.accuracy:.2f} % vs "
+        f"{100 * reference.accuracy:.2f} % on {report.test_images} images)",
     )

@@ -39,10 +39,11 @@ from model.backend_report import (
     REFERENCE_BACKEND,
     BackendMeasurement,
     BackendReport,
+    library_versions,
     machine_identity,
     write_backend_report,
 )
-from model.calibration_set import save_calibration_set
+from model.calibration_set import save_calibration_set, save_verification_set
 from model.checkpoint import Checkpoint, CheckpointError, file_sha256, load_checkpoint, read_card
 from model.inference import CALIBRATION_IMAGES, available_cpu_backends, prepare_for_inference
 from training.cli import OneLineErrorParser
@@ -71,27 +72,45 @@ def verify_checkpoint(
     settings: VerificationSettings = VerificationSettings(),
     *,
     calibration_source: str,
+    verification: tuple[torch.Tensor, torch.Tensor, str] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[BackendReport, Path]:
     """Measure the checkpoint in ``weights`` on ``test_images`` (uint8 N x 3 x H x W) and write its report and
-    calibration set there. ``calibration_pixels``: uint8 N x 3 x H x W *training* images."""
+    calibration set there. ``calibration_pixels``: uint8 N x 3 x H x W *training* images. ``verification``:
+    labelled holdout images (uint8 N x 3 x H x W, labels, where from), saved as the checkpoint's verification
+    set for the service's own measurements (``model.calibration_set``)."""
     checkpoint = load_checkpoint(weights, "cpu")  # exactly what a service loads, float16-stored weights included
     card = checkpoint.card
     pixels = calibration_pixels[: settings.calibration_images].permute(0, 2, 3, 1).contiguous()  # to NHWC
     calibration_path = save_calibration_set(weights, pixels, weights_sha256=card.weights_sha256,
                                             source=calibration_source)
-    images, calibration = _normalise(test_images, checkpoint), _normalise(pixels.permute(0, 3, 1, 2), checkpoint)
-    if device.type == "cuda":
-        rows, skipped, extra = _measure_cuda(checkpoint.model, images, test_labels, device, settings, log)
-    else:
-        rows, skipped, extra = _measure_cpu(checkpoint.model, images, test_labels, calibration, settings, log)
-    report = BackendReport(
-        weights_sha256=card.weights_sha256, architecture=card.architecture, machine=machine_identity(device),
-        reference=REFERENCE_BACKEND[device.type], test_images=len(test_labels),
-        calibration_sha256=file_sha256(calibration_path), calibration_images=len(pixels),
-        settings={**asdict(settings), **extra}, conditions=_conditions(), backends=tuple(rows), skipped=skipped,
-    )
+    if verification is not None:
+        holdout, holdout_labels, holdout_source = verification
+        save_verification_set(weights, holdout.permute(0, 2, 3, 1).contiguous(), holdout_labels,
+                              weights_sha256=card.weights_sha256, source=holdout_source)
+    report = measure_backends(checkpoint, test_images, test_labels, pixels, device, settings, log=log)
+    report = report.model_copy(update={"calibration_sha256": file_sha256(calibration_path)})
     return report, write_backend_report(report, weights)
+
+
+def measure_backends(checkpoint: Checkpoint, images: torch.Tensor, labels: torch.Tensor, calibration: torch.Tensor,
+                     device: torch.device, settings: VerificationSettings = VerificationSettings(), *,
+                     image_set: str = "test", log: Callable[[str], None] = print) -> BackendReport:
+    """Every backend of ``device`` measured on ``images`` (uint8 N x 3 x H x W) and their ``labels``, int8
+    calibrated on ``calibration`` (uint8 N x H x W x 3 training images); nothing is written."""
+    normalised = _normalise(images, checkpoint)
+    calibration_batch = _normalise(calibration.permute(0, 3, 1, 2), checkpoint)
+    if device.type == "cuda":
+        rows, skipped, extra = _measure_cuda(checkpoint.model, normalised, labels, device, settings, log)
+    else:
+        rows, skipped, extra = _measure_cpu(checkpoint.model, normalised, labels, calibration_batch, settings, log)
+    card = checkpoint.card
+    return BackendReport(
+        weights_sha256=card.weights_sha256, architecture=card.architecture, machine=machine_identity(device),
+        reference=REFERENCE_BACKEND[device.type], image_set=image_set, test_images=len(labels),
+        calibration_images=len(calibration), settings={**asdict(settings), **extra}, conditions=_conditions(),
+        backends=tuple(rows), skipped=skipped,
+    )
 
 
 def _normalise(pixels: torch.Tensor, checkpoint: Checkpoint) -> torch.Tensor:
@@ -130,7 +149,7 @@ def _measure_cpu(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
         for backend, (predict, _, _) in prepared.items():
             started = time.perf_counter()
             logits[backend] = _logits_in_parallel(predict, images, settings.passes)
-            log(f"{backend}: {len(images)} test images in {time.perf_counter() - started:.1f} s")
+            log(f"{backend}: {len(images)} images in {time.perf_counter() - started:.1f} s")
         speeds = _interleaved_throughput({name: entry[0] for name, entry in prepared.items()}, images, settings,
                                          lambda predict, batch: _cpu_throughput(predict, batch, settings))
     finally:
@@ -247,6 +266,7 @@ def _rows(logits: dict[str, torch.Tensor], labels: torch.Tensor, speeds: dict[st
     labels = labels.cpu()
     reference_logits = logits[reference]
     reference_probabilities = reference_logits.softmax(dim=1)
+    reference_logits = reference_logits.float()
     rows = []
     for name, outputs in logits.items():
         startup, first_calls = timings[name]
@@ -255,20 +275,15 @@ def _rows(logits: dict[str, torch.Tensor], labels: torch.Tensor, speeds: dict[st
             accuracy=round(float((outputs.argmax(1) == labels).float().mean()), 6),
             agreement=round(float((outputs.argmax(1) == reference_logits.argmax(1)).float().mean()), 6),
             max_probability_diff=float((outputs.softmax(dim=1) - reference_probabilities).abs().max()),
+            max_logit_diff=float((outputs.float() - reference_logits).abs().max()),
             images_per_s=speeds[name], startup_s=round(startup, 3), first_calls_s=round(first_calls, 3),
         ))
     return rows
 
 
 def _conditions() -> dict[str, object]:
-    versions = {"torch": torch.__version__}
-    try:
-        import onnxruntime
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
     return {"cores": len(os.sched_getaffinity(0)), "load_average_1min": round(os.getloadavg()[0], 2),
-            "versions": versions}
+            "versions": library_versions()}
 
 
 def table(report: BackendReport) -> str:
@@ -344,10 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         test = load_split(args.data_dir, train=False, skip_integrity_check=args.skip_integrity_check)
         train = load_split(args.data_dir, train=True, skip_integrity_check=args.skip_integrity_check)
+        holdout = int(read_card(args.weights).training.get("holdout") or 0)
+        verification = None if not holdout else (
+            train.images[-holdout:], train.labels[-holdout:],
+            f"the holdout the calibration was fitted on: the last {holdout} CIFAR-10 training images in "
+            f"{Path(args.data_dir).resolve()}, never trained on")
         report, path = verify_checkpoint(
             args.weights, test.images, test.labels, train.images[: settings.calibration_images], device, settings,
             calibration_source=f"the first {settings.calibration_images} CIFAR-10 training images in "
-                               f"{Path(args.data_dir).resolve()}",
+                               f"{Path(args.data_dir).resolve()}", verification=verification,
         )
     except (CheckpointError, DatasetError, DeviceError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from app.classification.answers import Prediction
 from app.control.registry import RegisteredModel
+from app.engine.self_verification import BackendVerificationStatus
 from model.checkpoint import Calibration
 
 
@@ -114,6 +115,10 @@ class ModelInfo(BaseModel):
         "without a valid report")
     origin: str = Field(description="why this checkpoint is served: the shipped default, APP_WEIGHTS, the "
                         "registry's current version, a promotion or an /admin/reload")
+    backend_verification: BackendVerificationStatus | None = Field(
+        default=None, description="the service's own verification of its CPU backends on this machine: "
+        "waiting, verifying, verified (with each backend's figures), kept_reference (and why), pinned by "
+        "APP_CPU_BACKEND, or not_applicable on CUDA")
     batching: BatchingSettings
     calibration: CalibrationInfo | None = Field(
         description="the card's temperature scaling and OOD rule (model/trust.py), and whether the temperature "

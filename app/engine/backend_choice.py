@@ -4,9 +4,10 @@
 backend whose test accuracy, as ``python -m training.verify_backends`` measured it for *these* weights on
 *this kind of* machine (``backends-cpu.json`` / ``backends-cuda.json`` next to the weights), is within
 ``APP_MAX_ACCURACY_DROP`` points of float32's (``model.backend_report.choose_backend``). Without a valid
-report (none, stale weights, another machine) the exact backend serves: ``fused`` on the CPU, float32 on
-CUDA. An explicit setting serves that backend, and the reason names its verified accuracy when a report
-has it.
+report (none, stale weights, another machine) the CPU looks for the report the service measured itself on
+this machine (``app.engine.self_verification``, kept in ``APP_STATE_DIR``: ``app.engine.report_cache``);
+without either the exact backend serves: ``fused`` on the CPU, float32 on CUDA. An explicit setting serves
+that backend, and the reason names its verified accuracy when a report has it.
 
 int8 calibrates on the checkpoint's own ``calibration.safetensors``, the images the report's int8 row was
 measured with. ``auto`` picks int8 only with that file (same SHA-256 as the report names); else it picks
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from app.engine.calibration import CalibrationUnavailable, calibration_pixels
+from app.engine.report_cache import load_cached_report
 from model.backend_report import (
     CUDA_PRECISIONS,
     DEFAULT_MAX_DROP_POINTS,
@@ -59,6 +61,7 @@ class BackendPolicy:
     cuda_precision: str = AUTO
     max_accuracy_drop: float = DEFAULT_MAX_DROP_POINTS  # percentage points below float32's test accuracy
     data_dir: Path | None = None  # explicit int8's fallback calibration images (APP_DATA_DIR)
+    report_cache: Path | None = None  # the reports the service measured itself (APP_STATE_DIR/backend-reports)
 
     def setting(self, device_type: str) -> str:
         return self.cuda_precision if device_type == "cuda" else self.cpu_backend
@@ -73,6 +76,7 @@ class BackendPlan:
     reason: str  # one sentence for GET /model and the log
     calibration: np.ndarray | None = None  # uint8 NHWC training images, int8 only
     verified_accuracy: float | None = None  # this backend's test accuracy in the checkpoint's report, if any
+    report: BackendReport | None = None  # the report the choice followed, if one held
 
 
 def plan_backend(policy: BackendPolicy, checkpoint_dir: Path, weights_sha256: str, device: torch.device, *,
@@ -84,9 +88,11 @@ def plan_backend(policy: BackendPolicy, checkpoint_dir: Path, weights_sha256: st
     setting = policy.setting(device_type)
     machine = machine or _this_machine(device)
     report, problem = _verified_report(checkpoint_dir, weights_sha256, machine)
+    if report is None and device_type == "cpu" and policy.report_cache is not None:
+        report = load_cached_report(policy.report_cache, weights_sha256, machine)
     plan = _plan(policy, setting, device_type, checkpoint_dir, weights_sha256, report, problem, ranking_batch)
-    measured = None if report is None else report.measurement(plan.backend)
-    return replace(plan, verified_accuracy=None if measured is None else measured.accuracy)
+    measured = None if report is None or report.image_set != "test" else report.measurement(plan.backend)
+    return replace(plan, verified_accuracy=None if measured is None else measured.accuracy, report=report)
 
 
 def _plan(policy: BackendPolicy, setting: str, device_type: str, checkpoint_dir: Path, weights_sha256: str,
@@ -111,7 +117,14 @@ def _plan(policy: BackendPolicy, setting: str, device_type: str, checkpoint_dir:
 def _choose(report: BackendReport, device_type: str, policy: BackendPolicy, ranking_batch: int,
             available: Collection[str]) -> BackendChoice:
     return choose_backend(report, device_type=device_type, max_drop_points=policy.max_accuracy_drop,
-                          batch_size=ranking_batch, available=available)
+                          batch_size=ranking_batch, available=available, source=report_source(report))
+
+
+def report_source(report: BackendReport) -> str:
+    """How a reason names the report: the checkpoint's file, or the service's own measurement."""
+    if report.image_set == "verification":
+        return "the service's own verification on this machine"
+    return report_file(report.machine.device_type)
 
 
 def _verified_report(checkpoint_dir: Path, weights_sha256: str,
@@ -131,8 +144,8 @@ def _explicit(backend: str, device_type: str, policy: BackendPolicy, checkpoint_
     reason = f"{backend}: set by {_SETTING[device_type]}"
     row = report.measurement(backend) if report is not None else None
     if report is not None and row is not None:
-        reason += (f"; verified test accuracy {100 * row.accuracy:.2f} % against float32's "
-                   f"{100 * report.reference_measurement.accuracy:.2f} % by {report_file(device_type)}")
+        reason += (f"; verified {report.image_set} accuracy {100 * row.accuracy:.2f} % against float32's "
+                   f"{100 * report.reference_measurement.accuracy:.2f} % by {report_source(report)}")
     else:
         reason += "; not verified for these weights on this machine"
     if backend != "int8" or device_type != "cpu":

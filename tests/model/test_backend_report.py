@@ -119,3 +119,17 @@ def test_this_machine_is_described_by_what_its_figures_depend_on():
     assert machine.device_type == "cpu" and machine.processor
     assert machine.torch_version.count(".") == 1
     assert machine == machine_identity("cpu"), "the same machine, the same identity"
+
+
+@pytest.mark.isa
+def test_the_identity_names_the_features_the_kernels_may_use_under_the_isa_masks(monkeypatch):
+    """Under PyTorch's and oneDNN's AVX2 masks an AVX-512 machine runs an AVX2 machine's kernels, and its
+    identity says so: a report measured without the mask is foreign there."""
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    native = machine_identity("cpu")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    masked = machine_identity("cpu")
+    assert set(masked.features) <= {"avx2"}
+    assert set(masked.features) <= set(native.features)
+    assert (masked == native) == (set(native.features) <= {"avx2"})

@@ -6,9 +6,12 @@ import torch
 
 from model.calibration_set import (
     CALIBRATION_FILE,
+    VERIFICATION_FILE,
     CalibrationSetError,
     load_calibration_set,
+    load_verification_set,
     save_calibration_set,
+    save_verification_set,
 )
 
 SHA = "c" * 64
@@ -53,3 +56,25 @@ def test_a_corrupt_file_is_refused(tmp_path):
 def test_only_uint8_rgb_images_are_saved(tmp_path, bad):
     with pytest.raises(CalibrationSetError, match="uint8 images"):
         save_calibration_set(tmp_path, bad, weights_sha256=SHA, source="s")
+
+
+def test_the_verification_set_round_trips_with_its_labels_and_only_for_its_weights(tmp_path):
+    saved, labels = pixels(), np.arange(12) % 10
+    path = save_verification_set(tmp_path, saved, labels, weights_sha256=SHA, source="holdout of nothing")
+    assert path == tmp_path / VERIFICATION_FILE
+    loaded, loaded_labels = load_verification_set(tmp_path, SHA)
+    assert np.array_equal(loaded, saved) and np.array_equal(loaded_labels, labels)
+    assert loaded_labels.dtype == np.int64
+    with pytest.raises(CalibrationSetError, match="was written for weights"):
+        load_verification_set(tmp_path, "d" * 64)
+    with pytest.raises(CalibrationSetError, match="no verification set at .*training.verify_backends"):
+        load_verification_set(tmp_path / "absent", SHA)
+
+
+def test_a_verification_set_needs_one_label_per_image_and_the_calibration_file_is_not_one(tmp_path):
+    with pytest.raises(CalibrationSetError, match="one label per image"):
+        save_verification_set(tmp_path, pixels(), np.zeros(5), weights_sha256=SHA, source="test")
+    save_calibration_set(tmp_path, pixels(), weights_sha256=SHA, source="test")
+    (tmp_path / CALIBRATION_FILE).rename(tmp_path / VERIFICATION_FILE)
+    with pytest.raises(CalibrationSetError, match="holds no 'labels' tensor"):
+        load_verification_set(tmp_path, SHA)

@@ -107,6 +107,7 @@ def test_eager_is_the_model_itself_in_channels_last():
     assert torch.allclose(logits(eager, batch), reference, atol=1e-6)
 
 
+@pytest.mark.isa  # int8's kernels follow the CPU's instruction sets (oneDNN's VNNI ones, or AVX2's)
 @pytest.mark.parametrize("architecture", FAMILIES)
 def test_int8_agrees_with_fp32_within_its_tolerance(architecture):
     model = trained_like(architecture)
@@ -129,6 +130,7 @@ def test_onnx_matches_fp32(architecture):
     assert (result - reference).abs().max() <= FUSED_RELATIVE_TOLERANCE * reference.abs().max()
 
 
+@pytest.mark.isa  # native bf16 dot products on AVX512-BF16, emulated on AVX2
 @pytest.mark.parametrize("architecture", FAMILIES)
 def test_bf16_agrees_with_fp32_within_its_tolerance(architecture):
     model = trained_like(architecture)

@@ -13,8 +13,8 @@ from model.backend_report import (
     read_backend_report,
     report_file,
 )
-from model.calibration_set import load_calibration_set
-from model.checkpoint import file_sha256, read_card
+from model.calibration_set import load_calibration_set, load_verification_set
+from model.checkpoint import CARD_FILE, file_sha256, read_card, write_card
 from model.inference import available_cpu_backends
 from tests.support.checkpoints import make_checkpoint
 from tests.support.cifar10 import synthetic_images
@@ -143,3 +143,27 @@ def test_on_cuda_float32_is_compared_with_bf16_autocast(synthetic_cifar10, tmp_p
                                  machine=machine_identity("cuda"))
     assert [row.backend for row in report.backends] == ["fp32", "bf16"] and report.reference == "fp32"
     assert report.measurement("bf16").agreement >= 0.9
+
+
+def test_the_holdout_the_card_names_is_saved_as_the_verification_set_and_logits_are_compared(synthetic_cifar10,
+                                                                                           tmp_path):
+    """The service measures its backends on these images (app.engine.self_verification): the last `holdout`
+    training images, with their labels, exactly as training held them out."""
+    from training.data import load_split
+
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", seed=4, architecture="resnet20")
+    card = read_card(checkpoint)
+    write_card(card.model_copy(update={"training": {**card.training, "holdout": 10}}), checkpoint / CARD_FILE)
+    assert main(["--weights", str(checkpoint), "--data-dir", str(synthetic_cifar10), "--skip-integrity-check",
+                 "--device", "cpu", "--calibration-images", "30", *QUICK]) == 0
+    pixels, labels = load_verification_set(checkpoint, card.weights_sha256)
+    train = load_split(synthetic_cifar10, train=True, skip_integrity_check=True)
+    assert np.array_equal(pixels, train.images[-10:].permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(labels, train.labels[-10:].numpy())
+    report = load_backend_report(checkpoint, weights_sha256=card.weights_sha256, machine=machine_identity("cpu"))
+    assert report.image_set == "test"
+    assert report.reference_measurement.max_logit_diff == 0
+    for row in report.backends:
+        assert row.max_logit_diff is not None and row.max_logit_diff >= 0
+        if row.backend in ("fused", "onnx"):
+            assert row.max_logit_diff < 1e-3, row.backend

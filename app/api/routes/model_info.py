@@ -3,7 +3,7 @@ calibration and request limits."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from app.api.deps import EngineDep, SettingsDep
 from app.api.schemas import BatchingSettings, CalibrationInfo, ErrorResponse, ModelInfo, RequestLimits
@@ -13,7 +13,7 @@ router = APIRouter(tags=["model"])
 
 
 @router.get("/model", responses={503: {"model": ErrorResponse, "description": "no model loaded"}})
-async def model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
+async def model_info(engine: EngineDep, settings: SettingsDep, request: Request) -> ModelInfo:
     served = engine.model
     if served is None:
         raise NoModelLoaded(engine.unavailable_reason)
@@ -34,6 +34,8 @@ async def model_info(engine: EngineDep, settings: SettingsDep) -> ModelInfo:
         backend_reason=served.backend_reason,
         backend_test_accuracy=served.verified_accuracy,
         origin=served.origin,
+        backend_verification=getattr(request.app.state, "backend_verification", None) and
+        request.app.state.backend_verification.status,
         batching=BatchingSettings(
             max_batch_size=engine.max_batch_size,
             max_batch_delay_ms=engine.max_batch_delay_s * 1000,

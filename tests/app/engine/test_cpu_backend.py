@@ -61,6 +61,7 @@ def test_fused_and_eager_models_give_the_same_logits(tiny_checkpoint, one_thread
                           eager.logits(eager.normalise(batch)), atol=1e-5)
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("backend", ["onnx", "bf16", "int8"])
 def test_opt_in_backends_serve_close_to_fused(tiny_checkpoint, synthetic_cifar10, one_thread, backend):
     if backend == "onnx":

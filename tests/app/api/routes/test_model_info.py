@@ -26,6 +26,17 @@ async def test_model_describes_the_card_the_device_and_the_batching(service, tin
     }
 
 
+async def test_model_says_where_the_backends_self_verification_stands_and_why(service):
+    """The fixture's checkpoint has no verification set: the reference keeps serving, and /model says how to
+    get one; the CPU features are those the ISA masks leave (app/engine/self_verification.py)."""
+    from model.backend_report import machine_identity
+
+    status = (await service.client.get("/model")).json()["backend_verification"]
+    assert status["phase"] == "kept_reference"
+    assert "verification.safetensors" in status["summary"] and "fused keeps serving" in status["summary"]
+    assert status["features"] == list(machine_identity("cpu").features)
+    assert status["backends"] == [] and status["chosen"] is None
+
 
 async def test_model_publishes_the_request_limits(service):
     settings = service.app.state.settings
