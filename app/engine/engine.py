@@ -345,10 +345,10 @@ class InferenceEngine:
 
     def _batch_room(self, busy: int) -> int:
         """How many images the next batch takes: the queue up to ``max_batch_size``, shared out among the
-        idle device threads. Closed-loop clients otherwise fall into lockstep: 8 images queue together,
-        go as one batch to one single-threaded pass while the other core idles, come back together and
-        queue together again (measured: 24.5 req/s at concurrency 8 on 2 cores, one core busy;
-        benchmarks/compare.py, benchmarks/README.md)."""
+        idle device threads. It trades a little batching efficiency for using every device thread:
+        closed-loop clients otherwise fall into lockstep, their images queuing together, going as one
+        batch to one single-threaded pass while the other threads idle, and coming back together
+        (benchmarks/compare.py measured half the throughput at concurrency 8 before this; benchmarks/README.md)."""
         idle = max(1, self.parallel_batches - busy)
         return max(1, min(self.max_batch_size, math.ceil(self._queued / idle)))
 
@@ -436,8 +436,9 @@ def _other_size(size: int, serving: int) -> InputSizeChanged:
                             f"the images to {serving}x{serving} and send them again", serving)
 
 
-# How much nicer than the process the thread that prepares models runs. On the 2-core machine, back-to-back
-# ONNX swaps at the inference threads' priority left 94 of 214 req/s; niced, 124 of 178 (benchmarks/README.md).
+# How much nicer than the process the thread that prepares models runs: a swap takes longer, and the serving
+# model's passes keep more of the cores meanwhile (benchmarks/swap_under_load.py: back-to-back ONNX swaps at
+# the inference threads' priority kept 44 % of the throughput, niced 70 %; benchmarks/README.md).
 PREPARATION_NICENESS = 10
 
 
