@@ -53,9 +53,9 @@ def plan_threads(device: torch.device, torch_threads: int = 0, parallel_batches:
     """Fill in the automatic (0) settings for this machine.
 
     On the CPU the default is one forward pass per core, each single-threaded: in the serving benchmark
-    (benchmarks/serve_load.py) that served more images/s than one pass using every core, because a pass split over cores waits
-    at every layer for its slowest thread, and the HTTP work preempts one of them all the time (see the
-    serving benchmark in benchmarks/README.md). On CUDA one pass at a time owns the GPU and the CPU threads
+    (benchmarks/serve_load.py, benchmarks/README.md) that served more images/s than one pass using every
+    core, because a pass split over cores waits at every layer for its slowest thread, and the HTTP work
+    preempts one of them all the time. On CUDA one pass at a time owns the GPU and the CPU threads
     feed it.
     """
     cores = available_cores()
