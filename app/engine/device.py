@@ -32,8 +32,8 @@ def available_cores() -> int:
 
 
 # Images per forward pass when APP_MAX_BATCH_SIZE is 0: larger batches amortise per-pass overhead until they
-# outgrow the CPU's caches. benchmarks/serve_load.py found throughput peaking at 16 (about 10% above 8 and 32); on a GPU a 32x32
-# ResNet-50 needs large batches to fill the device, and 128 keeps a forward pass to a few milliseconds.
+# outgrow the CPU's caches. benchmarks/serve_load.py found throughput peaking at 16 (about 10% above 8 and 32);
+# on a GPU a 32x32 ResNet-50 needs large batches to fill the device, and 128 keeps a forward pass to a few milliseconds.
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 128}
 
 

@@ -55,3 +55,12 @@ class InputSizeChanged(ServingError):
     def __init__(self, message: str, size: int) -> None:
         super().__init__(message)
         self.size = size
+
+
+class SwapFailed(ServingError):
+    """A checkpoint that was read could not be served (its backend failed to build or warm up); the previous
+    model keeps serving."""
+
+
+class SwapTimedOut(SwapFailed):
+    """A swap did not finish within its timeout; the previous model keeps serving."""
