@@ -29,6 +29,8 @@ from app.engine.errors import (
     NoModelLoaded,
     QueueFull,
     ServiceStopping,
+    SwapFailed,
+    SwapTimedOut,
     UnsupportedImage,
 )
 from model.checkpoint import CheckpointError
@@ -79,6 +81,7 @@ STATUS: dict[type[Exception], int] = {
     ImageTooLarge: 413,
     UnsupportedMediaType: 415,
     UnsupportedImage: 415,
+    SwapFailed: 422,  # the checkpoint was read, but cannot be served here; the previous model still is
     InferenceFailed: 500,
     NoModelLoaded: 503,
     QueueFull: 503,
@@ -88,7 +91,14 @@ STATUS: dict[type[Exception], int] = {
     ExplainerBusy: 503,
     ExplanationUnavailable: 503,
     DeadlineExceeded: 504,
+    SwapTimedOut: 504,
 }
+
+
+def status_of(error: Exception) -> int:
+    """The status of the most specific class in ``STATUS`` that ``error`` is an instance of."""
+    kind = next(kind for kind in type(error).__mro__ if kind in STATUS)
+    return STATUS[kind]
 
 
 def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -98,7 +108,7 @@ def error_response(request: Request, status: int, message: str, headers: dict[st
 def expected_response(path: str, error: Exception) -> JSONResponse:
     """The response to an expected failure (one of ``STATUS``'s), also for middleware that answers before
     the routes run."""
-    status = next(code for kind, code in STATUS.items() if isinstance(error, kind))
+    status = status_of(error)
     headers = None
     if isinstance(error, (QueueFull, ExplainerBusy)):
         headers = {"Retry-After": str(error.retry_after_s)}
