@@ -494,9 +494,10 @@ class InferenceEngine:
             for work, _, _ in batch:
                 self._remove(work, "failed")
                 if not work.future.done():
+                    # The exception itself is in the log above, not in the answer: it can name internals.
                     work.future.set_exception(InferenceFailed(
-                        f"inference failed on this request's batch of {images} images ({type(error).__name__}: "
-                        f"{error}); the service is still serving: retry, and report the X-Request-ID if it recurs"))
+                        f"inference failed on this request's batch of {images} images; the service is still "
+                        "serving: retry, and report the X-Request-ID if it recurs"))
             return
         logits, seconds = future.result()
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / images
