@@ -61,6 +61,27 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="images waiting for the device before new requests get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request's inference; past it 504")
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body, in bytes")
+    # 256 MiB: 16 uploads at APP_MAX_UPLOAD_BYTES at once, thousands of ordinary ones; held uploads then cost
+    # at most this plus a constant, well inside the shipped 4 GiB pod beside the model (docs/service.md).
+    max_upload_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1, description="request body bytes all the "
+                                            "requests being read may hold together (their declared "
+                                            "Content-Length, else what has arrived); past it 503 with "
+                                            "Retry-After, before the body is read")
+    max_decode_queue: int = Field(256, ge=1, description="images waiting for a decode thread; past it 503 with "
+                                  "Retry-After")
+    single_image_reserve: int | None = Field(None, ge=0, description="the last images of the queue that only "
+                                             "single-image requests may take, so a flood of batch requests "
+                                             "cannot answer everyone else with 503; unset = a quarter of "
+                                             "APP_MAX_QUEUE, less if a full batch upload would not fit")
+    max_client_images: int = Field(0, ge=0, description="images one client may have waiting for the device; "
+                                   "0 = no limit (behind a proxy every client has its address: set "
+                                   "APP_CLIENT_ID_HEADER first)")
+    client_id_header: str | None = Field(None, description="the request header naming the client for "
+                                         "APP_MAX_CLIENT_IMAGES (one a proxy sets, such as X-Forwarded-For); "
+                                         "unset = the peer address")
+    swap_timeout_s: float = Field(600.0, gt=0, description="longest a model swap (load, verify, warm up, "
+                                  "install) may take; past it the swap fails and the previous model keeps "
+                                  "serving")
     max_json_bytes: int = Field(64 * 1024, ge=1, description="largest JSON body of the admin and training "
                                 "routes, in bytes; checked after the token, while it streams in")
     # The model sees 32x32 pixels: 2048x2048 is far more than it needs, and an RGBA PNG or a float TIFF of that
@@ -216,6 +237,32 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"APP_MAX_QUEUE={self.max_queue} is smaller than APP_MAX_BATCH_FILES={self.max_batch_files}, so a "
                 "full batch upload could never be queued; raise APP_MAX_QUEUE or lower APP_MAX_BATCH_FILES"
+            )
+        return self
+
+    @property
+    def resolved_single_image_reserve(self) -> int:
+        if self.single_image_reserve is not None:
+            return self.single_image_reserve
+        return min(self.max_queue // 4, self.max_queue - self.max_batch_files)
+
+    @model_validator(mode="after")
+    def _reserve_leaves_room_for_one_upload(self) -> Settings:
+        if self.max_queue - self.resolved_single_image_reserve < self.max_batch_files:
+            raise ValueError(
+                f"APP_SINGLE_IMAGE_RESERVE={self.single_image_reserve} leaves less than APP_MAX_BATCH_FILES="
+                f"{self.max_batch_files} of APP_MAX_QUEUE={self.max_queue} to batch uploads, so a full one could "
+                "never be queued; lower APP_SINGLE_IMAGE_RESERVE or raise APP_MAX_QUEUE"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _budget_holds_one_upload(self) -> Settings:
+        if self.max_upload_bytes_in_flight < self.max_upload_bytes:
+            raise ValueError(
+                f"APP_MAX_UPLOAD_BYTES_IN_FLIGHT={self.max_upload_bytes_in_flight} is smaller than "
+                f"APP_MAX_UPLOAD_BYTES={self.max_upload_bytes}, so the largest upload could never be read; raise "
+                "APP_MAX_UPLOAD_BYTES_IN_FLIGHT or lower APP_MAX_UPLOAD_BYTES"
             )
         return self
 

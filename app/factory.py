@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.forward import ControlForward, ControlLink
-from app.api.middleware import AdminGate, RequestContextMiddleware
+from app.api.middleware import AdminGate, RequestContextMiddleware, UploadBudget, UploadBudgetGate
 from app.api.openapi import install_openapi
 from app.api.routes import admin, explain, health, model_info, predict, registry, train, v2, web
 from app.classification.classifier import Classifier
@@ -69,6 +69,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ControlForward, link=link, routes=[*train.router.routes, *admin.promotion_router.routes],
                        max_body_bytes=settings.max_json_bytes)
     app.add_middleware(AdminGate, settings=settings, prefixes=(admin.router.prefix, train.router.prefix))
+    budget = UploadBudget(settings.max_upload_bytes_in_flight)
+    app.state.metrics.track_uploads(lambda: budget.held)
+    app.add_middleware(UploadBudgetGate, budget=budget, max_body=max(settings.max_upload_bytes,
+                                                                     settings.max_json_bytes))
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     for routes in (predict, explain, health, model_info, admin, v2, web, registry):
         app.include_router(routes.router)
@@ -105,13 +109,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch_delay_s=settings.max_batch_delay_ms / 1000,
         max_queue=settings.max_queue,
         parallel_batches=plan.parallel_batches,
+        single_image_reserve=settings.resolved_single_image_reserve,
+        max_client_images=settings.max_client_images,
+        swap_timeout_s=settings.swap_timeout_s,
         backend_policy=BackendPolicy(settings.cpu_backend, settings.cuda_precision, settings.max_accuracy_drop,
                                      data_dir=settings.data_dir),
         observer=app.state.metrics,
     )
     app.state.metrics.track_queue(lambda: engine.queued_images)
     classifier = Classifier(engine, decode_threads=plan.decode_threads, max_image_pixels=settings.max_image_pixels,
-                            calibrated=settings.calibration == "on")
+                            calibrated=settings.calibration == "on", max_decode_queue=settings.max_decode_queue)
     explainer = Explainer(engine, concurrency=settings.explain_concurrency, max_image_pixels=settings.max_image_pixels,
                           calibrated=settings.calibration == "on")
     app.state.engine, app.state.classifier, app.state.explainer = engine, classifier, explainer

@@ -48,11 +48,17 @@ class TextFormatter(logging.Formatter):
         fields = {key: value for key, value in vars(record).items() if key not in _STANDARD and not key.startswith("_")}
         if (current := request_id.get()) is not None:
             fields["request_id"] = current
-        extra = "".join(f" {key}={value}" for key, value in fields.items())
-        line = f"{clock} {record.levelname:<7} {record.name}: {record.getMessage()}{'  ' + extra if extra else ''}"
+        extra = "".join(f" {key}={_one_line(value)}" for key, value in fields.items())
+        message = _one_line(record.getMessage())
+        line = f"{clock} {record.levelname:<7} {record.name}: {message}{'  ' + extra if extra else ''}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def _one_line(value: object) -> str:
+    """``value`` with CR and LF escaped, so a request path (the client's) cannot forge a log line."""
+    return str(value).replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
 
 
 def use_text(log_format: str, stream: object = sys.stderr) -> bool:

@@ -31,14 +31,20 @@ class ServiceMetrics:
                                      "batches retried in halves after running out of device memory",
                                      registry=self.registry)
         self.dropped_images = Counter("inference_dropped_images_total",
-                                      "images never computed: queue_full, deadline, failed, shutdown",
+                                      "images never computed: queue_full, deadline, cancelled (the client "
+                                      "disconnected), failed, shutdown",
                                       ["reason"], registry=self.registry)
+        self.upload_bytes = Gauge("http_upload_bytes_in_flight", "request body bytes reserved by the requests "
+                                  "being read (APP_MAX_UPLOAD_BYTES_IN_FLIGHT)", registry=self.registry)
         self.model = Info("model", "the model being served", registry=self.registry)
         self.model_swaps = Counter("model_swaps_total", "models installed, the first one included",
                                    registry=self.registry)
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
+
+    def track_uploads(self, held: Callable[[], int]) -> None:
+        self.upload_bytes.set_function(held)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,6 +9,8 @@ the request middleware as a plain 500 and logged with its traceback.
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,6 +31,8 @@ from app.engine.errors import (
     NoModelLoaded,
     QueueFull,
     ServiceStopping,
+    SwapFailed,
+    SwapTimedOut,
     UnsupportedImage,
 )
 from model.checkpoint import CheckpointError
@@ -79,6 +83,7 @@ STATUS: dict[type[Exception], int] = {
     ImageTooLarge: 413,
     UnsupportedMediaType: 415,
     UnsupportedImage: 415,
+    SwapFailed: 422,  # the checkpoint was read, but cannot be served here; the previous model still is
     InferenceFailed: 500,
     NoModelLoaded: 503,
     QueueFull: 503,
@@ -88,7 +93,14 @@ STATUS: dict[type[Exception], int] = {
     ExplainerBusy: 503,
     ExplanationUnavailable: 503,
     DeadlineExceeded: 504,
+    SwapTimedOut: 504,
 }
+
+
+def status_of(error: Exception) -> int:
+    """The status of the most specific class in ``STATUS`` that ``error`` is an instance of."""
+    kind = next(kind for kind in type(error).__mro__ if kind in STATUS)
+    return STATUS[kind]
 
 
 def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -98,7 +110,7 @@ def error_response(request: Request, status: int, message: str, headers: dict[st
 def expected_response(path: str, error: Exception) -> JSONResponse:
     """The response to an expected failure (one of ``STATUS``'s), also for middleware that answers before
     the routes run."""
-    status = next(code for kind, code in STATUS.items() if isinstance(error, kind))
+    status = status_of(error)
     headers = None
     if isinstance(error, (QueueFull, ExplainerBusy)):
         headers = {"Retry-After": str(error.retry_after_s)}
@@ -115,7 +127,29 @@ def _error_body(path: str, status: int, message: str, headers: dict[str, str] | 
 
 
 async def _expected(request: Request, error: Exception) -> JSONResponse:
-    return expected_response(request.url.path, error)
+    response = expected_response(request.url.path, error)
+    if response.status_code >= 500 and not is_admin(request):
+        # A 5xx reason can name where the service keeps its files; only an admin needs that (it is logged).
+        response = _error_body(request.url.path, response.status_code, redact_paths(str(error)),
+                               {key: value for key, value in response.headers.items()
+                                if key.lower() in ("retry-after",)} or None)
+    return response
+
+
+# Not after an HTTP method: "POST /admin/reload" is a route to call, not a file.
+_ABSOLUTE_PATH = re.compile(r"(?<!GET )(?<!POST )(?<![\w.:/])/(?:[^\s/'\"(),;]+/)*([^\s/'\"(),;]+)")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with each absolute path cut to its last part: ``/srv/models/v3`` becomes ``…/v3``."""
+    return _ABSOLUTE_PATH.sub(lambda match: f"…/{match.group(1)}", text)
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the request carries the admin token (the fuller answers are for operators only)."""
+    from app.api.deps import admin_refusal  # deps imports this module's errors
+
+    return admin_refusal(request.app.state.settings, request.headers.get("authorization")) is None
 
 
 async def _http(request: Request, error: Exception) -> JSONResponse:

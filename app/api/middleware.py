@@ -6,6 +6,12 @@ template (``/predict``, not the raw path, so metrics stay bounded); writes one J
 answers any unhandled exception with a plain JSON 500, logged with its traceback, so no input can surface
 a stack trace or take the process down.
 
+``UploadBudgetGate`` keeps the request bodies being read within ``APP_MAX_UPLOAD_BYTES_IN_FLIGHT`` together:
+a body's declared Content-Length is reserved before a byte of it is read (503 with Retry-After when it does
+not fit), and a chunked body's bytes as they arrive; what a request reserved is freed when it is answered.
+Each connection could otherwise hold up to ``APP_MAX_UPLOAD_BYTES`` (16 MiB) before any check, and 220
+paused uploads were enough to get the shipped 4 GiB pod killed for its memory.
+
 ``AdminGate`` answers an admin route's request with 401/403 before reading a byte of its body, and reads the
 body of an allowed one with the ``APP_MAX_JSON_BYTES`` limit (FastAPI would read and parse the whole body
 before the route's auth dependency runs: a 200 MiB body sent with no token was held in memory).
@@ -25,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.deps import admin_refusal
 from app.api.errors import PayloadTooLarge, expected_response
 from app.config import Settings
+from app.engine.errors import UploadBudgetExceeded
 from app.logging import request_id
 from app.service_metrics import ServiceMetrics
 
@@ -63,7 +70,7 @@ class RequestContextMiddleware:
             # The client went away (or its body missed APP_BODY_TIMEOUT_S and the server closed the
             # connection): no one is left to answer, and it is no fault of the service.
             status = 499
-            logger.info("the client disconnected before its request was read", extra={"path": scope["path"]})
+            logger.info("the client disconnected before it was answered", extra={"path": scope["path"]})
         except Exception:
             error_logger.exception("unhandled error", extra={"path": scope["path"]})
             status = 500
@@ -90,6 +97,74 @@ async def _plain_500(send: Send, rid: str) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"x-request-id", rid.encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class UploadBudget:
+    """Bytes of request bodies held by the requests being read, process-wide (one per app)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def reserve(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise UploadBudgetExceeded(
+                f"the service is reading {self.held} bytes of uploads already, and may hold "
+                f"{self.limit} (APP_MAX_UPLOAD_BYTES_IN_FLIGHT); retry in a moment", UPLOAD_RETRY_AFTER_S)
+        self.held += size
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
+# Uploads in flight are read within APP_BODY_TIMEOUT_S, most in well under a second.
+UPLOAD_RETRY_AFTER_S = 2
+
+
+class UploadBudgetGate:
+    """Reserves each request's body in the ``UploadBudget``: its declared length (up to ``max_body``, the
+    most a route reads) before the app runs, else each chunk as it arrives."""
+
+    def __init__(self, app: ASGIApp, budget: UploadBudget, max_body: int) -> None:
+        self.app = app
+        self.budget = budget
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        counting = declared is None or not declared.isdigit()
+        held = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal held
+            message = await receive()
+            if counting and message["type"] == "http.request":
+                size = len(message.get("body", b""))
+                self.budget.reserve(size)
+                held += size
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            if not counting:
+                size = min(int(declared), self.max_body + 1)  # type: ignore[arg-type]
+                self.budget.reserve(size)
+                held = size
+            await self.app(scope, counted, watched_send)
+        except UploadBudgetExceeded as error:
+            if started:
+                raise
+            await expected_response(scope["path"], error)(scope, receive, send)
+        finally:
+            self.budget.release(held)
 
 
 class AdminGate:

@@ -6,6 +6,8 @@ what the routes declare, ``document`` writes:
 - every error's body as it is: ``{"detail": str}`` (``ErrorResponse``), or ``{"error": str}``
   (``ErrorObject``) under ``/v2/``, for 422 too, where FastAPI documents its own list of problems;
 - 401, 403 and 413 on every route behind the admin token (``AdminGate`` answers them before the route runs);
+- the classes ``/explain?class=`` takes (CIFAR-10's labels, which every served model has; anything else is a
+  400), so a fuzzer's empty or made-up class is not "valid data the service refused";
 - the limits that come from settings: the most files of a ``/predict/batch``, and ``APP_MODEL_NAME`` as the
   one v2 model name when it is configured.
 """
@@ -18,6 +20,7 @@ from fastapi import FastAPI
 
 from app.api.schemas import ErrorResponse
 from app.config import Settings
+from model.labels import CLASS_NAMES
 
 ERROR_BODY = {"$ref": "#/components/schemas/ErrorResponse"}
 V2_ERROR_BODY = {"$ref": "#/components/schemas/ErrorObject"}
@@ -69,6 +72,10 @@ def _settings_limits(path: str, operation: dict[str, Any], settings: Settings) -
     if path == "/predict/batch":
         files = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["files"]
         files["maxItems"] = settings.max_batch_files
+    if path == "/explain":
+        for parameter in operation.get("parameters", []):
+            if parameter["name"] == "class":
+                parameter["schema"] = {"type": "string", "enum": list(CLASS_NAMES)}
     if settings.model_name is not None:
         for parameter in operation.get("parameters", []):
             if parameter["name"] == "model_name":

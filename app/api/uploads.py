@@ -95,7 +95,11 @@ def _too_large(limit: int) -> PayloadTooLarge:
 async def _read_multipart(request: Request, boundary: bytes, field: str, max_files: int, limit: int,
                           too_many: Callable[[int], Exception]) -> list[Upload]:
     collector = _FieldCollector(field.encode(), max_files, too_many)
-    parser = MultipartParser(boundary, collector.callbacks())
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())
+    except ValueError as error:  # python-multipart refuses a boundary over 256 bytes (RFC 2046 allows 70)
+        raise BadRequest(f"the multipart boundary is not usable ({error}); let your HTTP client build the "
+                         "multipart body") from None
     try:
         async for chunk in _limited_stream(request, limit):
             parser.write(chunk)

@@ -36,7 +36,7 @@ from app.classification.answers import Prediction
 from app.classification.images import image_pixels
 from app.classification.probabilities import assess_logits
 from app.engine.engine import InferenceEngine
-from app.engine.errors import NoModelLoaded, ServingError
+from app.engine.errors import NoModelLoaded, NonFiniteOutput, ServingError
 from app.engine.served_model import ServedModel
 from model.checkpoint import load_checkpoint
 from model.explain import grad_cam, grad_cam_layer
@@ -123,12 +123,20 @@ class Explainer:
         # The prediction is the serving backend's (one pass of the served network on this thread, as /predict
         # computes it, int8 included), so an explanation never answers another label or confidence than
         # /predict; the map is of the float32 model as trained, which alone has gradients.
-        output = assess_logits(served.logits(batch).numpy(), card, calibrated=self.calibrated)
+        # Both passes wait while a model being prepared is traced (int8's torch.fx patches every module's call
+        # for the whole process meanwhile: a pass then failed with a 500 during a swap).
+        with self.engine.forward_pass():
+            output = assess_logits(served.logits(batch).numpy(), card, calibrated=self.calibrated)
+        if not np.isfinite(output.probabilities).all():
+            raise NonFiniteOutput(f"the model serving ({card.version}) computed NaN or infinite outputs for this "
+                                  "image, so there is nothing to explain; serve another model (POST /admin/reload)")
         prediction = Prediction.of(output, 0, min(top_k, len(card.class_names)))
         if class_index is None:
             class_index = card.class_names.index(prediction.label)
         layer = grad_cam_layer(card.architecture)
-        result = grad_cam(self._network(served), batch, class_index, layer)
+        network = self._network(served)
+        with self.engine.forward_pass():
+            result = grad_cam(network, batch, class_index, layer)
         explained = int(result.class_index[0])
         heatmap = np.rint(result.heatmaps[0].cpu().numpy() * 255).astype(np.uint8)
         return Explanation(prediction=prediction, explained_index=explained,

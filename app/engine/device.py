@@ -31,9 +31,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-# Images per forward pass when APP_MAX_BATCH_SIZE is 0. On the 2-core CPU, throughput peaks at 16 (about
-# 10% above 8 and 32; larger batches outgrow the caches: benchmarks/serve_load.py); on a GPU a 32x32
-# ResNet-50 needs large batches to fill the device, and 128 keeps a forward pass to a few milliseconds.
+# Images per forward pass when APP_MAX_BATCH_SIZE is 0: larger batches amortise per-pass overhead until they
+# outgrow the CPU's caches. benchmarks/serve_load.py found throughput peaking at 16 (about 10% above 8 and 32);
+# on a GPU a 32x32 ResNet-50 needs large batches to fill the device, and 128 keeps a forward pass to a few milliseconds.
 AUTO_BATCH_SIZE = {"cpu": 16, "cuda": 128}
 
 
@@ -52,10 +52,10 @@ def plan_threads(device: torch.device, torch_threads: int = 0, parallel_batches:
                  decode_threads: int = 0) -> ThreadPlan:
     """Fill in the automatic (0) settings for this machine.
 
-    On the CPU the default is one forward pass per core, each single-threaded: on the 2-core benchmark
-    machine that served more images/s than one pass using both cores, because a pass split over cores waits
-    at every layer for its slowest thread, and the HTTP work preempts one of them all the time (see the
-    serving benchmark in benchmarks/README.md). On CUDA one pass at a time owns the GPU and the CPU threads
+    On the CPU the default is one forward pass per core, each single-threaded: in the serving benchmark
+    (benchmarks/serve_load.py, benchmarks/README.md) that served more images/s than one pass using every
+    core, because a pass split over cores waits at every layer for its slowest thread, and the HTTP work
+    preempts one of them all the time. On CUDA one pass at a time owns the GPU and the CPU threads
     feed it.
     """
     cores = available_cores()

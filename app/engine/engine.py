@@ -10,24 +10,33 @@ Public API (everything else is private)::
     await engine.stop(timeout=30.0)              # refuses new work, finishes what is queued and running
 
 ``predict`` takes a list of inputs, each uint8 HWC pixels (``engine.input_size`` square, RGB) or a float32
-CHW tensor already normalised; it raises ``QueueFull`` at once when ``max_queue`` images are waiting,
-``DeadlineExceeded`` after ``timeout`` seconds (its images are dropped if not yet computed), ``NoModelLoaded``
-(with ``engine.unavailable_reason``) before the first ``swap``, ``InferenceFailed`` when its batch raised, and
-``InputSizeChanged`` when a model of another input size took over before any of its images was computed
-(the classification pipeline then fits the images again; ``app/classification/classifier.py``).
+CHW tensor already normalised; it raises ``QueueFull`` at once when ``max_queue`` images are waiting (a
+request of several images already when all but ``single_image_reserve`` are, and a ``client``'s request
+when that client has ``max_client_images`` waiting), ``DeadlineExceeded`` after ``timeout`` seconds (its
+images are dropped if not yet computed), ``NoModelLoaded`` (with ``engine.unavailable_reason``) before the
+first ``swap``, ``InferenceFailed`` when its batch raised, and ``InputSizeChanged`` when a model of another
+input size took over before any of its images was computed (the classification pipeline then fits the
+images again; ``app/classification/classifier.py``). A cancelled ``predict`` (its client went away) takes
+its images that are not yet computed out of the queue.
 
 ``swap(path) -> ModelCard`` is how a job system promotes a model: it loads and verifies the checkpoint, chooses
 its backend anew (``app.engine.backend_choice``) and warms it up off the batching loop, while the old model
 keeps serving every batch (only int8's torch.fx trace holds passes back, ``_PreparationGate``); the new one
 is installed between two batches, and never while a request split over several batches is half computed, so
-no response mixes models. Every ``ModelOutput`` carries the card of the model that computed it. Swaps are
-serialised. The engine owns the input size: the new model may take another one, and the waiting requests
-fitted to the old size are handed back (``InputSizeChanged``) the moment it is installed.
+no response mixes models: while a model is staged, batches finish the requests already begun and start no
+new one, and it goes in as soon as none is half computed, or when the engine goes idle, without waiting for
+another request. Every ``ModelOutput`` carries the card of the model that computed it. Swaps are
+serialised, and one that does not finish within ``swap_timeout_s`` is abandoned (``SwapTimedOut``) with the
+old model still serving. The engine owns the input size: the new model may take another one, and the
+waiting requests fitted to the old size are handed back (``InputSizeChanged``) the moment it is installed.
 
 Batching: the images of all waiting requests are coalesced into forward passes of up to ``max_batch_size``
-images. A batch is dispatched when it is full, or when ``max_batch_delay_s`` has passed since its oldest
-image arrived and the device is free; while the device is busy the next batch keeps filling, so the device
-never idles with work waiting. The forward pass runs on a device thread (``parallel_batches`` of them),
+images, taken round-robin, one image per waiting request in turn, and a request not finished goes to the
+back of the line: a single image waits about (waiting requests / batch size) passes however many images
+the others sent, where taking images first come, first served made it wait for every one of them. A batch
+is dispatched when it is full, or when ``max_batch_delay_s`` has passed since its oldest image arrived and
+the device is free; while the device is busy the next batch keeps filling, so the device never idles with
+work waiting. The forward pass runs on a device thread (``parallel_batches`` of them),
 never on the event loop. A batch that raises fails only its own requests; a CUDA out-of-memory error is
 retried by splitting the batch in halves.
 """
@@ -42,9 +51,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -60,6 +69,8 @@ from app.engine.errors import (
     NoModelLoaded,
     QueueFull,
     ServiceStopping,
+    SwapFailed,
+    SwapTimedOut,
 )
 from app.engine.served_model import BatchStager, ServedModel
 from model.checkpoint import CheckpointError, ModelCard
@@ -91,6 +102,7 @@ class _Work:
     future: asyncio.Future[ModelOutput]
     enqueued_at: float
     tag: str | None
+    client: str | None = None
     taken: int = 0  # images handed to a forward pass
     delivered: int = 0
     queued: bool = True  # some images still wait in the queue
@@ -109,6 +121,9 @@ class InferenceEngine:
         max_batch_delay_s: float,
         max_queue: int,
         parallel_batches: int = 1,
+        single_image_reserve: int = 0,
+        max_client_images: int = 0,
+        swap_timeout_s: float = 600.0,
         backend_policy: BackendPolicy = DEFAULT_POLICY,
         observer: EngineObserver | None = None,
     ) -> None:
@@ -118,6 +133,11 @@ class InferenceEngine:
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
         self.parallel_batches = parallel_batches
+        # The last images of the queue that only single-image requests may take, so a flood of batch
+        # requests cannot answer every other client with 503; 0 = none.
+        self.single_image_reserve = single_image_reserve
+        self.max_client_images = max_client_images  # images one client may have waiting; 0 = no limit
+        self.swap_timeout_s = swap_timeout_s
         self.unavailable_reason = "no model is loaded yet"
         self._observer = observer
         self._stager = BatchStager(device, max_batch_size)
@@ -127,6 +147,7 @@ class InferenceEngine:
                                                       initializer=_lower_this_threads_priority)
         self._pending: deque[_Work] = deque()
         self._queued = 0
+        self._queued_by_client: dict[str, int] = {}
         self._active: ServedModel | None = None
         self._staged: ServedModel | None = None
         self._installed: asyncio.Future[None] | None = None
@@ -194,25 +215,47 @@ class InferenceEngine:
         """Load, verify and warm up ``checkpoint``, then serve it from the next batch on; returns its card.
         ``origin`` says why this checkpoint is served; ``GET /model`` shows it.
 
-        Raises ``CheckpointError`` (unreadable or unverifiable checkpoint); the serving model then stays in
-        place."""
+        Raises ``CheckpointError`` (unreadable or unverifiable checkpoint), ``SwapFailed`` (it could not be
+        served otherwise) or ``SwapTimedOut`` (not in service within ``swap_timeout_s``); the serving model
+        then stays in place."""
         async with self._swap_lock:
             if self._stopping:
                 raise ServiceStopping("the service is shutting down; no model can be swapped in now")
             started = time.perf_counter()
             current = self._active
-            candidate = await asyncio.get_running_loop().run_in_executor(
-                self._preparation_thread, self._prepare, Path(checkpoint), origin)
-            self._staged = candidate
-            self._installed = asyncio.get_running_loop().create_future()
-            self._install_if_safe()
-            await asyncio.shield(self._installed)
+            try:
+                async with asyncio.timeout(self.swap_timeout_s):
+                    candidate = await self._stage(Path(checkpoint), origin)
+                    await asyncio.shield(self._installed)  # type: ignore[arg-type]
+            except TimeoutError:
+                self._staged = None  # never installed; the preparation thread's late result is dropped
+                raise SwapTimedOut(
+                    f"the model at {checkpoint} was not in service within {self.swap_timeout_s:g} s "
+                    "(APP_SWAP_TIMEOUT_S); the previous model keeps serving: retry when the service is less "
+                    "busy, or raise APP_SWAP_TIMEOUT_S") from None
             logger.info("model swapped in, serving on %s", candidate.backend_reason,
                         extra={"model_version": candidate.card.version, "origin": origin,
                                "backend": candidate.backend,
                                "previous_version": current.card.version if current else None,
                                "seconds": round(time.perf_counter() - started, 3)})
             return candidate.card
+
+    async def _stage(self, checkpoint: Path, origin: str) -> ServedModel:
+        """Prepare ``checkpoint`` off the batching loop, and stage it to go in between two batches."""
+        try:
+            candidate = await asyncio.get_running_loop().run_in_executor(
+                self._preparation_thread, self._prepare, checkpoint, origin)
+        except (CheckpointError, asyncio.CancelledError):
+            raise
+        except Exception as error:  # loading, tracing or warming up failed: the old model keeps serving
+            logger.exception("the model at %s could not be prepared", checkpoint)
+            raise SwapFailed(f"the model at {checkpoint} could not be served ({type(error).__name__}: {error}); "
+                             "the previous model keeps serving") from None
+        self._staged = candidate
+        self._installed = asyncio.get_running_loop().create_future()
+        self._install_if_safe()
+        self._notify()  # the batching loop installs it when idle, or after the requests already begun
+        return candidate
 
     def _prepare(self, checkpoint: Path, origin: str) -> ServedModel:
         try:
@@ -227,7 +270,7 @@ class InferenceEngine:
     def _install_if_safe(self) -> None:
         if self._staged is None:
             return
-        if self._pending and self._pending[0].taken:
+        if any(work.taken for work in self._pending):
             return  # a request split over batches is half computed by the old model: finish it first
         self._active, self._staged = self._staged, None
         self._hand_back_other_sizes(self._active.card.input_size)
@@ -242,13 +285,16 @@ class InferenceEngine:
         for work in [work for work in self._pending if work.size != size]:
             work.queued = False
             self._pending.remove(work)
-            self._queued -= len(work.inputs)
+            self._dequeued(work, len(work.inputs))
             if not work.future.done():
                 work.future.set_exception(_other_size(work.size, size))
 
     # -- requests --------------------------------------------------------------------------------------
 
-    async def predict(self, inputs: Sequence[np.ndarray], *, timeout: float, tag: str | None = None) -> ModelOutput:
+    async def predict(self, inputs: Sequence[np.ndarray], *, timeout: float, tag: str | None = None,
+                      client: str | None = None) -> ModelOutput:
+        """The logits of ``inputs``; ``tag`` names the request in logs, ``client`` who sent it (for
+        ``max_client_images``)."""
         if self._stopping:
             raise ServiceStopping("the service is shutting down: retry in a moment (another replica may answer)")
         if self._active is None:
@@ -259,28 +305,61 @@ class InferenceEngine:
         size = _side(inputs[0])
         if size != self._active.card.input_size:
             raise _other_size(size, self._active.card.input_size)
-        if self._queued + count > self.max_queue:
-            if self._observer:
-                self._observer.images_dropped(count, "queue_full")
-            retry_after = self.retry_after_s()
-            raise QueueFull(
-                f"the inference queue is full ({self._queued} images waiting, APP_MAX_QUEUE={self.max_queue}); "
-                f"retry after {retry_after} s", retry_after)
+        self._admit(count, client)
         loop = asyncio.get_running_loop()
-        work = _Work(inputs=inputs, size=size, future=loop.create_future(), enqueued_at=time.monotonic(), tag=tag)
+        work = _Work(inputs=inputs, size=size, future=loop.create_future(), enqueued_at=time.monotonic(), tag=tag,
+                     client=client)
         self._pending.append(work)
         self._queued += count
+        if client is not None:
+            self._queued_by_client[client] = self._queued_by_client.get(client, 0) + count
         self._notify()
+        reason = "cancelled"  # unless its deadline passed: its caller went away (a client that disconnected)
         try:
             async with asyncio.timeout(timeout):
                 return await work.future
         except TimeoutError:
+            reason = "deadline"
             raise DeadlineExceeded(
                 f"no prediction within {timeout:.3g} s (APP_REQUEST_TIMEOUT_S): the service is overloaded; "
                 "retry later, or send fewer images per request") from None
         finally:
             if work.future.cancelled():
-                self._remove(work, "deadline")
+                self._remove(work, reason)
+
+    def _admit(self, count: int, client: str | None) -> None:
+        """Raise ``QueueFull`` unless ``count`` more images fit: in the queue, in the part of it a request of
+        several images may take, and in the client's share."""
+        room = self.max_queue - (self.single_image_reserve if count > 1 else 0)
+        waiting = self._queued_by_client.get(client, 0) if client is not None else 0
+        if self._queued + count > room:
+            why = (f"the inference queue is full ({self._queued} images waiting, APP_MAX_QUEUE={self.max_queue}"
+                   + (f", of which {self.single_image_reserve} are kept for single images, "
+                      "APP_SINGLE_IMAGE_RESERVE)" if count > 1 and self.single_image_reserve else ")"))
+        elif self.max_client_images and waiting + count > self.max_client_images:
+            why = (f"this client already has {waiting} images waiting, and may have "
+                   f"{self.max_client_images} (APP_MAX_CLIENT_IMAGES)")
+        else:
+            return
+        if self._observer:
+            self._observer.images_dropped(count, "queue_full")
+        retry_after = self.retry_after_s()
+        raise QueueFull(f"{why}; retry after {retry_after} s", retry_after)
+
+    def _dequeued(self, work: _Work, count: int) -> None:
+        """``count`` of ``work``'s images left the queue (to a forward pass, or dropped)."""
+        self._queued -= count
+        if work.client is not None:
+            left = self._queued_by_client[work.client] - count
+            if left:
+                self._queued_by_client[work.client] = left
+            else:
+                del self._queued_by_client[work.client]
+
+    def forward_pass(self) -> AbstractContextManager[None]:
+        """A context for a forward pass run outside the engine (``POST /explain``'s Grad-CAM): it waits while a
+        model being prepared is traced, as the engine's own passes do (``_PreparationGate``)."""
+        return self._preparation_gate.shared()
 
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained, from recent forward-pass times; 1 to 60."""
@@ -294,7 +373,7 @@ class InferenceEngine:
         work.queued = False
         self._pending.remove(work)
         left = len(work.inputs) - work.taken
-        self._queued -= left
+        self._dequeued(work, left)
         if self._observer and left:
             self._observer.images_dropped(left, reason)
         self._install_if_safe()
@@ -323,12 +402,13 @@ class InferenceEngine:
         """Wait until a batch should go (see the module docstring), then take it from the queue."""
         while True:
             if not self._pending:
+                self._install_if_safe()  # idle: a staged model goes in now, not when the next request comes
                 if self._stopping:
                     return None
                 await self._wait_for_news(set(), None)
                 continue
             device_free = len(running) < self.parallel_batches
-            waited = time.monotonic() - self._pending[0].enqueued_at
+            waited = time.monotonic() - min(work.enqueued_at for work in self._pending)
             full = self._queued >= self.max_batch_size
             if device_free and (full or waited >= self.max_batch_delay_s or self._stopping):
                 self._install_if_safe()
@@ -345,27 +425,40 @@ class InferenceEngine:
 
     def _batch_room(self, busy: int) -> int:
         """How many images the next batch takes: the queue up to ``max_batch_size``, shared out among the
-        idle device threads. Closed-loop clients otherwise fall into lockstep: 8 images queue together,
-        go as one batch to one single-threaded pass while the other core idles, come back together and
-        queue together again (measured: 24.5 req/s at concurrency 8 on 2 cores, one core busy;
-        benchmarks/compare.py, benchmarks/README.md)."""
+        idle device threads. It trades a little batching efficiency for using every device thread:
+        closed-loop clients otherwise fall into lockstep, their images queuing together, going as one
+        batch to one single-threaded pass while the other threads idle, and coming back together
+        (benchmarks/compare.py measured half the throughput at concurrency 8 before this; benchmarks/README.md)."""
         idle = max(1, self.parallel_batches - busy)
         return max(1, min(self.max_batch_size, math.ceil(self._queued / idle)))
 
     def _take(self, room: int) -> list[_Slice]:
+        """Up to ``room`` images, round-robin over the waiting requests (one image each in turn, in queue
+        order); a request with images left goes to the back of the queue. While a model is staged, only the
+        requests already begun are taken, so none stays half computed and the model goes in."""
+        eligible = [work for work in self._pending if work.taken or self._staged is None]
+        shares = dict.fromkeys(eligible, 0)
+        while room and eligible:
+            for work in list(eligible):
+                if not room:
+                    break
+                shares[work] += 1
+                room -= 1
+                if work.taken + shares[work] == len(work.inputs):
+                    eligible.remove(work)
         batch: list[_Slice] = []
-        while self._pending and room:
-            work = self._pending[0]
+        for work, share in shares.items():
+            if not share:
+                continue
             start = work.taken
-            stop = min(len(work.inputs), start + room)
-            batch.append((work, start, stop))
-            work.taken = stop
-            room -= stop - start
-            self._queued -= stop - start
-            if stop < len(work.inputs):
-                break
-            work.queued = False
-            self._pending.popleft()
+            work.taken = start + share
+            batch.append((work, start, work.taken))
+            self._dequeued(work, share)
+            self._pending.remove(work)
+            if work.taken < len(work.inputs):
+                self._pending.append(work)
+            else:
+                work.queued = False
         return batch
 
     def _compute(self, model: ServedModel, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
@@ -401,9 +494,10 @@ class InferenceEngine:
             for work, _, _ in batch:
                 self._remove(work, "failed")
                 if not work.future.done():
+                    # The exception itself is in the log above, not in the answer: it can name internals.
                     work.future.set_exception(InferenceFailed(
-                        f"inference failed on this request's batch of {images} images ({type(error).__name__}: "
-                        f"{error}); the service is still serving: retry, and report the X-Request-ID if it recurs"))
+                        f"inference failed on this request's batch of {images} images; the service is still "
+                        "serving: retry, and report the X-Request-ID if it recurs"))
             return
         logits, seconds = future.result()
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / images
@@ -436,8 +530,9 @@ def _other_size(size: int, serving: int) -> InputSizeChanged:
                             f"the images to {serving}x{serving} and send them again", serving)
 
 
-# How much nicer than the process the thread that prepares models runs. On the 2-core machine, back-to-back
-# ONNX swaps at the inference threads' priority left 94 of 214 req/s; niced, 124 of 178 (benchmarks/README.md).
+# How much nicer than the process the thread that prepares models runs: a swap takes longer, and the serving
+# model's passes keep more of the cores meanwhile (benchmarks/swap_under_load.py: back-to-back ONNX swaps at
+# the inference threads' priority kept 44 % of the throughput, niced 70 %; benchmarks/README.md).
 PREPARATION_NICENESS = 10
 
 
@@ -468,7 +563,7 @@ class _PreparationGate:
         self._preparing = False
 
     @contextmanager
-    def shared(self):
+    def shared(self) -> Iterator[None]:
         with self._condition:
             self._condition.wait_for(lambda: not self._preparing)
             self._passes += 1

@@ -55,3 +55,25 @@ class InputSizeChanged(ServingError):
     def __init__(self, message: str, size: int) -> None:
         super().__init__(message)
         self.size = size
+
+
+class SwapFailed(ServingError):
+    """A checkpoint that was read could not be served (its backend failed to build or warm up); the previous
+    model keeps serving."""
+
+
+class SwapTimedOut(SwapFailed):
+    """A swap did not finish within its timeout; the previous model keeps serving."""
+
+
+class NonFiniteOutput(InferenceFailed):
+    """The model computed NaN or infinite logits: its weights are broken (a diverged training run), and no
+    answer made of them may be served."""
+
+
+class DecodeQueueFull(QueueFull):
+    pass
+
+
+class UploadBudgetExceeded(QueueFull):
+    """The request bodies being read together would hold more than ``APP_MAX_UPLOAD_BYTES_IN_FLIGHT``."""

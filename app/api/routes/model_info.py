@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from app.api.deps import EngineDep, SettingsDep
+from app.api.errors import is_admin, redact_paths
 from app.api.schemas import BatchingSettings, CalibrationInfo, ErrorResponse, ModelInfo, RequestLimits
 from app.engine.errors import NoModelLoaded
 
@@ -13,11 +14,18 @@ router = APIRouter(tags=["model"])
 
 
 @router.get("/model", responses={503: {"model": ErrorResponse, "description": "no model loaded"}})
-async def model_info(engine: EngineDep, settings: SettingsDep, request: Request) -> ModelInfo:
+async def model_info(request: Request, engine: EngineDep, settings: SettingsDep) -> ModelInfo:
+    """What is served. Absolute paths in ``origin`` and ``backend_reason`` are cut to their last part unless
+    the caller sends the admin token."""
     served = engine.model
     if served is None:
         raise NoModelLoaded(engine.unavailable_reason)
     card = served.card
+    admin = is_admin(request)
+
+    def shown(text: str) -> str:
+        return text if admin else redact_paths(text)
+
     return ModelInfo(
         version=card.version,
         architecture=card.architecture,
@@ -31,9 +39,9 @@ async def model_info(engine: EngineDep, settings: SettingsDep, request: Request)
         device=str(served.device),
         dtype=served.dtype,
         backend=served.backend,
-        backend_reason=served.backend_reason,
+        backend_reason=shown(served.backend_reason),
         backend_test_accuracy=served.verified_accuracy,
-        origin=served.origin,
+        origin=shown(served.origin),
         backend_verification=getattr(request.app.state, "backend_verification", None) and
         request.app.state.backend_verification.status,
         batching=BatchingSettings(

@@ -9,10 +9,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from app.api.deps import ClassifierDep, SettingsDep
+from app.api.disconnects import unless_disconnected
 from app.api.errors import BadRequest, PayloadTooLarge
 from app.api.schemas import BatchPrediction, ErrorResponse
 from app.api.uploads import check_pixel_budget, read_images
 from app.classification.answers import Prediction
+from app.config import Settings
 
 router = APIRouter(tags=["predict"])
 
@@ -55,7 +57,8 @@ async def predict(request: Request, classifier: ClassifierDep, settings: Setting
     deadline = time.monotonic() + settings.request_timeout_s
     uploads = await read_images(request, field="file", max_files=1, limit=settings.max_upload_bytes,
                                 allow_raw=True, too_many=one_file_only)
-    (prediction,) = await classifier.classify([upload.data for upload in uploads], deadline=deadline, top_k=top_k)
+    (prediction,) = await unless_disconnected(request, classifier.classify(
+        [upload.data for upload in uploads], deadline=deadline, top_k=top_k, client=client_of(request, settings)))
     return prediction
 
 
@@ -67,5 +70,16 @@ async def predict_batch(request: Request, classifier: ClassifierDep, settings: S
     uploads = await read_images(request, field="files", max_files=settings.max_batch_files,
                                 limit=settings.max_upload_bytes, allow_raw=False, too_many=_too_many_files)
     await check_pixel_budget(uploads, settings.max_request_pixels)
-    predictions = await classifier.classify([upload.data for upload in uploads], deadline=deadline, top_k=top_k)
+    predictions = await unless_disconnected(request, classifier.classify(
+        [upload.data for upload in uploads], deadline=deadline, top_k=top_k, client=client_of(request, settings)))
     return BatchPrediction(predictions=predictions)
+
+
+def client_of(request: Request, settings: Settings) -> str | None:
+    """Who sent the request, for APP_MAX_CLIENT_IMAGES: the APP_CLIENT_ID_HEADER header, else the peer
+    address; None when there is no limit to apply."""
+    if not settings.max_client_images:
+        return None
+    if settings.client_id_header and (named := request.headers.get(settings.client_id_header)):
+        return named[:256]
+    return request.client.host if request.client else None

@@ -47,3 +47,13 @@ async def test_a_body_in_another_field_is_refused_before_it_is_read(service):
     headers = [(b"content-type", b"multipart/form-data; boundary=b")]
     status, pulled = await call(service.app, "/predict", headers, chunks=1000, start=part("some-other-field"))
     assert status == 400 and pulled == CHUNK
+
+
+async def test_a_multipart_boundary_over_256_bytes_is_a_bad_request(client):
+    boundary = "b" * 300
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + images.png() + f"\r\n--{boundary}--\r\n".encode()
+    response = await client.post("/predict", content=body,
+                                 headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 400, response.text
+    assert "boundary" in response.json()["detail"]

@@ -12,8 +12,11 @@ from app.classification import classifier as classifier_module
 from app.classification.classifier import Classifier
 from app.engine.engine import InferenceEngine
 from app.engine.errors import NoModelLoaded, UnsupportedImage
+from model.architectures import build_model
+from model.checkpoint import save_checkpoint
 from tests.support import images
 from tests.support.checkpoints import with_input_size
+from tests.support.service import running_app, service_settings
 
 pytestmark = pytest.mark.anyio
 LIMIT = 40_000_000
@@ -83,3 +86,32 @@ async def test_a_request_waiting_while_a_model_of_another_input_size_takes_over_
         (fitted_to_64,) = await classifier.classify([upload], deadline=deadline(), top_k=3)
         assert engine.input_size == 64
     assert answer.probabilities == pytest.approx(fitted_to_64.probabilities, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(tmp_path_factory):
+    """A checkpoint whose weights are all NaN, as a diverged training run would register."""
+    torch.manual_seed(0)
+    network = build_model("resnet18")
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.fill_(float("nan"))
+    directory = tmp_path_factory.mktemp("nan-checkpoint")
+    save_checkpoint(network, directory, architecture="resnet18", test_accuracy=0.1)
+    return directory
+
+
+@pytest.mark.anyio
+async def test_non_finite_outputs_are_never_answered_with_200(nan_checkpoint):
+    png = images.png(seed=5)
+    pixels = images.pixels(32, 32, seed=5)
+    infer = {"inputs": [{"name": "pixels", "shape": [1, 32, 32, 3], "datatype": "UINT8",
+                         "data": pixels.ravel().tolist()}]}
+    async with running_app(service_settings(nan_checkpoint)) as (_, client):
+        single = await client.post("/predict", content=png, headers={"content-type": "image/png"})
+        batch = await client.post("/predict/batch", files=[("files", ("a.png", png, "image/png"))] * 2)
+        v2 = await client.post("/v2/models/resnet18/infer", json=infer)
+    for response in (single, batch):
+        assert response.status_code == 500, response.text
+        assert "NaN or infinite" in response.json()["detail"]
+    assert v2.status_code == 500 and "NaN or infinite" in v2.json()["error"]

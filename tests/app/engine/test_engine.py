@@ -185,8 +185,9 @@ async def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint, monk
         await eventually(lambda: engine.queued_images == 5, what="the healthy requests to queue")
         healthy_queued.set()
         healthy = await asyncio.gather(*healthy)
-        with pytest.raises(InferenceFailed, match="simulated kernel failure"):
+        with pytest.raises(InferenceFailed, match="batch of 1 images") as failed:
             await failing
+        assert "simulated kernel failure" not in str(failed.value), "the exception's text is for the log only"
         assert len(healthy) == 5
         assert (await engine.predict(images(1), timeout=30)).logits.shape == (1, 10)
     assert engine._observer.dropped == {}
@@ -215,7 +216,7 @@ async def test_out_of_memory_on_a_single_image_fails_that_request(tiny_checkpoin
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
         monkeypatch.setattr(ServedModel, "logits", no_memory)
-        with pytest.raises(InferenceFailed, match="OutOfMemoryError"):
+        with pytest.raises(InferenceFailed, match="inference failed on this request"):
             await engine.predict(images(1), timeout=30)
 
 

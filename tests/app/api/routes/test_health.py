@@ -3,7 +3,7 @@ import re
 import pytest
 
 from tests.support import images
-from tests.support.service import running_app, service_settings
+from tests.support.service import ADMIN, running_app, service_settings
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -29,8 +29,12 @@ async def test_without_a_model_the_service_lives_but_is_not_ready_and_says_how_t
         response = await client.post("/predict", files={"file": ("a.png", images.png(), "image/png")})
         assert response.status_code == 503
         detail = response.json()["detail"]
-        assert str(missing) in detail and "python -m training" in detail and "APP_WEIGHTS" in detail
+        assert "python -m training" in detail and "APP_WEIGHTS" in detail and "POST /admin/reload" in detail
         assert response.headers["retry-after"]
+        # Where the service keeps its files is for operators: the admin token shows it, others get its last part.
+        assert str(missing) not in detail and "…/resnet50" in detail
+        admin = await client.post("/predict", files={"file": ("a.png", images.png(), "image/png")}, headers=ADMIN)
+        assert str(missing) in admin.json()["detail"]
 
 
 async def test_a_broken_checkpoint_leaves_the_service_up_and_says_what_is_wrong(tmp_path):

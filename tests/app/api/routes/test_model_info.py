@@ -2,6 +2,7 @@ import pytest
 
 from model.checkpoint import read_card
 from model.labels import CLASS_NAMES
+from tests.support.service import ADMIN
 
 pytestmark = pytest.mark.anyio
 
@@ -45,3 +46,11 @@ async def test_model_publishes_the_request_limits(service):
         "max_image_pixels": settings.max_image_pixels, "max_request_pixels": settings.max_request_pixels,
         "max_queue": settings.max_queue, "max_json_bytes": settings.max_json_bytes,
     }
+
+
+async def test_absolute_paths_are_shown_to_admins_only(client, tiny_checkpoint):
+    public = (await client.get("/model")).json()
+    admin = (await client.get("/model", headers=ADMIN)).json()
+    assert str(tiny_checkpoint) in admin["backend_reason"], "the fixture's reason names its checkpoint"
+    assert str(tiny_checkpoint) not in public["backend_reason"]
+    assert f"…/{tiny_checkpoint.name}" in public["backend_reason"]
