@@ -19,9 +19,10 @@ from starlette.routing import Match
 
 from app.classification.explanations import ExplainerBusy, ExplanationUnavailable, UnknownClass
 from app.control.jobs.runner import JobStateError
-from app.control.jobs.store import JobConflict, UnknownJob
+from app.control.jobs.store import JobConflict, JobStoreUnavailable, UnknownJob, UnstorableParams
 from app.control.plane import JobsNotRunHere
-from app.control.registry import UnknownVersion
+from app.control.promotion import SwapFailed as PromotionSwapFailed
+from app.control.registry import PromotionBusy, UnknownVersion
 from app.engine.errors import (
     DeadlineExceeded,
     EmptyImage,
@@ -84,12 +85,16 @@ STATUS: dict[type[Exception], int] = {
     UnsupportedMediaType: 415,
     UnsupportedImage: 415,
     SwapFailed: 422,  # the checkpoint was read, but cannot be served here; the previous model still is
+    PromotionSwapFailed: 422,  # the same, for a promotion: the registry's pointer is unchanged
+    UnstorableParams: 422,
     InferenceFailed: 500,
     NoModelLoaded: 503,
     QueueFull: 503,
     ServiceStopping: 503,
     InputSizeChanged: 503,
     JobsNotRunHere: 503,
+    JobStoreUnavailable: 503,  # the job database did not answer in time: retry later
+    PromotionBusy: 503,  # another promotion holds the registry's lock
     ExplainerBusy: 503,
     ExplanationUnavailable: 503,
     DeadlineExceeded: 504,
@@ -114,7 +119,7 @@ def expected_response(path: str, error: Exception) -> JSONResponse:
     headers = None
     if isinstance(error, (QueueFull, ExplainerBusy)):
         headers = {"Retry-After": str(error.retry_after_s)}
-    elif isinstance(error, (NoModelLoaded, ServiceStopping, InputSizeChanged)):
+    elif isinstance(error, (NoModelLoaded, ServiceStopping, InputSizeChanged, JobStoreUnavailable, PromotionBusy)):
         headers = {"Retry-After": "5"}
     elif isinstance(error, NotAuthenticated):
         headers = {"WWW-Authenticate": "Bearer"}

@@ -128,3 +128,27 @@ def test_a_child_gets_exactly_the_parents_settings(tmp_path: Path, monkeypatch: 
     for name in [k for k in env if k.startswith("APP_")]:
         monkeypatch.setenv(name, env[name])
     assert Settings().model_dump() == settings.model_copy(update={"control_url": None}).model_dump()
+
+
+def test_a_frozen_job_database_is_answered_503_with_retry_after_not_500(tmp_path: Path,
+                                                                         own_postgres_server) -> None:
+    """The store's client-side deadline turns a stalled PostgreSQL into JobStoreUnavailable; the control
+    plane's routes answer it as a temporary failure to retry, in the API's error shape."""
+    from fastapi.testclient import TestClient
+
+    from app.control.service import create_control_app
+    from tests.support.service import ADMIN
+    from tests.support.training_api import job_settings
+
+    settings = job_settings(tmp_path / "state", tmp_path / "no-data", tmp_path / "no-weights",
+                            database_url=own_postgres_server.create_database())
+    with TestClient(create_control_app(settings)) as client:
+        assert client.get("/train", headers=ADMIN).status_code == 200
+        own_postgres_server.freeze()
+        try:
+            stalled = client.get("/train", headers=ADMIN)
+        finally:
+            own_postgres_server.thaw()
+        assert stalled.status_code == 503, stalled.text
+        assert stalled.headers["retry-after"] and "database" in stalled.json()["detail"]
+        assert client.get("/train", headers=ADMIN).status_code == 200
