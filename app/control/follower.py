@@ -13,6 +13,10 @@ fault was a crash loop (issue 22).
 
 Reads run on a worker thread: a hung network file system blocks that thread, never the event loop that
 answers ``/predict``.
+
+The one thing a replica writes there is a small record of which version it serves (``record_serving``, on
+every change and every ``SERVING_MAX_AGE_S / 3``), so that the control plane's retention never deletes a
+version some replica still serves or falls back to. Failing to write it is logged, never fatal.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+import re
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +34,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from app.control.promotion import HotSwappable
-from app.control.registry import ModelRegistry
+from app.control.registry import SERVING_MAX_AGE_S, ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,11 @@ def error_name(error: BaseException) -> str:
     return type(error).__name__
 
 
+def replica_id() -> str:
+    """This process's name in the registry's serving records: host and PID, in the characters they allow."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{socket.gethostname()}-{os.getpid()}")
+
+
 class RegistryFollower:
     """Serves the version the registry's pointer names; ``check()`` once, or ``start()`` to poll."""
 
@@ -69,6 +81,8 @@ class RegistryFollower:
         self._registry: ModelRegistry | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self.replica_id = replica_id()
+        self._recorded: tuple[str | None, float] | None = None  # the version last recorded as served, and when
 
     def registry(self) -> ModelRegistry:
         """The registry, opened on first use (raises ``OSError`` while its folder cannot be created)."""
@@ -118,6 +132,20 @@ class RegistryFollower:
             self.error, self.failures = None, 0
             self.metrics.readable.set(1)
             await self._serve(current)
+            await self._record_serving()
+
+    async def _record_serving(self) -> None:
+        """Tell retention which version this replica serves: on a change, and before the record goes stale."""
+        serving = self.engine.card.version if self.engine.card is not None else None
+        now = time.monotonic()
+        if self._recorded is not None and self._recorded[0] == serving and \
+                now - self._recorded[1] < SERVING_MAX_AGE_S / 3:
+            return
+        try:
+            await asyncio.to_thread(self.registry().record_serving, self.replica_id, serving)
+            self._recorded = (serving, now)
+        except Exception as error:  # retention then spares only what other records and the pointers name
+            logger.warning("could not record in the registry that this replica serves %s: %s", serving, error)
 
     def _read_failed(self, error: Exception) -> None:
         self.failures += 1

@@ -3,11 +3,13 @@ reason to stop serving (issue 22). Against a live ``python -m app``: real files,
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from app.control.follower import MAX_BACKOFF_S, RegistryFollower, RegistryMetrics, error_name
 from app.control.registry import ModelRegistry
@@ -51,10 +53,10 @@ def test_an_unreadable_pointer_keeps_the_replica_serving_reports_it_and_recovers
         wait_until(lambda: _read_errors(http, server.url, "EISDIR") >= 2, what="the reads to be retried")
         assert "registry_readable 0.0" in http.get(f"{server.url}/metrics").text
 
-        # Bytes that are not UTF-8: the same, under its own label.
+        # Bytes that are not UTF-8: the same, under its own label (the registry calls it a malformed pointer).
         pointer.rmdir()
         pointer.write_bytes(b"\xff\xfe\n")
-        wait_until(lambda: _read_errors(http, server.url, "UnicodeDecodeError") >= 1, what="the decoding error")
+        wait_until(lambda: _read_errors(http, server.url, "RegistryError") >= 1, what="the decoding error")
         assert _predicts(http, server.url) == serving
 
         # Fixed, and naming another version: the replica recovers and serves it.
@@ -91,3 +93,26 @@ def test_errors_are_named_by_their_errno(tmp_path: Path) -> None:
         (tmp_path / "absent").read_text()
     assert error_name(raised.value) == "ENOENT"
     assert error_name(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad")) == "UnicodeDecodeError"
+
+
+class _Serving:
+    """The engine as the follower sees it: the card of what it serves."""
+
+    def __init__(self, version: str) -> None:
+        self.card = type("Card", (), {"version": version})()
+
+    async def swap(self, checkpoint: Path, origin: str = "") -> None:
+        raise AssertionError("nothing to swap in")
+
+
+def test_a_replica_records_what_it_serves_so_retention_spares_it(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    served = registry.register(make_checkpoint(tmp_path / "served", seed=3)).version
+    follower = RegistryFollower(registry.root, _Serving(served), 0, RegistryMetrics(CollectorRegistry()))
+    asyncio.run(follower.check())
+    assert registry.serving_versions() == {served}
+    # Not current, not previous: only the replica's record keeps it from being pruned.
+    for seed in (4, 5, 6):
+        registry.set_current(registry.register(make_checkpoint(tmp_path / f"newer-{seed}", seed=seed)).version)
+    registry.prune(keep=1)
+    assert registry.path(served).is_dir()
