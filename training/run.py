@@ -241,6 +241,11 @@ class TrainingRun:
             self.worker.device, VERIFICATION, log=tqdm.write,
             calibration_source=f"the first {VERIFICATION.calibration_images} training images of this run "
                                f"(after --train-limit and --holdout), from {Path(self.config.data_dir).resolve()}",
+            # The holdout ships as the verification set, so a service on another machine can verify the
+            # backends there without the test set (app/engine/self_verification.py).
+            verification=None if data.holdout is None else (
+                data.holdout.images, data.holdout.labels,
+                f"the holdout of this run: the last {len(data.holdout)} training images, never trained on"),
         )
         tqdm.write(table(report))
         log.write("backends", report=str(path), test_images=report.test_images, skipped=report.skipped,

@@ -42,7 +42,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from model.backend_report import report_file
-from model.calibration_set import CALIBRATION_FILE
+from model.calibration_set import CALIBRATION_FILE, VERIFICATION_FILE
 from model.checkpoint import (
     CARD_FILE,
     WEIGHTS_FILE,
@@ -69,7 +69,7 @@ _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 # registered version, and so every reload and promotion, lost APP_CPU_BACKEND=auto's verified backend (it
 # served the exact fused instead) and int8 its calibration images. Each names the weights' SHA-256 inside,
 # and its reader refuses a mismatch, so they need no line in SHA256SUMS.
-COMPANION_FILES = (report_file("cpu"), report_file("cuda"), CALIBRATION_FILE)
+COMPANION_FILES = (report_file("cpu"), report_file("cuda"), CALIBRATION_FILE, VERIFICATION_FILE)
 
 
 class UnknownVersion(LookupError):

@@ -120,6 +120,17 @@ def test_a_training_run_ends_by_verifying_its_checkpoint(synthetic_cifar10, tmp_
     assert records[-1]["event"] == "final"
 
 
+def test_a_run_with_a_holdout_ships_it_as_the_verification_set(synthetic_cifar10, tmp_path, quick_verification):
+    """What the service measures backends on, on a machine other than the training one (issue 23)."""
+    from model.calibration_set import load_verification_set
+
+    run_dir = tmp_path / "run"
+    assert train(run_without_test_limit(synthetic_cifar10, run_dir, "--holdout", "12")) == 0
+    checkpoint = run_dir / "checkpoint"
+    pixels, labels = load_verification_set(checkpoint, read_card(checkpoint).weights_sha256)
+    assert pixels.shape == (12, 32, 32, 3) and labels.shape == (12,)
+
+
 def test_verification_is_skipped_with_a_test_limit_or_when_turned_off(synthetic_cifar10, tmp_path,
                                                                       quick_verification):
     limited = tmp_path / "limited"

@@ -14,7 +14,7 @@ from model.backend_report import (
     machine_identity,
     write_backend_report,
 )
-from model.calibration_set import CALIBRATION_FILE, save_calibration_set
+from model.calibration_set import CALIBRATION_FILE, VERIFICATION_FILE, save_calibration_set, save_verification_set
 from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_card
 from tests.support.checkpoints import diverged_checkpoint, make_checkpoint
 from tests.support.durability import record_fsyncs
@@ -114,6 +114,8 @@ def with_companions(checkpoint: Path, directory: Path) -> Path:
             backend="eager", accuracy=0.5, agreement=1.0, max_probability_diff=0.0,
             images_per_s={1: 1.0, 16: 2.0, 64: 2.0}, startup_s=0.1, first_calls_s=0.1),)), copy)
     save_calibration_set(copy, np.zeros((4, 32, 32, 3), dtype=np.uint8), weights_sha256=sha, source="test")
+    save_verification_set(copy, np.zeros((4, 32, 32, 3), dtype=np.uint8), np.arange(4), weights_sha256=sha,
+                          source="test")
     return copy
 
 
@@ -121,7 +123,7 @@ def test_a_version_keeps_the_backend_report_and_calibration_set_measured_on_its_
     source = with_companions(checkpoints[0], tmp_path / "verified")
     registry = ModelRegistry(tmp_path / "registry")
     directory = Path(registry.register(source).path)
-    for name in ("backends-cpu.json", CALIBRATION_FILE):
+    for name in ("backends-cpu.json", CALIBRATION_FILE, VERIFICATION_FILE):
         assert (directory / name).read_bytes() == (source / name).read_bytes()
         assert not (directory / name).stat().st_mode & 0o222
     assert load_backend_report(directory, weights_sha256=read_card(source).weights_sha256,
