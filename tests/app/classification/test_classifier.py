@@ -90,12 +90,13 @@ async def test_a_request_waiting_while_a_model_of_another_input_size_takes_over_
 
 @pytest.fixture(scope="module")
 def nan_checkpoint(tmp_path_factory):
-    """A checkpoint whose weights are all NaN, as a diverged training run would register."""
+    """A checkpoint whose weights are finite but so large that every forward pass overflows to inf and NaN:
+    what a diverging run could still save (checkpoints with non-finite weights are refused at load)."""
     torch.manual_seed(0)
     network = build_model("resnet18")
     with torch.no_grad():
         for parameter in network.parameters():
-            parameter.fill_(float("nan"))
+            parameter.fill_(1e30)
     directory = tmp_path_factory.mktemp("nan-checkpoint")
     save_checkpoint(network, directory, architecture="resnet18", test_accuracy=0.1)
     return directory
