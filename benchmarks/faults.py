@@ -114,7 +114,7 @@ class FaultRow:
 # -- the deployment --------------------------------------------------------------------------------------
 
 @contextmanager
-def deployment(log: Path, upload_budget_mib: int) -> Iterator[Deployment]:
+def deployment(log: Path, upload_budget_mib: int, extra: dict[str, str]) -> Iterator[Deployment]:
     token = secrets.token_urlsafe(24)
     state = Path(tempfile.mkdtemp(prefix="faults_state_"))
     with running_server() as postgres:
@@ -122,7 +122,7 @@ def deployment(log: Path, upload_budget_mib: int) -> Iterator[Deployment]:
         environment = {key: value for key, value in os.environ.items() if not key.startswith("APP_")} | {
             "APP_STATE_DIR": str(state), "APP_ADMIN_TOKEN": token, "APP_DATABASE_URL": database,
             "APP_LOG_LEVEL": "warning", "APP_REGISTRY_POLL_S": "0.5",
-            "APP_MAX_UPLOAD_BYTES_IN_FLIGHT": str(upload_budget_mib * 2**20)}
+            "APP_MAX_UPLOAD_BYTES_IN_FLIGHT": str(upload_budget_mib * 2**20)} | extra
         try:
             with server_process(lambda port: ([sys.executable, "-m", "app", "--port", str(port)], environment),
                                 log, REPO_ROOT) as (port, pid):
@@ -467,7 +467,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upload-mib", type=int, default=15)
     parser.add_argument("--upload-budget-mib", type=int, default=256,
                         help="APP_MAX_UPLOAD_BYTES_IN_FLIGHT for the run, in MiB (default 256)")
+    parser.add_argument("--max-client-images", type=int, default=0,
+                        help="APP_MAX_CLIENT_IMAGES for the run (default 0: off, the service's default); the flood's "
+                             "clients name themselves in X-Client-Id, which the run sets as APP_CLIENT_ID_HEADER")
     args = parser.parse_args(argv)
+    extra = {"APP_MAX_CLIENT_IMAGES": str(args.max_client_images), "APP_CLIENT_ID_HEADER": "x-client-id"} \
+        if args.max_client_images else {}
     image = IMAGE.read_bytes()
     upload = Upload(image, filename="cat.png")
     chosen = [fault for fault in faults(image, args.upload_mib * 2**20, args.held_uploads)
@@ -475,9 +480,9 @@ def main(argv: list[str] | None = None) -> None:
     log = Path(tempfile.mkdtemp(prefix="faults_log_")) / "server.log"
     result: dict = {"benchmark": "faults", "when": datetime.now(UTC).isoformat(timespec="seconds"),
                     "git": git_revision(), "machine": describe_machine(), "concurrency": args.concurrency,
-                    "phase_s": args.duration, "upload_budget_mib": args.upload_budget_mib,
+                    "phase_s": args.duration, "upload_budget_mib": args.upload_budget_mib, "settings": extra,
                     "goal_p99_ratio": GOAL_P99_RATIO, "faults": []}
-    with deployment(log, args.upload_budget_mib) as serving:
+    with deployment(log, args.upload_budget_mib, extra) as serving:
         phase(serving, upload, args.concurrency, args.duration)  # warm-up: the first phase's figures are not kept
         for fault in chosen:
             print(f"-- {fault.name}: {fault.what}", flush=True)
