@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -452,7 +453,8 @@ def table(result: dict) -> str:
         p99 = [phases.get(name, {}).get("p99_ms", float("nan")) for name in ("before", "during", "after")]
         failed = [str(phases.get(name, {}).get("failed", "-")) for name in ("before", "during", "after")]
         ratio = p99[1] / p99[0] if p99[0] else float("nan")
-        offenders = ", ".join(f"{kind}: {count}" for kind, count in row["offenders"].items()) or "-"
+        offenders = ", ".join(f"{re.sub(r'HTTP/[0-9.]+ ', '', kind)}: {count}"
+                              for kind, count in row["offenders"].items()) or "-"
         lines.append(f"| {row['name']} | {p99[0]:.0f} / {p99[1]:.0f} / {p99[2]:.0f} | {ratio:.2f} | "
                      f"{' / '.join(failed)} | {row['rss_peak_mib']:.0f} | {offenders} | {row['recovery_s']} |")
     return "\n".join(lines)
