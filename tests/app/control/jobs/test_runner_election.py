@@ -140,8 +140,11 @@ def test_two_runners_that_both_saw_a_job_queued_start_it_once(candidates: Candid
         assert seen_by_both.status == JobStatus.QUEUED
         await asyncio.gather(one._dispatch(seen_by_both), other._dispatch(seen_by_both))
         done = await until(one.store, job.id, final, "the job")
-        assert done.status == JobStatus.SUCCEEDED and starts(one, job.id) == 1
-        assert (len(one.on_success.calls), len(other.on_success.calls)) == (1, 0)  # type: ignore[attr-defined]
+        assert done.status == JobStatus.SUCCEEDED and starts(one, job.id) == 1  # one log, shared by both
+        # Either may win the claim (the store is called off the event loop, so the two race for real); the
+        # other must neither start it nor conclude it.
+        concluded = (len(one.on_success.calls), len(other.on_success.calls))  # type: ignore[attr-defined]
+        assert sorted(concluded) == [0, 1], concluded
         await one.shutdown()
         await other.shutdown()
 
