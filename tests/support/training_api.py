@@ -30,6 +30,7 @@ def job_settings(state_dir: Path, data_dir: Path, weights: Path, **overrides: An
         # The control plane is a process of its own, on a free port (8001 may be another test's); the replica
         # learns of its promotions through the registry, so it polls often.
         control_port=free_port(), registry_poll_s=0.1,
+        grpc_port=0,  # no gRPC server: test servers run side by side, and 8081 may be taken
     )
     return Settings(**(values | overrides))
 
