@@ -34,7 +34,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "gpu": {},
     "cpu": {
         "arch": "fastcnn",
-        "epochs": 26,
+        "epochs": 28,
         "batch_size": 512,
         "lr": 0.5,
         "weight_decay": 1.3e-3,
@@ -43,6 +43,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup_epochs": 4.0,
         "holdout": 2500,
         "cutout": 8,
+        "photo_augment": 0.3,
         "checkpoint_every": 2,
     },
 }
@@ -126,6 +127,10 @@ class TrainingConfig:
                        help="also report accuracy averaged over the image and its mirror")
     cutout: int = option(0, group="recipe", minimum=0, maximum=INPUT_SIZE, metavar="N",
                          help="zero a random NxN square of each training image (DeVries & Taylor 2017); 0 = off")
+    photo_augment: float = option(0.0, group="recipe", minimum=0, maximum=1, metavar="P",
+                                  help="make training images look like photo uploads: each is zoomed in or out "
+                                       "with probability P, rescaled down and up with P, greyscale with P/3 "
+                                       "(what a photo loses before the service fits it to 32 px); 0 = off")
     compile: bool = option(False, group="hardware", switch="flag",  # costs more than it saves at ~2.5 minutes
                            help="torch.compile the training step")
     precision: Literal["auto", "bf16", "fp32"] = option(

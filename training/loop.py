@@ -126,7 +126,7 @@ def train_step(
     autocast: Callable[[], AbstractContextManager],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a uint8 batch: augment, forward, backward, update. Returns (loss, logits)."""
-    batch = training_batch(images, generator, config.cutout)
+    batch = training_batch(images, generator, config.cutout, config.photo_augment)
     with autocast():
         logits = learner.step_model(batch)
     loss = smoothed_cross_entropy(logits, labels, config.label_smoothing)
