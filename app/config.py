@@ -74,6 +74,7 @@ class Settings(BaseSettings):
                                              "cannot answer everyone else with 503; unset = a quarter of "
                                              "APP_MAX_QUEUE, less if a full batch upload would not fit")
     max_client_images: int = Field(0, ge=0, description="images one client may have waiting for the device; "
+                                   "past it 503, and 503 before the body until its Retry-After has passed; "
                                    "0 = no limit (behind a proxy every client has its address: set "
                                    "APP_CLIENT_ID_HEADER first)")
     client_id_header: str | None = Field(None, description="the request header naming the client for "

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.api.clients import ClientBackoffGate
 from app.api.errors import install_error_handlers
 from app.api.forward import ControlForward, ControlLink
 from app.api.middleware import AdminGate, RequestContextMiddleware, UploadBudget, UploadBudgetGate
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics.track_uploads(lambda: budget.held)
     app.add_middleware(UploadBudgetGate, budget=budget, max_body=max(settings.max_upload_bytes,
                                                                      settings.max_json_bytes))
+    app.add_middleware(ClientBackoffGate, settings=settings)  # before the upload budget: it costs nothing
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     for routes in (predict, explain, health, model_info, admin, v2, web, registry):
         app.include_router(routes.router)

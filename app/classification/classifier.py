@@ -86,6 +86,7 @@ class Classifier:
                        client: str | None = None) -> list[Prediction]:
         """The answers for uploaded image files, in upload order; ``deadline`` is a ``time.monotonic()``,
         ``client`` who sent them (the engine's per-client limit)."""
+        self.engine.check_admission(len(uploads), client)  # before any decoding is spent on a refusal
         result = await self._predict(lambda size: self._decode_and_fit(uploads, size), deadline, client)
         return self.respond(result, top_k)
 

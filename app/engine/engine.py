@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from app.engine.backend_choice import DEFAULT_POLICY, BackendPolicy
+from app.engine.client_shares import ClientShares
 from app.engine.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -136,7 +137,7 @@ class InferenceEngine:
         # The last images of the queue that only single-image requests may take, so a flood of batch
         # requests cannot answer every other client with 503; 0 = none.
         self.single_image_reserve = single_image_reserve
-        self.max_client_images = max_client_images  # images one client may have waiting; 0 = no limit
+        self.client_shares = ClientShares(max_client_images)
         self.swap_timeout_s = swap_timeout_s
         self.unavailable_reason = "no model is loaded yet"
         self._observer = observer
@@ -147,7 +148,6 @@ class InferenceEngine:
                                                       initializer=_lower_this_threads_priority)
         self._pending: deque[_Work] = deque()
         self._queued = 0
-        self._queued_by_client: dict[str, int] = {}
         self._active: ServedModel | None = None
         self._staged: ServedModel | None = None
         self._installed: asyncio.Future[None] | None = None
@@ -305,14 +305,13 @@ class InferenceEngine:
         size = _side(inputs[0])
         if size != self._active.card.input_size:
             raise _other_size(size, self._active.card.input_size)
-        self._admit(count, client)
+        self.check_admission(count, client)
         loop = asyncio.get_running_loop()
         work = _Work(inputs=inputs, size=size, future=loop.create_future(), enqueued_at=time.monotonic(), tag=tag,
                      client=client)
         self._pending.append(work)
         self._queued += count
-        if client is not None:
-            self._queued_by_client[client] = self._queued_by_client.get(client, 0) + count
+        self.client_shares.add(client, count)
         self._notify()
         reason = "cancelled"  # unless its deadline passed: its caller went away (a client that disconnected)
         try:
@@ -327,34 +326,32 @@ class InferenceEngine:
             if work.future.cancelled():
                 self._remove(work, reason)
 
-    def _admit(self, count: int, client: str | None) -> None:
+    def check_admission(self, count: int, client: str | None) -> None:
         """Raise ``QueueFull`` unless ``count`` more images fit: in the queue, in the part of it a request of
-        several images may take, and in the client's share."""
+        several images may take, and in the client's share. Asked again when the images are queued; asking
+        first, before decoding, spares the decoding of a request that would be refused."""
         room = self.max_queue - (self.single_image_reserve if count > 1 else 0)
-        waiting = self._queued_by_client.get(client, 0) if client is not None else 0
+        shares = self.client_shares
         if self._queued + count > room:
             why = (f"the inference queue is full ({self._queued} images waiting, APP_MAX_QUEUE={self.max_queue}"
                    + (f", of which {self.single_image_reserve} are kept for single images, "
                       "APP_SINGLE_IMAGE_RESERVE)" if count > 1 and self.single_image_reserve else ")"))
-        elif self.max_client_images and waiting + count > self.max_client_images:
-            why = (f"this client already has {waiting} images waiting, and may have "
-                   f"{self.max_client_images} (APP_MAX_CLIENT_IMAGES)")
+        elif shares.over_share(client, count):
+            why = (f"this client already has {shares.waiting(client)} images waiting, and may have "
+                   f"{shares.max_images} (APP_MAX_CLIENT_IMAGES)")
         else:
             return
         if self._observer:
             self._observer.images_dropped(count, "queue_full")
         retry_after = self.retry_after_s()
+        if client is not None and shares.over_share(client, count):
+            shares.refused(client, retry_after)
         raise QueueFull(f"{why}; retry after {retry_after} s", retry_after)
 
     def _dequeued(self, work: _Work, count: int) -> None:
         """``count`` of ``work``'s images left the queue (to a forward pass, or dropped)."""
         self._queued -= count
-        if work.client is not None:
-            left = self._queued_by_client[work.client] - count
-            if left:
-                self._queued_by_client[work.client] = left
-            else:
-                del self._queued_by_client[work.client]
+        self.client_shares.remove(work.client, count)
 
     def forward_pass(self) -> AbstractContextManager[None]:
         """A context for a forward pass run outside the engine (``POST /explain``'s Grad-CAM): it waits while a

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
+from app.api.clients import client_id
 from app.api.deps import ClassifierDep, SettingsDep
 from app.api.disconnects import unless_disconnected
 from app.api.errors import BadRequest, PayloadTooLarge
@@ -76,10 +77,6 @@ async def predict_batch(request: Request, classifier: ClassifierDep, settings: S
 
 
 def client_of(request: Request, settings: Settings) -> str | None:
-    """Who sent the request, for APP_MAX_CLIENT_IMAGES: the APP_CLIENT_ID_HEADER header, else the peer
-    address; None when there is no limit to apply."""
-    if not settings.max_client_images:
-        return None
-    if settings.client_id_header and (named := request.headers.get(settings.client_id_header)):
-        return named[:256]
-    return request.client.host if request.client else None
+    """Who sent the request, for APP_MAX_CLIENT_IMAGES (``app/api/clients.py``)."""
+    named = request.headers.get(settings.client_id_header) if settings.client_id_header else None
+    return client_id(named, request.client.host if request.client else None, settings)

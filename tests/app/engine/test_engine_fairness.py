@@ -149,7 +149,7 @@ async def test_a_client_over_its_limit_is_refused_while_others_are_served(tiny_c
         await asyncio.gather(blocker, first, others)
         # Its images left the queue, so the client's share is free again.
         assert len((await engine.predict(images(8), timeout=60, client="10.0.0.1")).logits) == 8
-        assert engine._queued_by_client == {}
+        assert not engine.client_shares
 
 
 async def test_a_cancelled_request_leaves_the_queue_and_is_never_computed(tiny_checkpoint, held_passes):
@@ -161,7 +161,7 @@ async def test_a_cancelled_request_leaves_the_queue_and_is_never_computed(tiny_c
         await eventually(lambda: engine.queued_images == 5, what="the request to queue")
         gone.cancel()
         await asyncio.gather(gone, return_exceptions=True)
-        assert engine.queued_images == 0 and engine._queued_by_client == {}
+        assert engine.queued_images == 0 and not engine.client_shares
         held_passes.release()
         await blocker
         assert len((await engine.predict(images(2), timeout=60)).logits) == 2
