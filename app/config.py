@@ -241,6 +241,18 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _decode_queue_holds_one_upload(self) -> Settings:
+        # The classifier hands a request's images to the decode threads together, so a full batch upload
+        # needs that many places at once: with fewer it was answered 503 "retry in a moment" even when idle.
+        if self.max_decode_queue < self.max_batch_files:
+            raise ValueError(
+                f"APP_MAX_DECODE_QUEUE={self.max_decode_queue} is smaller than APP_MAX_BATCH_FILES="
+                f"{self.max_batch_files}, so a full batch upload could never be decoded; raise APP_MAX_DECODE_QUEUE "
+                "or lower APP_MAX_BATCH_FILES"
+            )
+        return self
+
     @property
     def resolved_single_image_reserve(self) -> int:
         if self.single_image_reserve is not None:

@@ -63,6 +63,14 @@ def test_a_queue_shorter_than_one_batch_upload_is_refused():
         Settings(max_queue=8, max_batch_files=16)
 
 
+def test_a_decode_queue_shorter_than_one_batch_upload_is_refused():
+    """A full /predict/batch upload needs that many places in the decode queue at once; with fewer it would be
+    answered 503 "retry in a moment" on an idle service, every time."""
+    with pytest.raises(ValidationError, match="APP_MAX_DECODE_QUEUE=8 is smaller than APP_MAX_BATCH_FILES=16"):
+        Settings(max_decode_queue=8, max_batch_files=16)
+    assert Settings(max_decode_queue=16, max_batch_files=16).max_decode_queue == 16
+
+
 def test_the_database_url_is_postgresql_or_unset():
     assert Settings(database_url="").database_url is None
     url = "postgresql://app:hunter2-secret@db:5432/jobs"
