@@ -1,6 +1,7 @@
 """The classification pipeline end to end, without HTTP: uploads in, answers out."""
 
 import asyncio
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from model.checkpoint import save_checkpoint
 from tests.support import images
 from tests.support.checkpoints import with_input_size
 from tests.support.service import running_app, service_settings
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 LIMIT = 40_000_000
@@ -116,3 +118,75 @@ async def test_non_finite_outputs_are_never_answered_with_200(nan_checkpoint):
         assert response.status_code == 500, response.text
         assert "NaN or infinite" in response.json()["detail"]
     assert v2.status_code == 500 and "NaN or infinite" in v2.json()["error"]
+
+
+REFUSED_WITHIN_S = 60.0  # a guard, not a measurement: a refusal takes milliseconds, a wrongly queued request forever
+
+
+class HeldDecodes:
+    """Decodes that wait for ``release``; ``started`` counts those a decode thread began."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = 0
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+@pytest.fixture
+def held_decodes(monkeypatch):
+    held = HeldDecodes()
+    decode = classifier_module.image_pixels
+
+    def held_decode(*args):
+        held.started += 1
+        held.gate.wait()
+        return decode(*args)
+
+    monkeypatch.setattr(classifier_module, "image_pixels", held_decode)
+    yield held
+    held.release()  # a failed test must not leave a decode thread waiting for good
+
+
+async def test_past_the_decode_queue_bound_requests_get_503_with_retry_after_and_are_served_once_it_drains(
+        tiny_checkpoint, held_decodes):
+    """APP_MAX_DECODE_QUEUE=2 images with one decode thread, held busy: the bound counts images (a batch of
+    two does not fit beside one waiting, a single image does), past it /predict, /predict/batch and v2 infer
+    are refused at once with Retry-After, and every request is served once the decodes go on."""
+    settings = service_settings(tiny_checkpoint, decode_threads=1, max_decode_queue=2, max_batch_files=2)
+    pixels = images.pixels(32, 32, seed=9)
+    infer = {"inputs": [{"name": "pixels", "shape": [1, 32, 32, 3], "datatype": "UINT8",
+                         "data": pixels.ravel().tolist()}]}
+    pair = [("files", (f"{seed}.png", images.png(seed=seed), "image/png")) for seed in (3, 4)]
+
+    def single(seed: int):
+        return client.post("/predict", content=images.png(seed=seed), headers={"content-type": "image/png"})
+
+    def at_once(request):
+        """A refusal comes without waiting for the held decode; one that waited would never come."""
+        return asyncio.wait_for(request, REFUSED_WITHIN_S)
+
+    async with running_app(settings) as (app, client):
+        classifier = app.state.classifier
+        first = asyncio.ensure_future(single(1))
+        await eventually(lambda: held_decodes.started == 1, what="the first image's decode to start")
+        batch_refused = await at_once(client.post("/predict/batch", files=pair))
+        second = asyncio.ensure_future(single(2))
+        await eventually(lambda: classifier._decoding == 2, what="the second image to wait for the decode thread")
+        refused = await at_once(single(5))
+        v2_refused = await at_once(client.post("/v2/models/resnet18/infer", json=infer))
+        assert not first.done() and not second.done()
+        held_decodes.release()
+        served = [await first, await second]
+        after = [await single(6), await client.post("/predict/batch", files=pair),
+                 await client.post("/v2/models/resnet18/infer", json=infer)]
+    for response in (batch_refused, refused):
+        assert response.status_code == 503, response.text
+        assert "APP_MAX_DECODE_QUEUE" in response.json()["detail"]
+        assert response.headers["retry-after"] == "1"
+    assert v2_refused.status_code == 503 and "APP_MAX_DECODE_QUEUE" in v2_refused.json()["error"]
+    assert v2_refused.headers["retry-after"] == "1"
+    assert [response.status_code for response in served + after] == [200] * 5, [r.text for r in served + after]
+    assert len(after[1].json()["predictions"]) == 2
+    assert classifier._decoding == 0, "every image handed to the decode threads was counted out again"
