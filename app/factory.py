@@ -40,10 +40,11 @@ from app.control.supervisor import ControlSupervisor, supervises_control_plane
 from app.engine.backend_choice import BackendPolicy
 from app.engine.device import apply_thread_plan, plan_threads, resolve_batch_size, resolve_device
 from app.engine.engine import InferenceEngine
+from app.engine.errors import ServiceStopping, SwapFailed, SwapTimedOut
 from app.engine.self_verification import start_backend_verification
 from app.logging import configure_logging
 from app.service_metrics import ServiceMetrics
-from model.checkpoint import checkpoint_files
+from model.checkpoint import CheckpointError, checkpoint_files
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,18 @@ def _registry_or_none(follower: RegistryFollower) -> ModelRegistry | None:
         return None
 
 
+def _public_cause(error: Exception) -> str:
+    """Why a checkpoint could not be served, as every caller of /readyz and /predict may read it (issue 22):
+    a checkpoint's or a swap's own account of what is wrong, but not the text of another exception a swap
+    wraps (a torch or ONNX error, which can name this machine's files), which stays in the log and in the
+    admin's answer to POST /admin/reload."""
+    if isinstance(error, (CheckpointError, SwapTimedOut, ServiceStopping)):
+        return str(error)
+    if isinstance(error, SwapFailed):
+        return "its backend failed to build or warm up; the service log has the error"
+    return "an unexpected error; the service log has it"
+
+
 def start_loading(engine: InferenceEngine, choice: InitialModel) -> asyncio.Task[None] | None:
     """Load the chosen checkpoint in the background if there is one; otherwise say, on every request from
     the first one on, how to get one."""
@@ -198,8 +211,9 @@ async def _load_initial_model(engine: InferenceEngine, choice: InitialModel) -> 
             return
         except Exception as error:  # a bad checkpoint must not stop the service: /admin/reload can still fix it
             engine.unavailable_reason = (f"no model is loaded: the checkpoint at {attempt.path} could not be "
-                                         f"served ({error}); {HOW_TO_GET_A_MODEL}")
-            logger.error(engine.unavailable_reason, exc_info=True)
+                                         f"served ({_public_cause(error)}); {HOW_TO_GET_A_MODEL}")
+            logger.error("no model is loaded: the checkpoint at %s could not be served: %s", attempt.path, error,
+                         exc_info=True)
             attempt = attempt.fallback
             if attempt is not None and attempt.path is not None:
                 logger.warning("falling back to %s: %s", attempt.path, attempt.origin)
