@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import admin_refusal
-from app.api.errors import PayloadTooLarge, expected_response
+from app.api.errors import PayloadTooLarge, refusal_before_body
 from app.config import Settings
 from app.engine.errors import UploadBudgetExceeded
 from app.logging import request_id
@@ -162,7 +162,7 @@ class UploadBudgetGate:
         except UploadBudgetExceeded as error:
             if started:
                 raise
-            await expected_response(scope["path"], error)(scope, receive, send)
+            await refusal_before_body(scope["path"], error)(scope, receive, send)
         finally:
             self.budget.release(held)
 
@@ -190,7 +190,7 @@ class AdminGate:
             except PayloadTooLarge as error:
                 refusal = error
         if refusal is not None:
-            await expected_response(scope["path"], refusal)(scope, receive, send)
+            await refusal_before_body(scope["path"], refusal)(scope, receive, send)
             return
         replayed = False
 
