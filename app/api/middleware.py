@@ -137,20 +137,27 @@ class UploadBudgetGate:
         declared = _header(scope, b"content-length")
         counting = declared is None or not declared.isdigit()
         held = 0
-        started = False
+        started = cut_short = False
 
         async def counted() -> Message:
-            nonlocal held
+            nonlocal held, cut_short
             message = await receive()
             if counting and message["type"] == "http.request":
                 size = len(message.get("body", b""))
-                self.budget.reserve(size)
+                try:
+                    self.budget.reserve(size)
+                except UploadBudgetExceeded:
+                    cut_short = True
+                    raise
                 held += size
             return message
 
         async def watched_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if cut_short:  # the route answered the refusal itself: close, as refusal_before_body does
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
