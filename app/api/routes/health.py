@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import ControlLinkDep, EngineDep, FollowerDep, MetricsDep
+from app.api.errors import is_admin, redact_paths
 from app.api.schemas import ErrorResponse, Liveness, Readiness
 from app.engine.errors import NoModelLoaded
 
@@ -21,13 +22,18 @@ async def healthz(engine: EngineDep, control: ControlLinkDep) -> Liveness:
 
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse, "description": "no warm model yet"}})
-async def readyz(engine: EngineDep, follower: FollowerDep, control: ControlLinkDep) -> Readiness:
+async def readyz(request: Request, engine: EngineDep, follower: FollowerDep,
+                 control: ControlLinkDep) -> Readiness:
     """200 only when a model is loaded and warmed up and the service is not shutting down. A registry that
     cannot be read (``registry_error``) or a control plane that cannot be reached (``control_plane``) is
-    reported, never a reason to answer 503: the replica serves the model it has."""
+    reported, never a reason to answer 503: the replica serves the model it has. The registry error names
+    its full path for the admin token only, as every answer to anyone does."""
     if not engine.ready:
         raise NoModelLoaded(f"not ready: {engine.unavailable_reason}")
-    return Readiness(status="ready", model_version=engine.version, registry_error=follower.error,
+    registry_error = follower.error
+    if registry_error is not None and not is_admin(request):
+        registry_error = redact_paths(registry_error)
+    return Readiness(status="ready", model_version=engine.version, registry_error=registry_error,
                      control_plane=control.state)
 
 

@@ -15,7 +15,7 @@ from app.control.follower import MAX_BACKOFF_S, RegistryFollower, RegistryMetric
 from app.control.registry import ModelRegistry
 from tests.support import images
 from tests.support.checkpoints import make_checkpoint
-from tests.support.service import live_environment, live_server
+from tests.support.service import ADMIN, live_environment, live_server
 from tests.support.waiting import wait_until
 
 
@@ -48,6 +48,8 @@ def test_an_unreadable_pointer_keeps_the_replica_serving_reports_it_and_recovers
         pointer.mkdir()
         fault = wait_until(lambda: http.get(f"{server.url}/readyz").json()["registry_error"], what="the fault")
         assert "EISDIR" in fault and serving in fault and "retrying" in fault
+        assert str(registry.root) not in fault, "an anonymous caller was shown the registry's full path"
+        assert str(registry.root) in http.get(f"{server.url}/readyz", headers=ADMIN).json()["registry_error"]
         assert _predicts(http, server.url) == serving
         assert server.process.poll() is None
         wait_until(lambda: _read_errors(http, server.url, "EISDIR") >= 2, what="the reads to be retried")
