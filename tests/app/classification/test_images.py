@@ -65,14 +65,29 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
 
 
 def test_palette_transparency_is_composited_over_white():
+    # The visible right half (16 x 32) is the subject: centred on a square, its sides padded white.
     decoded = decode(images.palette_with_transparency())
-    assert np.all(decoded[:, :14] == 255), "the transparent left half must be white"
-    assert np.all(np.abs(decoded[:, 18:].astype(int) - (200, 30, 30)) <= 1)
+    assert np.all(decoded[:, :7] == 255) and np.all(decoded[:, 25:] == 255), "the transparent sides must be white"
+    assert np.all(np.abs(decoded[:, 9:23].astype(int) - (200, 30, 30)) <= 1)
 
 
 def test_rgba_transparency_is_composited_over_white():
     decoded = decode(images.transparent_rgba())
-    assert np.all(decoded[:, :14] == 255) and np.all(decoded[:, 18:] == 10)
+    assert np.all(decoded[:, :7] == 255) and np.all(decoded[:, 25:] == 255) and np.all(decoded[:, 9:23] == 10)
+
+
+def test_a_cut_out_is_fitted_by_its_visible_part_not_its_transparent_margin():
+    # A 20 x 20 subject in the middle of a 100 x 100 transparent sheet: the model should see the subject whole
+    # and at full size, not a small square inside a white frame.
+    array = np.zeros((100, 100, 4), dtype=np.uint8)
+    array[40:60, 40:60] = (30, 120, 200, 255)
+    decoded = decode(images.encode(Image.fromarray(array, "RGBA"), "PNG"))
+    assert np.all(np.abs(decoded.astype(int) - (30, 120, 200)) <= 1)
+
+
+def test_a_fully_transparent_image_is_white():
+    array = np.zeros((40, 40, 4), dtype=np.uint8)
+    assert np.all(decode(images.encode(Image.fromarray(array, "RGBA"), "PNG")) == 255)
 
 
 def test_animated_gif_gives_its_first_frame():
