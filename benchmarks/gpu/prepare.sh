@@ -7,7 +7,9 @@
 #   CIFAR_COMPACT=...  the bundle's folder (default: shared/cifar10/compact beside the main checkout)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY312=${PY312:-$(command -v python3.12 || true)}
+# A python3.12 that runs: a pyenv shim is on PATH even where its global version is another one.
+PY312=${PY312:-$(for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    "$candidate" -c '' 2>/dev/null && command -v "$candidate" && break; done || true)}
 [ -n "$PY312" ] || { echo "error: no python3.12 on PATH; set PY312 to a Python 3.12 (the device's version)"; exit 1; }
 "$PY312" benchmarks/gpu/wheels.py
 

@@ -19,7 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 R=${REHEARSAL_DIR:-/tmp/gpu-rehearsal}
-PY312=${PY312:-$(command -v python3.12 || true)}
+# A python3.12 that runs: a pyenv shim is on PATH even where its global version is another one.
+PY312=${PY312:-$(for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    "$candidate" -c '' 2>/dev/null && command -v "$candidate" && break; done || true)}
 # The project's own venv, for the way back: this checkout's, else the main checkout's (a worktree has none).
 HERE_PY=${HERE_PY:-$REPO/.venv/bin/python}
 [ -x "$HERE_PY" ] || HERE_PY=$(git rev-parse --path-format=absolute --git-common-dir)/../.venv/bin/python

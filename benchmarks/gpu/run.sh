@@ -37,6 +37,7 @@ if [ -n "${REHEARSAL:-}" ]; then SCALE=4; else SCALE=1; fi  # 2 CPU cores agains
 DEADLINE=$(( started + ${DEADLINE_S:-$(( 480 * SCALE ))} ))
 RESERVE=10  # seconds kept for the last results.json and the log
 export APP_STATE_DIR=$WORK/state  # the service's registry and jobs: nothing of an earlier run is served
+export APP_GRPC_PORT=0  # HTTP only: grpcio does not travel (benchmarks/gpu/wheels.py NOT_ON_DEVICE)
 NOT_OK=()
 stamp() { echo "=== $(( $(date +%s) - started )) s: $*"; }
 

@@ -75,7 +75,9 @@ def service(checkpoint: Path | None, environment: dict[str, str], workers: int =
     """The service on a free loopback port serving ``checkpoint`` (None: its own default): (url, pid)."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("APP_")}
-    env |= ({"APP_WEIGHTS": str(checkpoint)} if checkpoint is not None else {}) | environment
+    # HTTP only: the device has no grpcio (benchmarks/gpu/wheels.py NOT_ON_DEVICE), and services started one
+    # after another would race for the gRPC port.
+    env |= {"APP_GRPC_PORT": "0"} | ({"APP_WEIGHTS": str(checkpoint)} if checkpoint is not None else {}) | environment
     folder = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"service-{port}.log"

@@ -38,6 +38,10 @@ STANDIN = "device-standin.txt"
 # What run.sh runs on the device beyond the service's own dependencies: the GPU tests and the API accuracy client,
 # taken from pyproject's extras by name so that their version ranges stay in one place.
 EXTRA_TOOLS = {"test": ["pytest", "pytest-timeout", "httpx"], "onnx": ["onnx", "onnxscript", "onnxruntime"]}
+# What the device run does without: it serves HTTP only (run.sh sets APP_GRPC_PORT=0, and the gRPC server is imported
+# only when enabled), and grpcio alone is 7.4 MB of the 64 MiB a call may carry, which the tree, the wheels and
+# CIFAR-10's bundle otherwise passed.
+NOT_ON_DEVICE = {"grpcio", "grpcio-health-checking", "protobuf"}
 # The device image: CPython 3.12.3 on glibc 2.39 (Ubuntu 24.04). pip matches a manylinux tag exactly, so each one
 # a wheel may carry is named.
 TARGET = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312",
@@ -73,7 +77,8 @@ def read_device_packages(path: Path = DEVICE_PACKAGES) -> dict[str, str | None]:
 def project_requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
     project = tomllib.loads(pyproject.read_text())["project"]
     extras = project.get("optional-dependencies", {})
-    wanted = list(project["dependencies"])
+    wanted = [requirement for requirement in project["dependencies"]
+              if requirement_name(requirement) not in NOT_ON_DEVICE]
     for extra, names in EXTRA_TOOLS.items():
         by_name = {requirement_name(requirement): requirement for requirement in extras[extra]}
         wanted += [by_name[canonical(name)] for name in names]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from benchmarks.gpu.wheels import DEVICE_PACKAGES, plan, project_requirements, read_device_packages, requirement_name
@@ -53,3 +55,9 @@ def test_the_requirements_are_the_projects_with_the_tools_run_sh_uses():
     assert {"torch", "fastapi", "pydantic", "pydantic-settings", "uvicorn", "python-multipart"} <= wanted
     assert {"pytest", "pytest-timeout", "httpx", "onnxruntime"} <= wanted
     assert "schemathesis" not in wanted and "playwright" not in wanted
+    assert "grpcio" not in wanted, "the device run serves HTTP only; grpcio would not fit in what a call carries"
+
+
+def test_the_device_run_serves_without_grpc():
+    run = (Path(__file__).parents[3] / "benchmarks" / "gpu" / "run.sh").read_text()
+    assert "export APP_GRPC_PORT=0" in run
