@@ -23,11 +23,6 @@ from app.logging import configure_logging
 
 logger = logging.getLogger("app.control")
 
-# On one machine a control-plane restart (importing torch, opening the store) and its training processes
-# compete with /predict for the CPU; 10 is the usual niceness for background work. Measured on a shared 2-core
-# AMD EPYC (Zen 4): /predict's p50 during a restart rose 2.1x to 2.4x with it and 2.8x to 2.9x without, one
-# run each way, so within the machine's noise; the priority is the point, not the figure.
-SUPERVISED_NICENESS = 10
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,10 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_format)
     for warning in unknown_variables():
         logger.warning(warning)
-    if args.parent_pid is not None:
-        # Beside the serving process on one machine, predictions come first: the control plane (and the
-        # training processes it starts, which inherit this) yields the CPU under contention.
-        os.nice(SUPERVISED_NICENESS)
+    if args.parent_pid is not None:  # supervised: its supervisor lowered its priority as it started it
         _stop_when_orphaned(args.parent_pid)
     config = uvicorn.Config("app.control.service:create_control_app", factory=True, host=args.host,
                             port=args.port or settings.control_port, log_config=None, access_log=False,

@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 HEALTHY_AFTER_S = 30.0
+# Beside the serving process on one machine, predictions come first: the control plane (and the training
+# processes it starts, which inherit this) yields the CPU under contention, from its first instruction, since
+# a restart's interpreter start and imports (torch's among them) are CPU-seconds of their own. 10 is the usual
+# niceness for background work.
+SUPERVISED_NICENESS = 10
 STOP_GRACE_S = 30.0
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding app/, so the child imports this copy
 
@@ -111,6 +116,7 @@ class ControlSupervisor:
                     return
                 try:
                     self._child = subprocess.Popen(self._command, env=self._environment)
+                    _lower_priority(self._child.pid)
                 except OSError:
                     logger.exception("could not start the control plane")
                     self._child = None
@@ -126,3 +132,10 @@ class ControlSupervisor:
                          "not affected", self.url, self.last_exit, backoff)
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+
+def _lower_priority(pid: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + SUPERVISED_NICENESS))
+    except OSError:  # it already ended, or lowering is not permitted: it runs at the serving process's priority
+        pass
