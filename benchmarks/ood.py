@@ -18,7 +18,8 @@ Three groups of sets, all uint8 32 x 32 RGB as an upload decodes to, made here o
   images each) and scikit-learn's ``digits`` (all 1,797), made as ``benchmarks.ood_families`` describes. No
   choice of score, threshold or statistics looks at them; the target is >= 80 % flagged on every one.
 
-For every set it reports the share the card's rule keeps (in distribution) and flags, and, for the logit scores
+For every set it reports the share the card's rule keeps (in distribution) and flags (a rule that reads the
+network's features gets them from the same float32 pass as the logits), and, for the logit scores
 (``msp`` and ``energy``, raw and temperature-scaled, one- and two-sided, as ``training.ood`` defines them), the
 AUROC against the test set (in-distribution positive, ties half). Writes JSON (default
 ``benchmarks/results/ood_<model version>.json``) and prints a table.
@@ -40,8 +41,8 @@ from model.checkpoint import load_checkpoint
 from model.trust import assess
 from training.data import load_split
 from training.distributed import resolve_device
-from training.evaluate import logits_of
 from training.ood import NOISE_SETS, candidates, shuffled_pixels
+from training.ood_features import outputs_of
 from training.precision import resolve_precision
 from training.provenance import git_commit
 from training.run import evaluation_autocast
@@ -107,12 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     test = test.take(0, args.test_limit)
     groups = ood_sets(test.images, args.count, args.seed)
     temperature = calibration.temperature if calibration else 1.0
-    test_logits = logits_of(checkpoint.model, test.images, device, autocast)
+    test_logits = outputs_of(checkpoint.model, test.images, device, autocast).logits
     results: dict[str, dict] = {}
     for group, sets in groups.items():
         for name, images in sets.items():
-            logits = test_logits if name == "test" else logits_of(checkpoint.model, images, device, autocast)
-            inside = assess(logits, calibration).in_distribution
+            outputs = outputs_of(checkpoint.model, images, device, autocast)
+            logits = outputs.logits
+            inside = assess(logits, calibration, features=outputs.features,
+                            statistics=checkpoint.ood_statistics).in_distribution
             kept = None if inside is None else round(float(inside.double().mean()), 4)
             results[name] = {
                 "group": group, "images": len(images), "card_rule_kept": kept,
