@@ -101,13 +101,12 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits, exactly as ``forward`` gives them, and ``model.features``' vector: the first stage's
-        output averaged over the image, then the penultimate vector."""
-        x = self._stem(x)
-        first = self.layer1(x)
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logits, exactly as ``forward`` gives them, and ``model.features``' two parts: the first stage's
+        output averaged over the image, and the penultimate vector."""
+        first = self.layer1(self._stem(x))
         penultimate = self._rest(first)
-        return self.head(penultimate), torch.cat([first.mean((2, 3)), penultimate], 1)
+        return self.head(penultimate), first.mean((2, 3)), penultimate
 
 
 def build_cifar_resnet(architecture: str, num_classes: int = NUM_CLASSES,

@@ -61,8 +61,9 @@ def prepare_for_inference(
 ) -> nn.Module:
     """``model`` made ready for inference on ``device`` with ``backend``; ``model`` itself is not changed
     (beyond moving to ``device``, eval mode and, for ``eager``, channels_last). ``calibration``:
-    normalised training images, int8 only. ``with_features``: the module returns ``(logits, features)``
-    (``model.features.LogitsAndFeatures``), the logits the same as without it, for an OOD rule that reads them.
+    normalised training images, int8 only. ``with_features``: the module returns ``(logits, stage1,
+    penultimate)`` (``model.features.LogitsAndFeatures``; ``joined`` makes them logits and features), the logits
+    the same as without it, for an OOD rule that reads the features.
 
     ``tracing`` is entered around the one step that traces the model with torch.fx, int8's
     ``prepare_fx``: fx's tracer patches ``nn.Module.__call__`` for the whole process while it runs, so a
@@ -202,7 +203,7 @@ class OnnxRuntimeModule(nn.Module):
         # ONNX Runtime takes C-contiguous NCHW arrays: a channels_last batch is copied once here.
         images = batch.detach().float().contiguous().cpu().numpy()
         outputs = self.session.run(None, {"images": images})
-        # One output (logits) as a tensor; two (LogitsAndFeatures) as the tuple the module returned.
+        # One output (logits) as a tensor; several (LogitsAndFeatures) as the tuple the module returned.
         return torch.from_numpy(outputs[0]) if len(outputs) == 1 else tuple(torch.from_numpy(o) for o in outputs)
 
 
@@ -230,7 +231,7 @@ def _export_onnx_here(model: nn.Module, size: int) -> bytes:
     torch.set_num_threads(1)  # the exporter is Python-bound; leave the cores to the serving model
     batch = torch.export.Dim("batch", min=1, max=4096)
     example = torch.zeros(2, 3, size, size)
-    names = ["logits", "features"] if isinstance(model, LogitsAndFeatures) else ["logits"]
+    names = ["logits", "stage1", "penultimate"] if isinstance(model, LogitsAndFeatures) else ["logits"]
     program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
                                 input_names=["images"], output_names=names, verbose=False)
     assert program is not None  # dynamo=True always returns the exported program

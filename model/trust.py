@@ -74,7 +74,7 @@ def in_distribution(scores: torch.Tensor, threshold: float, upper_threshold: flo
 def feature_score(logits: torch.Tensor, features: torch.Tensor, rule: FeatureScore,
                   statistics: GaussianStatistics) -> torch.Tensor:
     """The ``features`` rule's score, higher = more like the training images; ``features`` as
-    ``forward_with_features`` gives them, the penultimate part as wide as ``statistics`` says."""
+    ``model.features.joined`` gives them, the penultimate part as wide as ``statistics`` says."""
     width = len(statistics.mean)  # as wide as the part it was fitted on: the first or the last columns
     part = features[:, :width] if rule.part == "stage1" else features[:, -width:]
     values = transform(part, rule.transform)
@@ -111,7 +111,7 @@ def assess(logits: torch.Tensor, calibration: Calibration | None, *, calibrated:
     if rule.features is not None:
         if features is None or statistics is None:
             raise MissingFeatures("this card's OOD rule reads the network's features: pass features= (from "
-                                  "forward_with_features) and statistics= (the checkpoint's ood_statistics)")
+                                  "model.features.joined) and statistics= (the checkpoint's ood_statistics)")
         score = feature_score(logits, features, rule.features, statistics)
     else:
         score = ood_score(logits, rule.score, rule.temperature)  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from model.checkpoint import FeatureScore, OutOfDistributionRule
-from model.features import GaussianStatistics, LogitsAndFeatures, transform
+from model.features import GaussianStatistics, LogitsAndFeatures, joined, transform
 from model.trust import energy_score, feature_score
 from training.augment import normalize
 from training.evaluate import EVAL_BATCH
@@ -49,7 +49,7 @@ MIN_IMAGES_PER_DIMENSION = 4
 @dataclass(frozen=True)
 class Outputs:
     logits: torch.Tensor    # (N, classes), float32, CPU
-    features: torch.Tensor  # (N, D), float32, CPU: forward_with_features' vector
+    features: torch.Tensor  # (N, D), float32, CPU: joined's features
 
 
 def outputs_of(model: nn.Module, images: torch.Tensor, device: torch.device,
@@ -60,7 +60,7 @@ def outputs_of(model: nn.Module, images: torch.Tensor, device: torch.device,
     with torch.inference_mode():
         for start in range(0, len(images), EVAL_BATCH):
             with autocast():
-                batch_logits, batch_features = wrapped(normalize(images[start:start + EVAL_BATCH].to(device)))
+                batch_logits, batch_features = joined(wrapped(normalize(images[start:start + EVAL_BATCH].to(device))))
             logits.append(batch_logits.float().cpu())
             features.append(batch_features.float().cpu())
     return Outputs(torch.cat(logits), torch.cat(features))

@@ -27,7 +27,7 @@ from torch import nn
 from app.engine.backend_choice import AUTO, DEFAULT_POLICY, BackendPlan, BackendPolicy, plan_backend
 from model.backend_report import DEFAULT_RANKING_BATCH, EXACT_BACKEND
 from model.checkpoint import ModelCard, load_checkpoint
-from model.features import GaussianStatistics
+from model.features import GaussianStatistics, joined
 from model.inference import prepare_for_inference
 
 logger = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ class ServedModel:
         """Logits (N, classes) and features (N, D) of one forward pass, float32, on the CPU."""
         autocast = self.device.type == "cuda" and self.backend == "bf16"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            logits, features = self.network(batch.contiguous(memory_format=torch.channels_last))
-            return logits.float().cpu(), features.float().cpu()
+            logits, features = joined(self.network(batch.contiguous(memory_format=torch.channels_last)))
+            return logits.cpu(), features.cpu()
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run each batch size once, so the first real requests do not pay for kernel selection and

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.architectures import build_model
-from model.features import GaussianStatistics, LogitsAndFeatures, transform
+from model.features import GaussianStatistics, LogitsAndFeatures, joined, transform
 from model.inference import available_cpu_backends, prepare_for_inference
 
 
@@ -14,7 +14,7 @@ def test_forward_with_features_gives_the_forwards_logits_and_both_pooled_parts(a
     model = build_model(architecture).eval()
     batch = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        logits, features = model.forward_with_features(batch)
+        logits, features = joined(model.forward_with_features(batch))
         assert torch.equal(logits, model(batch))
         assert torch.equal(features[:, -model.fc.in_features:], model.forward_features(batch))
     assert features.shape[1] > model.fc.in_features, "the first stage's averages come first"
@@ -46,9 +46,10 @@ def test_every_cpu_backend_returns_the_same_logits_with_the_features(backend):
     model.initialize_from_data(torch.randn(64, 3, 32, 32))
     batch, calibration = torch.randn(8, 3, 32, 32), torch.randn(32, 3, 32, 32)
     with torch.inference_mode():
-        reference_logits, reference_features = LogitsAndFeatures(model)(batch)
+        reference_logits, reference_features = joined(LogitsAndFeatures(model)(batch))
         plain = prepare_for_inference(model, "cpu", backend, calibration)(batch)
-        logits, features = prepare_for_inference(model, "cpu", backend, calibration, with_features=True)(batch)
+        prepared = prepare_for_inference(model, "cpu", backend, calibration, with_features=True)
+        logits, features = joined(prepared(batch))
     # int8 observes the features' ranges too, so its rounding may differ a little; every other backend's
     # logits are those it gives without the features.
     tolerance = {"int8": 0.5, "bf16": 0.1}.get(backend, 1e-4)
