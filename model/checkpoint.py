@@ -17,13 +17,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
 from model.architectures import ARCHITECTURES, build_model, parameter_count
 from model.durable import write_atomically
+from model.features import STATISTICS_FILE, FeaturePart, GaussianStatistics, Transform
 from model.labels import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, INPUT_SIZE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -35,14 +36,39 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be served as it is; the message says what is wrong and what to do."""
 
 
-class OutOfDistributionRule(BaseModel):
-    """How to flag an image as none of the classes: ``model.trust.ood_score(logits, score, temperature)``
-    below ``threshold`` is out of distribution, and so, for a two-sided rule, is one above ``upper_threshold``."""
+class FeatureScore(BaseModel):
+    """A score of the network's features (``model.features``), optionally plus the energy of its logits:
+    ``(mahalanobis - feature_centre) / feature_scale + energy_weight * (energy - energy_centre) / energy_scale``,
+    with ``mahalanobis`` minus the squared Mahalanobis distance of the transformed ``part`` to the statistics
+    in ``statistics_file``. Centres and scales are the median and standard deviation on the training images
+    the statistics were fitted on, so the two terms weigh alike."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    score: Literal["energy", "msp"] = Field(description="energy: T·logsumexp(logits/T) (Liu et al. 2020); "
-                                            "msp: max softmax(logits/T) (Hendrycks & Gimpel 2017)")
+    part: FeaturePart = Field(description="stage1: the first stage's output averaged over the image; "
+                              "penultimate: the vector the final linear layer reads")
+    transform: Transform = Field(description="log: log(max(v, 0) + 0.1); l2: divided by its length; none")
+    statistics_file: str = Field(default=STATISTICS_FILE, description="mean and precision, safetensors, in the "
+                                 "checkpoint directory")
+    statistics_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    feature_centre: float
+    feature_scale: float = Field(gt=0)
+    energy_weight: float = Field(ge=0, description="0: the features alone")
+    energy_centre: float = 0.0
+    energy_scale: float = Field(default=1.0, gt=0)
+    fitted_on: str = Field(description="which images the statistics were fitted on")
+
+
+class OutOfDistributionRule(BaseModel):
+    """How to flag an image as none of the classes: ``model.trust.ood_score(logits, score, temperature)`` (or,
+    for ``features``, ``model.trust.feature_score``) below ``threshold`` is out of distribution, and so, for a
+    two-sided rule, is one above ``upper_threshold``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    score: Literal["energy", "msp", "features"] = Field(
+        description="energy: T·logsumexp(logits/T) (Liu et al. 2020); msp: max softmax(logits/T) (Hendrycks & "
+                    "Gimpel 2017); features: the network's features, as the features field says (issue 24)")
     temperature: float = Field(gt=0, description="the T inside the score (not necessarily the calibration's)")
     threshold: float = Field(description="in distribution when score >= threshold")
     upper_threshold: float | None = Field(default=None, description="two-sided rule: and score <= this; "
@@ -53,6 +79,14 @@ class OutOfDistributionRule(BaseModel):
     selection: str = Field(description="how the score was chosen among the candidates")
     candidates_auroc: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="candidate 'kind@T' -> {synthetic OOD set: AUROC against the holdout}")
+    # Added by issue 24: optional, so every earlier card (a logit rule) still loads and serves as it did.
+    features: FeatureScore | None = Field(default=None, description="with score 'features': what it reads")
+
+    @model_validator(mode="after")
+    def _features_with_their_score(self) -> OutOfDistributionRule:
+        if (self.score == "features") != (self.features is not None):
+            raise ValueError("score 'features' needs the features field, and only it may have one")
+        return self
 
 
 class Calibration(BaseModel):
@@ -119,6 +153,30 @@ class ModelCard(BaseModel):
 class Checkpoint:
     model: nn.Module
     card: ModelCard
+    ood_statistics: GaussianStatistics | None = None  # what a card's feature rule reads; None for a logit rule
+
+
+def feature_score_of(card: ModelCard) -> FeatureScore | None:
+    return card.calibration.ood.features if card.calibration is not None else None
+
+
+def load_ood_statistics(directory: Path, card: ModelCard) -> GaussianStatistics | None:
+    """The statistics the card's OOD rule names, verified against its SHA-256; None for a logit rule."""
+    features = feature_score_of(card)
+    if features is None:
+        return None
+    path = directory / features.statistics_file
+    if not path.is_file():
+        raise CheckpointError(f"the card's OOD rule reads {path}, which is missing: copy the whole checkpoint "
+                              "directory, or fit the rule again with python -m training.calibrate")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != features.statistics_sha256:
+        raise CheckpointError(f"{path} is not the file the card's OOD rule was fitted with (SHA-256 differs): "
+                              "fit the rule again with python -m training.calibrate")
+    try:
+        return GaussianStatistics.from_bytes(data)
+    except (SafetensorError, KeyError) as error:
+        raise CheckpointError(f"{path} is not readable OOD statistics: {error}") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -255,4 +313,5 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     if parameter_count(model) != card.parameter_count:
         raise CheckpointError(f"card says {card.parameter_count} parameters, the weights have "
                               f"{parameter_count(model)}")
-    return Checkpoint(model=model.to(device).eval(), card=card)
+    return Checkpoint(model=model.to(device).eval(), card=card,
+                      ood_statistics=load_ood_statistics(weights_path.parent, card))

@@ -84,10 +84,29 @@ class CifarResNet(nn.Module):
                 if isinstance(module, CifarBasicBlock):
                     nn.init.zeros_(module.last_bn().weight)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The globally average-pooled vector the fc layer reads: the OOD score's features."""
+        return self._rest(self.layer1(self._stem(x)))
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def _rest(self, first: torch.Tensor) -> torch.Tensor:
+        """From the first stage's output to the penultimate vector."""
+        return torch.flatten(self.avgpool(self.layer3(self.layer2(first))), 1)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.head(self.forward_features(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logits, exactly as ``forward`` gives them, and ``model.features``' two parts: the first stage's
+        output averaged over the image, and the penultimate vector."""
+        first = self.layer1(self._stem(x))
+        penultimate = self._rest(first)
+        return self.head(penultimate), first.mean((2, 3)), penultimate
 
 
 def build_cifar_resnet(architecture: str, num_classes: int = NUM_CLASSES,

@@ -91,10 +91,29 @@ class FastCNN(nn.Module):
         filters = filters.reshape(-1, 3, WHITENING_KERNEL, WHITENING_KERNEL)
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The globally max-pooled vector (N, 256) the final linear layer reads: the OOD score's features."""
+        return self._rest(self.layer1(self._stem(x)))
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.whiten(x))
+
+    def _rest(self, first: torch.Tensor) -> torch.Tensor:
+        """From the first stage's output to the penultimate vector."""
+        return torch.flatten(self.pool(self.layer3(self.layer2(first))), 1)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features) * LOGIT_SCALE
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.activation(self.whiten(x))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.pool(x), 1)) * LOGIT_SCALE
+        return self.head(self.forward_features(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logits, exactly as ``forward`` gives them, and ``model.features``' two parts: the first stage's
+        output averaged over the image, and the penultimate vector."""
+        first = self.layer1(self._stem(x))
+        penultimate = self._rest(first)
+        return self.head(penultimate), first.mean((2, 3)), penultimate
 
 
 def build_fastcnn(num_classes: int = NUM_CLASSES, zero_init_residual: bool = False) -> FastCNN:

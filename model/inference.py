@@ -41,6 +41,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from model.cifar_resnet import CifarBasicBlock, CifarResNet
 from model.fastcnn import ConvStage
+from model.features import LogitsAndFeatures
 from model.resnet import BasicBlock, Bottleneck, ResNet
 
 Backend = Literal["eager", "fused", "onnx", "bf16", "int8"]
@@ -56,10 +57,13 @@ def prepare_for_inference(
     calibration: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
     tracing: Callable[[], AbstractContextManager] = nullcontext,
+    with_features: bool = False,
 ) -> nn.Module:
     """``model`` made ready for inference on ``device`` with ``backend``; ``model`` itself is not changed
     (beyond moving to ``device``, eval mode and, for ``eager``, channels_last). ``calibration``:
-    normalised training images, int8 only.
+    normalised training images, int8 only. ``with_features``: the module returns ``(logits, stage1,
+    penultimate)`` (``model.features.LogitsAndFeatures``; ``joined`` makes them logits and features), the logits
+    the same as without it, for an OOD rule that reads the features.
 
     ``tracing`` is entered around the one step that traces the model with torch.fx, int8's
     ``prepare_fx``: fx's tracer patches ``nn.Module.__call__`` for the whole process while it runs, so a
@@ -71,6 +75,8 @@ def prepare_for_inference(
         raise ValueError(f"unknown inference backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     device = torch.device(device)
     model = model.to(device).eval()
+    if with_features:
+        model = LogitsAndFeatures(model).eval()
     if device.type != "cpu" or backend == "eager":
         return model.to(memory_format=torch.channels_last)
     if backend == "onnx":
@@ -193,10 +199,12 @@ class OnnxRuntimeModule(nn.Module):
         self.session = onnxruntime.InferenceSession(export_onnx(model, size), options,
                                                     providers=["CPUExecutionProvider"])
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         # ONNX Runtime takes C-contiguous NCHW arrays: a channels_last batch is copied once here.
         images = batch.detach().float().contiguous().cpu().numpy()
-        return torch.from_numpy(self.session.run(None, {"images": images})[0])
+        outputs = self.session.run(None, {"images": images})
+        # One output (logits) as a tensor; several (LogitsAndFeatures) as the tuple the module returned.
+        return torch.from_numpy(outputs[0]) if len(outputs) == 1 else tuple(torch.from_numpy(o) for o in outputs)
 
 
 def export_onnx(model: nn.Module, size: int = 32) -> bytes:
@@ -223,8 +231,9 @@ def _export_onnx_here(model: nn.Module, size: int) -> bytes:
     torch.set_num_threads(1)  # the exporter is Python-bound; leave the cores to the serving model
     batch = torch.export.Dim("batch", min=1, max=4096)
     example = torch.zeros(2, 3, size, size)
+    names = ["logits", "stage1", "penultimate"] if isinstance(model, LogitsAndFeatures) else ["logits"]
     program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
-                                input_names=["images"], output_names=["logits"], verbose=False)
+                                input_names=["images"], output_names=names, verbose=False)
     assert program is not None  # dynamo=True always returns the exported program
     return program.model_proto.SerializeToString()
 
@@ -236,8 +245,9 @@ class BFloat16(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.module(batch.to(torch.bfloat16)).float()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = self.module(batch.to(torch.bfloat16))
+        return outputs.float() if isinstance(outputs, torch.Tensor) else tuple(o.float() for o in outputs)
 
 
 def quantize_int8(model: nn.Module, calibration: torch.Tensor | Sequence[torch.Tensor], *,

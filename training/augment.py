@@ -134,8 +134,8 @@ def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (or float 0..255) RGB -> float32 standardised with the CIFAR-10 statistics, in channels_last (the layout that lets
-    cuDNN use tensor cores for every convolution without transposes)."""
+    """uint8 (or float 0..255) RGB -> float32 standardised with the CIFAR-10 statistics, in channels_last (the
+    layout that lets cuDNN use tensor cores for every convolution without transposes)."""
     mean, std = _statistics(images.device)
     return ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
 

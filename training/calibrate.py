@@ -6,6 +6,8 @@
 The same fit a training run ends with (``training.trust``), on the same holdout split the checkpoint's card
 describes: ``card.training``'s ``train_limit`` and ``holdout`` pick the images (the last ``holdout`` of the
 first ``train_limit`` training images), so the images the network never trained on are the ones fitted on;
+the OOD rule's feature statistics (``training.ood_features``) are fitted on the training images before them
+and written as ``ood_features.safetensors`` next to the weights when a feature rule wins;
 ``--data-dir`` may name another copy of CIFAR-10. Only ``card.json`` is rewritten (atomically: a temporary
 file, then a rename); the weights, and so their SHA-256 and the model version, stay as they are. With
 ``--out-dir`` the reliability diagram and a "calibration" metrics record are written there too.
@@ -32,7 +34,13 @@ from training.plots import plot_reliability
 from training.precision import resolve_precision
 from training.provenance import git_commit
 from training.run import evaluation_autocast
-from training.trust import calibration_line, calibration_record, fit_trust, holdout_description
+from training.trust import (
+    calibration_line,
+    calibration_record,
+    fit_trust,
+    holdout_description,
+    write_ood_statistics,
+)
 
 
 class CalibrationError(RuntimeError):
@@ -87,10 +95,12 @@ def calibrate_checkpoint(weights: Path, data_dir: Path, *, skip_integrity_check:
     autocast = evaluation_autocast(target, resolve_precision("auto", target))
     assert data.holdout is not None  # holdout >= 1 was checked above
     fit = fit_trust(checkpoint.model, data.holdout, data.test, device=target, autocast=autocast,
-                    git_commit=git_commit(), fitted_on=holdout_description(len(data.train), holdout))
+                    git_commit=git_commit(), fitted_on=holdout_description(len(data.train), holdout),
+                    train=data.train)
     weights_path, card_path = checkpoint_files(weights)
     if file_sha256(weights_path) != card.weights_sha256:
         raise CalibrationError(f"{weights_path} changed while it was being calibrated; run again")
+    write_ood_statistics(fit, card_path.parent)  # before the card that names it
     calibrated = ModelCard.model_validate({**card.model_dump(), "calibration": fit.calibration.model_dump()})
     write_card(calibrated, card_path)
     if out_dir is not None:

@@ -34,7 +34,14 @@ from training.plots import GRID_IMAGES, plot_confusion_matrix, plot_curves, plot
 from training.precision import autocast_for, resolve_precision
 from training.provenance import device_name, git_commit
 from training.state import load_state, restore_rng_states, rng_states, save_state
-from training.trust import NO_HOLDOUT, calibration_line, calibration_record, fit_trust, holdout_description
+from training.trust import (
+    NO_HOLDOUT,
+    calibration_line,
+    calibration_record,
+    fit_trust,
+    holdout_description,
+    write_ood_statistics,
+)
 from training.verify_backends import VerificationSettings, table, verify_checkpoint
 
 # How the end of a run measures the backends: the command's defaults (tests make it quicker).
@@ -192,7 +199,7 @@ class TrainingRun:
                            config.epochs, None, learner.scheduler.get_last_lr()[0])
         calibration = None
         if self.worker.is_main:
-            calibration = self._calibrate(learner, data)
+            calibration = self._calibrate(learner, data, checkpoint)
             save_checkpoint(
                 learner.evaluated_model, checkpoint, architecture=config.arch, dtype=config.weights_dtype,
                 training=config.to_dict(), **accuracies, epochs=config.epochs,
@@ -214,14 +221,15 @@ class TrainingRun:
             print(summary_line(final), flush=True)
         return final
 
-    def _calibrate(self, learner: Learner, data: CifarSplits) -> Calibration | None:
+    def _calibrate(self, learner: Learner, data: CifarSplits, checkpoint: Path) -> Calibration | None:
         """The temperature and OOD rule, fitted on the full holdout (main process only), or None without one."""
         if data.holdout is None:
             tqdm.write(NO_HOLDOUT)
             return None
         fit = fit_trust(learner.evaluated_model, data.holdout, data.test, device=self.worker.device,
                         autocast=self.eval_autocast, git_commit=self.git_commit,
-                        fitted_on=holdout_description(len(data.train), len(data.holdout)))
+                        fitted_on=holdout_description(len(data.train), len(data.holdout)), train=data.train)
+        write_ood_statistics(fit, checkpoint)  # before save_checkpoint writes the card that names it
         if self.config.plots:
             plot_reliability(fit.test_before, fit.test_after, fit.calibration.temperature,
                              self.run_dir / RELIABILITY_FILE)

@@ -130,7 +130,8 @@ class Classifier:
                 pass  # a model of another input size took over while the request waited: fit again
         else:
             output = await self._fit_and_predict(inputs_for, deadline, client)
-        assessed = assess_logits(output.logits, output.card, calibrated=self.calibrated)
+        assessed = assess_logits(output.logits, output.card, calibrated=self.calibrated, features=output.features,
+                                 statistics=output.ood_statistics)
         if not (np.isfinite(output.logits).all() and np.isfinite(assessed.probabilities).all()):
             logger.error("model %s computed non-finite outputs; the request is refused", output.card.version,
                          extra={"model_version": output.card.version})

@@ -126,7 +126,9 @@ class Explainer:
         # Both passes wait while a model being prepared is traced (int8's torch.fx patches every module's call
         # for the whole process meanwhile: a pass then failed with a 500 during a swap).
         with self.engine.forward_pass():
-            output = assess_logits(served.logits(batch).numpy(), card, calibrated=self.calibrated)
+            logits, features = served.outputs(batch)
+            output = assess_logits(logits.numpy(), card, calibrated=self.calibrated, features=features.numpy(),
+                                   statistics=served.ood_statistics)
         if not np.isfinite(output.probabilities).all():
             raise NonFiniteOutput(f"the model serving ({card.version}) computed NaN or infinite outputs for this "
                                   "image, so there is nothing to explain; serve another model (POST /admin/reload)")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import ModelCard
+from model.features import GaussianStatistics
 from model.trust import assess
 
 
@@ -28,10 +29,13 @@ class AssessedOutput:
         return len(self.probabilities)
 
 
-def assess_logits(logits: np.ndarray, card: ModelCard, *, calibrated: bool) -> AssessedOutput:
+def assess_logits(logits: np.ndarray, card: ModelCard, *, calibrated: bool, features: np.ndarray | None = None,
+                  statistics: GaussianStatistics | None = None) -> AssessedOutput:
     """``calibrated``: apply the card's temperature (``APP_CALIBRATION=on``); without a calibration in the
-    card the probabilities are the raw softmax whatever it says, and there is no OOD flag."""
-    assessment = assess(torch.from_numpy(logits), card.calibration, calibrated=calibrated)
+    card the probabilities are the raw softmax whatever it says, and there is no OOD flag. ``features`` (of
+    the same pass) and ``statistics`` (the served checkpoint's): for a card whose OOD rule reads features."""
+    assessment = assess(torch.from_numpy(logits), card.calibration, calibrated=calibrated,
+                        features=None if features is None else torch.from_numpy(features), statistics=statistics)
     score, inside = assessment.score, assessment.in_distribution
     return AssessedOutput(
         probabilities=assessment.probabilities.numpy(),

@@ -53,6 +53,7 @@ from model.checkpoint import (
     read_card,
 )
 from model.durable import replace_durably, write_atomically
+from model.features import STATISTICS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,9 @@ _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 # What a checkpoint directory may hold beside its weights and card, measured on those weights: without them a
 # registered version, and so every reload and promotion, lost APP_CPU_BACKEND=auto's verified backend (it
 # served the exact fused instead) and int8 its calibration images. Each names the weights' SHA-256 inside,
-# and its reader refuses a mismatch, so they need no line in SHA256SUMS.
-COMPANION_FILES = (report_file("cpu"), report_file("cuda"), CALIBRATION_FILE, VERIFICATION_FILE)
+# and its reader refuses a mismatch, so they need no line in SHA256SUMS. The OOD rule's feature statistics
+# are named by their SHA-256 in the card, which SHA256SUMS covers.
+COMPANION_FILES = (report_file("cpu"), report_file("cuda"), CALIBRATION_FILE, VERIFICATION_FILE, STATISTICS_FILE)
 
 
 class UnknownVersion(LookupError):

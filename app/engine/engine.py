@@ -75,6 +75,7 @@ from app.engine.errors import (
 )
 from app.engine.served_model import BatchStager, ServedModel
 from model.checkpoint import CheckpointError, ModelCard
+from model.features import GaussianStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class EngineObserver(Protocol):
 class ModelOutput:
     logits: np.ndarray  # (images, classes), float32, rows in input order
     card: ModelCard  # of the model that computed every row
+    features: np.ndarray | None = None  # (images, D), float32, the same pass's (model.features); same rows
+    ood_statistics: GaussianStatistics | None = None  # of the model that computed them, for its card's rule
 
 
 @dataclass(eq=False)
@@ -108,6 +111,7 @@ class _Work:
     delivered: int = 0
     queued: bool = True  # some images still wait in the queue
     logits: np.ndarray | None = None
+    features: np.ndarray | None = None
 
 
 _Slice = tuple[_Work, int, int]
@@ -458,16 +462,16 @@ class InferenceEngine:
                 work.queued = False
         return batch
 
-    def _compute(self, model: ServedModel, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
-        """On a device thread: the logits of ``inputs`` and the seconds the forward pass took."""
+    def _compute(self, model: ServedModel, inputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+        """On a device thread: the logits and features of ``inputs`` and the seconds the forward pass took."""
         started = time.perf_counter()
         with self._preparation_gate.shared():
-            logits = self._forward(model, inputs)
-        return logits.numpy(), time.perf_counter() - started
+            logits, features = self._forward(model, inputs)
+        return logits.numpy(), features.numpy(), time.perf_counter() - started
 
-    def _forward(self, model: ServedModel, inputs: list[np.ndarray]) -> torch.Tensor:
+    def _forward(self, model: ServedModel, inputs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            return model.logits(self._stager.to_device(model, inputs))
+            return model.outputs(self._stager.to_device(model, inputs))
         except torch.OutOfMemoryError:
             if len(inputs) == 1:
                 raise
@@ -478,7 +482,9 @@ class InferenceEngine:
         if self._observer:
             self._observer.batch_split()
         half = len(inputs) // 2
-        return torch.cat([self._forward(model, inputs[:half]), self._forward(model, inputs[half:])])
+        (first_logits, first_features), (last_logits, last_features) = (
+            self._forward(model, inputs[:half]), self._forward(model, inputs[half:]))
+        return torch.cat([first_logits, last_logits]), torch.cat([first_features, last_features])
 
     def _deliver(self, batch: list[_Slice], model: ServedModel, future: asyncio.Future) -> None:
         """On the event loop, when a forward pass ends: hand each request its rows, or its error."""
@@ -496,25 +502,27 @@ class InferenceEngine:
                         f"inference failed on this request's batch of {images} images; the service is still "
                         "serving: retry, and report the X-Request-ID if it recurs"))
             return
-        logits, seconds = future.result()
+        logits, features, seconds = future.result()
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / images
         if self._observer:
             self._observer.batch_computed(images, seconds)
         row = 0
         for work, start, stop in batch:
-            rows = logits[row: row + stop - start]
+            rows, feature_rows = logits[row: row + stop - start], features[row: row + stop - start]
             row += stop - start
             if work.future.done():
                 continue  # its deadline passed, or its client went away
             if start == 0 and stop == len(work.inputs):
-                work.future.set_result(ModelOutput(rows, model.card))
+                work.future.set_result(ModelOutput(rows, model.card, feature_rows, model.ood_statistics))
                 continue
-            if work.logits is None:
+            if work.logits is None or work.features is None:
                 work.logits = np.empty((len(work.inputs), rows.shape[1]), dtype=np.float32)
+                work.features = np.empty((len(work.inputs), feature_rows.shape[1]), dtype=np.float32)
             work.logits[start:stop] = rows
+            work.features[start:stop] = feature_rows
             work.delivered += stop - start
             if work.delivered == len(work.inputs):
-                work.future.set_result(ModelOutput(work.logits, model.card))
+                work.future.set_result(ModelOutput(work.logits, model.card, work.features, model.ood_statistics))
 
 
 def _side(item: np.ndarray) -> int:

@@ -6,6 +6,8 @@ else the exact one) and prepares it with ``model.inference``; ``logits(batch)`` 
 to the network's logits, in float32 on the CPU (on CUDA the ``fp32`` or ``bf16`` autocast precision, the
 latter ~2x faster on tensor cores). Logits, not probabilities: the classification pipeline turns them into
 calibrated probabilities and an OOD score (``model.trust``), and the energy score needs the logits themselves.
+Every backend's network returns the features of the same pass too (``model.features``), which ``outputs``
+gives with the logits: a card whose OOD rule reads them needs them, and they cost no second pass.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from app.engine.backend_choice import AUTO, DEFAULT_POLICY, BackendPlan, BackendPolicy, plan_backend
 from model.backend_report import DEFAULT_RANKING_BATCH, EXACT_BACKEND
 from model.checkpoint import ModelCard, load_checkpoint
+from model.features import GaussianStatistics, joined
 from model.inference import prepare_for_inference
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class ServedModel:
     verified_accuracy: float | None = None  # this backend's test accuracy by the checkpoint's backend report
     origin: str = ""        # why this checkpoint is served (the shipped default, APP_WEIGHTS, the registry...)
     path: Path | None = None  # the checkpoint it was loaded from (POST /explain builds its own copy from it)
+    ood_statistics: GaussianStatistics | None = None  # what the card's feature OOD rule reads; None for logits
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device, policy: BackendPolicy = DEFAULT_POLICY,
@@ -64,7 +68,8 @@ class ServedModel:
         # the precision is the engine's own autocast, over the model as trained.
         backend = "eager" if device.type == "cuda" else plan.backend
         try:
-            network = prepare_for_inference(checkpoint.model, device, backend, normalised, tracing=tracing)
+            network = prepare_for_inference(checkpoint.model, device, backend, normalised, tracing=tracing,
+                                            with_features=True)
         except Exception as error:
             exact = EXACT_BACKEND["cpu"]
             if device.type == "cuda" or policy.cpu_backend != AUTO or backend == exact:
@@ -73,11 +78,11 @@ class ServedModel:
             plan = BackendPlan(exact, f"{exact}, the exact float32 backend: auto chose {backend}, which failed to "
                                       f"prepare ({type(error).__name__}: {error})")
             logger.warning(plan.reason, exc_info=True)
-            network = prepare_for_inference(checkpoint.model, device, exact)
+            network = prepare_for_inference(checkpoint.model, device, exact, with_features=True)
         network.requires_grad_(False)
         return cls(card=card, network=network, device=device, mean=mean, std=std, backend=plan.backend,
                    backend_reason=plan.reason, verified_accuracy=plan.verified_accuracy, origin=origin,
-                   path=Path(path))
+                   path=Path(path), ood_statistics=checkpoint.ood_statistics)
 
     @property
     def dtype(self) -> str:
@@ -93,10 +98,14 @@ class ServedModel:
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits (N, classes), float32, on the CPU."""
+        return self.outputs(batch)[0]
+
+    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, classes) and features (N, D) of one forward pass, float32, on the CPU."""
         autocast = self.device.type == "cuda" and self.backend == "bf16"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            logits = self.network(batch.contiguous(memory_format=torch.channels_last))
-            return logits.float().cpu()
+            logits, features = joined(self.network(batch.contiguous(memory_format=torch.channels_last)))
+            return logits.cpu(), features.cpu()
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run each batch size once, so the first real requests do not pay for kernel selection and

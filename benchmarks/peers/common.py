@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from app.classification.answers import Prediction
-from app.classification.probabilities import assess_logits
 from app.classification.images import image_pixels
+from app.classification.probabilities import assess_logits
 from app.engine.backend_choice import BackendPolicy
 from app.engine.served_model import ServedModel
 from model.inference import DEFAULT_CPU_BACKEND
@@ -83,8 +83,9 @@ class Classifier:
     def probabilities(self, pixels: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """(N, classes) float32 probabilities of N uint8 HWC images, calibrated as the service's default."""
         batch = torch.from_numpy(np.ascontiguousarray(np.stack(pixels) if isinstance(pixels, list) else pixels))
-        return assess_logits(self.model.logits(self.model.normalise(batch)).numpy(), self.model.card,
-                             calibrated=True).probabilities
+        logits, features = self.model.outputs(self.model.normalise(batch))
+        return assess_logits(logits.numpy(), self.model.card, calibrated=True, features=features.numpy(),
+                             statistics=self.model.ood_statistics).probabilities
 
     def answer(self, probabilities: np.ndarray) -> dict:
         return Prediction.from_probabilities(probabilities, self.model.card, TOP_K).model_dump(mode="json")

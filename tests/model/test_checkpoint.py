@@ -17,8 +17,9 @@ from model.checkpoint import (
     read_card,
     save_checkpoint,
 )
+from model.features import STATISTICS_FILE
 from model.labels import CLASS_NAMES
-from tests.support.checkpoints import diverged_checkpoint, make_checkpoint
+from tests.support.checkpoints import diverged_checkpoint, make_checkpoint, with_feature_rule
 from tests.support.durability import record_fsyncs
 
 
@@ -161,3 +162,22 @@ def test_weights_and_card_are_written_durably_and_readable_by_other_users(tmp_pa
 def test_weights_holding_nan_are_refused_with_the_reason(tmp_path, dtype):
     with pytest.raises(CheckpointError, match="NaN or infinite values in 1 tensor.*diverged"):
         load_checkpoint(diverged_checkpoint(tmp_path / "nan", dtype=dtype))
+
+
+def _smooth_images(count: int, seed: int) -> torch.Tensor:
+    coarse = torch.rand(count, 3, 4, 4, generator=torch.Generator().manual_seed(seed)) * 255
+    return torch.nn.functional.interpolate(coarse, size=32, mode="bilinear").round().to(torch.uint8)
+
+
+def test_a_feature_rules_statistics_load_with_the_checkpoint_and_must_be_the_ones_it_was_fitted_with(tmp_path):
+    source = make_checkpoint(tmp_path / "plain", architecture="resnet20")
+    assert load_checkpoint(source).ood_statistics is None, "a logit rule (or none) needs no statistics"
+    directory = with_feature_rule(source, tmp_path / "features", _smooth_images(64, 0))
+    statistics = load_checkpoint(directory).ood_statistics
+    assert statistics is not None and statistics.precision.shape == (16, 16)  # resnet20's first stage: 16 wide
+    (directory / STATISTICS_FILE).write_bytes((directory / STATISTICS_FILE).read_bytes() + b" ")
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_checkpoint(directory)
+    (directory / STATISTICS_FILE).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(directory)

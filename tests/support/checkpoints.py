@@ -3,6 +3,7 @@ trained ones)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -71,4 +72,25 @@ def diverged_checkpoint(directory: Path, architecture: str = "resnet18", dtype: 
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     save_checkpoint(model, directory, architecture=architecture, dtype=dtype, test_accuracy=0.1)
+    return directory
+
+
+def with_feature_rule(checkpoint: Path, directory: Path, in_distribution: torch.Tensor) -> Path:
+    """A copy of ``checkpoint`` whose card carries a feature OOD rule (stage 1, log, plus energy) fitted on
+    ``in_distribution`` (uint8 N x 3 x H x W), its threshold keeping 95 % of them, and its statistics file."""
+    from model.checkpoint import load_checkpoint
+    from training.ood import threshold_at_tpr
+    from training.ood_features import CANDIDATES, fit_candidate, outputs_of
+
+    shutil.copytree(checkpoint, directory)
+    model = load_checkpoint(directory).model
+    outputs = outputs_of(model, in_distribution, torch.device("cpu"), contextlib.nullcontext)
+    fitted = fit_candidate(CANDIDATES[2], outputs, model.fc.in_features, "a test's images")
+    threshold = threshold_at_tpr(fitted.scores(outputs))
+    (directory / fitted.rule.statistics_file).write_bytes(fitted.statistics_bytes)
+    rule = OutOfDistributionRule(score="features", temperature=1.0, threshold=threshold, target_tpr=0.95,
+                                 holdout_tpr=0.95, selection="set by the test", features=fitted.rule)
+    calibration = Calibration(temperature=1.5, fitted_on="a test's made-up holdout", holdout_images=10,
+                              test_images=10, holdout_nll_before=0.5, holdout_nll_after=0.3, ood=rule)
+    write_card(read_card(directory).model_copy(update={"calibration": calibration}), directory / CARD_FILE)
     return directory

@@ -3,22 +3,25 @@
 import asyncio
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from app.classification import classifier as classifier_module
 from app.classification.classifier import Classifier
 from app.engine.engine import InferenceEngine
 from app.engine.errors import NoModelLoaded, UnsupportedImage
 from model.architectures import build_model
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.trust import assess
 from tests.support import images
-from tests.support.checkpoints import with_input_size
+from tests.support.checkpoints import make_checkpoint, with_feature_rule, with_input_size
 from tests.support.service import running_app, service_settings
 from tests.support.waiting import eventually
+from training.ood_features import outputs_of
 
 pytestmark = pytest.mark.anyio
 LIMIT = 40_000_000
@@ -190,3 +193,26 @@ async def test_past_the_decode_queue_bound_requests_get_503_with_retry_after_and
     assert [response.status_code for response in served + after] == [200] * 5, [r.text for r in served + after]
     assert len(after[1].json()["predictions"]) == 2
     assert classifier._decoding == 0, "every image handed to the decode threads was counted out again"
+
+
+async def test_the_served_ood_flag_is_the_offline_flag_of_a_feature_rule(tmp_path):
+    """The engine hands the classifier the features of the same forward pass, so /predict's flag and score
+    for an image are those model.trust gives offline (training.ood_features.outputs_of) for its pixels."""
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(96, 3, 4, 4, generator=generator) * 255
+    photos = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear").round().to(torch.uint8)
+    checkpoint = with_feature_rule(make_checkpoint(tmp_path / "plain", architecture="resnet20"),
+                                   tmp_path / "features", photos)
+    noise = torch.randint(0, 256, (4, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    pixels = torch.cat([photos[:6], noise])
+    uploads = [images.encode(Image.fromarray(image.permute(1, 2, 0).numpy()), "PNG") for image in pixels]
+    async with pipeline(checkpoint) as classifier:
+        served = await classifier.classify(uploads, deadline=deadline(), top_k=1)
+    loaded = load_checkpoint(checkpoint)
+    outputs = outputs_of(loaded.model, pixels, torch.device("cpu"), nullcontext)
+    offline = assess(outputs.logits, loaded.card.calibration, features=outputs.features,
+                     statistics=loaded.ood_statistics)
+    assert [answer.in_distribution for answer in served] == offline.in_distribution.tolist()
+    assert [answer.ood_score for answer in served] == pytest.approx(offline.score.tolist(), abs=1e-3)
+    assert not any(answer.in_distribution for answer in served[6:]), "pixel noise is far from every photo"
+    assert any(answer.in_distribution for answer in served[:6]), "images it was fitted on pass"

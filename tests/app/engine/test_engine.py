@@ -83,7 +83,7 @@ def images(count: int, seed: int = 0) -> list[np.ndarray]:
 def slow_forward(monkeypatch):
     """Make every forward pass take at least ``delay`` seconds; returns the list of batch sizes run."""
     sizes: list[int] = []
-    original = ServedModel.logits
+    original = ServedModel.outputs
 
     def install(delay: float) -> list[int]:
         def slow(self, batch):
@@ -91,7 +91,7 @@ def slow_forward(monkeypatch):
             time.sleep(delay)
             return original(self, batch)
 
-        monkeypatch.setattr(ServedModel, "logits", slow)
+        monkeypatch.setattr(ServedModel, "outputs", slow)
         return sizes
 
     return install
@@ -165,7 +165,7 @@ async def test_a_request_past_its_deadline_fails_and_its_queued_images_are_never
 
 
 async def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint, monkeypatch):
-    original = ServedModel.logits
+    original = ServedModel.outputs
     poisoned_pass, healthy_queued = threading.Event(), threading.Event()
 
     def poisoned(self, batch):
@@ -178,7 +178,7 @@ async def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint, monk
     poison = images(1)[0].copy()
     poison[0, 0, 0] = 255
     async with started_engine(tiny_checkpoint, max_batch_delay_s=0.0) as engine:
-        monkeypatch.setattr(ServedModel, "logits", poisoned)
+        monkeypatch.setattr(ServedModel, "outputs", poisoned)
         failing = asyncio.ensure_future(engine.predict([poison], timeout=30))
         await eventually(poisoned_pass.is_set, what="the poisoned pass")
         healthy = [asyncio.ensure_future(engine.predict(images(1, seed=s), timeout=30)) for s in range(5)]
@@ -196,17 +196,20 @@ async def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint, monk
 async def test_out_of_memory_is_retried_by_splitting_the_batch(tiny_checkpoint, monkeypatch):
     inputs = images(8, seed=3)
     async with started_engine(tiny_checkpoint) as engine:
-        expected = (await engine.predict(inputs, timeout=30)).logits
-        original = ServedModel.logits
+        unsplit = await engine.predict(inputs, timeout=30)
+        expected = unsplit.logits
+        original = ServedModel.outputs
 
         def small_memory(self, batch):
             if len(batch) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return original(self, batch)
 
-        monkeypatch.setattr(ServedModel, "logits", small_memory)
+        monkeypatch.setattr(ServedModel, "outputs", small_memory)
         result = await engine.predict(inputs, timeout=30)
     assert np.allclose(result.logits, expected, atol=TOLERANCE)
+    assert result.features is not None and unsplit.features is not None
+    assert np.allclose(result.features, unsplit.features, atol=TOLERANCE), "the features' rows follow the logits'"
     assert engine._observer.splits == 3  # 8 -> 4 + 4 -> (2 + 2) + (2 + 2)
 
 
@@ -215,7 +218,7 @@ async def test_out_of_memory_on_a_single_image_fails_that_request(tiny_checkpoin
         def no_memory(self, batch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-        monkeypatch.setattr(ServedModel, "logits", no_memory)
+        monkeypatch.setattr(ServedModel, "outputs", no_memory)
         with pytest.raises(InferenceFailed, match="inference failed on this request"):
             await engine.predict(images(1), timeout=30)
 

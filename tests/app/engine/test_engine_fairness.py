@@ -38,7 +38,7 @@ class HeldPasses:
 @pytest.fixture
 def held_passes(monkeypatch):
     held = HeldPasses()
-    original = ServedModel.logits
+    original = ServedModel.outputs
 
     def held_logits(self, batch):
         if not held.armed:
@@ -48,7 +48,7 @@ def held_passes(monkeypatch):
         held.gate.wait()
         return original(self, batch)
 
-    monkeypatch.setattr(ServedModel, "logits", held_logits)
+    monkeypatch.setattr(ServedModel, "outputs", held_logits)
     yield held
     held.release()  # a failed test must not leave a device thread waiting for good
 

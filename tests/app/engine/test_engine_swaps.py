@@ -19,7 +19,7 @@ pytestmark = pytest.mark.anyio
 def hold_model(monkeypatch):
     """``hold_model(model)``: that model's forward passes wait for the returned event; others run freely
     (the candidate's warm-up among them)."""
-    original = ServedModel.logits
+    original = ServedModel.outputs
     held: dict[int, threading.Event] = {}
     started: list[int] = []
 
@@ -29,7 +29,7 @@ def hold_model(monkeypatch):
             held[id(self)].wait()
         return original(self, batch)
 
-    monkeypatch.setattr(ServedModel, "logits", logits)
+    monkeypatch.setattr(ServedModel, "outputs", logits)
 
     def hold(model: ServedModel) -> tuple[threading.Event, list[int]]:
         held[id(model)] = threading.Event()

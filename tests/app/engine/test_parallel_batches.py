@@ -22,7 +22,7 @@ async def batch_sizes(checkpoint, monkeypatch, parallel_batches: int, requests: 
                              parallel_batches=parallel_batches)
     sizes: list[int] = []
     together = threading.Barrier(parallel_batches, timeout=30)
-    original = ServedModel.logits
+    original = ServedModel.outputs
 
     def recorded(self, batch):
         sizes.append(len(batch))
@@ -32,7 +32,7 @@ async def batch_sizes(checkpoint, monkeypatch, parallel_batches: int, requests: 
     await engine.start()
     try:
         await engine.swap(checkpoint)  # warm-up passes run one at a time: the barrier comes after
-        monkeypatch.setattr(ServedModel, "logits", recorded)
+        monkeypatch.setattr(ServedModel, "outputs", recorded)
         pixels = np.zeros((32, 32, 3), dtype=np.uint8)
         await asyncio.gather(*(engine.predict([pixels], timeout=60) for _ in range(requests)))
     finally:
