@@ -44,9 +44,11 @@ class BatchingSettings(BaseModel):
 
 
 class OutOfDistributionInfo(BaseModel):
-    score: Literal["energy", "msp"] = Field(description="the kind of every prediction's ood_score: energy = "
-                                            "T·logsumexp(logits/T) (Liu et al. 2020), msp = max softmax(logits/T) "
-                                            "(Hendrycks & Gimpel 2017); higher = more like the training images")
+    score: Literal["energy", "msp", "features"] = Field(
+        description="the kind of every prediction's ood_score: energy = T·logsumexp(logits/T) (Liu et al. 2020), "
+                    "msp = max softmax(logits/T) (Hendrycks & Gimpel 2017), features = the network's first-stage "
+                    "features against those of training images, with the energy (the card's calibration.ood "
+                    "says how); higher = more like the training images")
     temperature: float = Field(description="the T inside the score")
     threshold: float = Field(description="in_distribution is true when ood_score >= threshold ...")
     upper_threshold: float | None = Field(description="... and, when this is set, ood_score <= it")

@@ -288,10 +288,12 @@ def test_an_example_click_shows_the_calibrated_answer_the_model_and_the_heat_map
     explanation = httpx.post(f"{service}/explain", files={"file": ("cat.png", cat, "image/png")}, timeout=30)
     model = open_page(page, service)
     page.set_viewport_size({"width": 1024, "height": 900})
-    expect(page.locator("#model-accuracy")).to_have_text("91.6%")
+    # The page shows the served card's own figures, one decimal, as GET /model gives them.
+    expect(page.locator("#model-accuracy")).to_have_text(f"{100 * model['test_accuracy']:.1f}%")
     calibration = model["calibration"]
     expect(page.locator("#model-calibration")).to_contain_text(f"temperature {calibration['temperature']:.3f}")
-    expect(page.locator("#model-calibration")).to_contain_text("17.4% → 1.4%")
+    expect(page.locator("#model-calibration")).to_contain_text(
+        f"{100 * calibration['test_ece_before']:.1f}% → {100 * calibration['test_ece_after']:.1f}%")
     expect(page.locator("#example-list .example")).to_have_count(10)
 
     page.locator('.example[data-name="cat.png"]').click()
