@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.labels import NUM_CLASSES
+from model.staged import StagedNetwork
 
 STAGE_WIDTHS = (16, 32, 64)
 DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # blocks per stage
@@ -56,7 +57,7 @@ class CifarBasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(StagedNetwork):
     def __init__(self, blocks_per_stage: int, num_classes: int = NUM_CLASSES,
                  zero_init_residual: bool = False) -> None:
         super().__init__()
@@ -84,9 +85,6 @@ class CifarResNet(nn.Module):
                 if isinstance(module, CifarBasicBlock):
                     nn.init.zeros_(module.last_bn().weight)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The globally average-pooled vector the fc layer reads: the OOD score's features."""
-        return self._rest(self.layer1(self._stem(x)))
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
@@ -98,15 +96,7 @@ class CifarResNet(nn.Module):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The logits, exactly as ``forward`` gives them, and ``model.features``' two parts: the first stage's
-        output averaged over the image, and the penultimate vector."""
-        first = self.layer1(self._stem(x))
-        penultimate = self._rest(first)
-        return self.head(penultimate), first.mean((2, 3)), penultimate
 
 
 def build_cifar_resnet(architecture: str, num_classes: int = NUM_CLASSES,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from model.labels import NUM_CLASSES
+from model.staged import StagedNetwork
 
 STAGE_WIDTHS = (64, 256, 256)
 WHITENING_KERNEL = 2
@@ -65,7 +66,7 @@ class ConvStage(nn.Module):
         return self.activation(self.bn2(self.conv2(x)))
 
 
-class FastCNN(nn.Module):
+class FastCNN(StagedNetwork):
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.whiten = nn.Conv2d(3, WHITENING_WIDTH, WHITENING_KERNEL, bias=True)
@@ -91,9 +92,6 @@ class FastCNN(nn.Module):
         filters = filters.reshape(-1, 3, WHITENING_KERNEL, WHITENING_KERNEL)
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The globally max-pooled vector (N, 256) the final linear layer reads: the OOD score's features."""
-        return self._rest(self.layer1(self._stem(x)))
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.whiten(x))
@@ -105,15 +103,7 @@ class FastCNN(nn.Module):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features) * LOGIT_SCALE
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The logits, exactly as ``forward`` gives them, and ``model.features``' two parts: the first stage's
-        output averaged over the image, and the penultimate vector."""
-        first = self.layer1(self._stem(x))
-        penultimate = self._rest(first)
-        return self.head(penultimate), first.mean((2, 3)), penultimate
 
 
 def build_fastcnn(num_classes: int = NUM_CLASSES, zero_init_residual: bool = False) -> FastCNN:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from model.labels import NUM_CLASSES
+from model.staged import StagedNetwork
 
 
 def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
@@ -71,7 +72,7 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         return self.relu(out + shortcut)
 
-class ResNet(nn.Module):
+class ResNet(StagedNetwork):
     def __init__(
         self,
         block: type[BasicBlock] | type[Bottleneck],
@@ -111,9 +112,6 @@ class ResNet(nn.Module):
                 if isinstance(module, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(module.last_bn().weight)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The globally average-pooled vector the fc layer reads: the OOD score's features."""
-        return self._rest(self.layer1(self._stem(x)))
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
@@ -126,15 +124,7 @@ class ResNet(nn.Module):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The logits, exactly as ``forward`` gives them, and ``model.features``' two parts: the first stage's
-        output averaged over the image, and the penultimate vector."""
-        first = self.layer1(self._stem(x))
-        penultimate = self._rest(first)
-        return self.head(penultimate), first.mean((2, 3)), penultimate
 
 BLOCKS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
