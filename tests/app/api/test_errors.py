@@ -85,10 +85,10 @@ async def test_a_forward_pass_that_raises_is_a_500_without_the_exceptions_text(t
                                                                              monkeypatch):
     secret = f"simulated kernel failure reading {tmp_path}/weights.bin"
     async with running_app(service_settings(tiny_checkpoint)) as (_, client):
-        def failing_logits(self, batch):
+        def failing_pass(self, batch):
             raise RuntimeError(secret)
 
-        monkeypatch.setattr(ServedModel, "logits", failing_logits)
+        monkeypatch.setattr(ServedModel, "outputs", failing_pass)
         answers = await anonymous_answers(client)
         ready = await client.get("/readyz")
     del answers["/readyz"], answers["/v2/health/ready"]  # 200: see below

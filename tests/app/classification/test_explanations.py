@@ -74,16 +74,16 @@ async def test_an_explanation_asked_for_while_a_model_is_traced_waits_for_the_tr
 def held_inference(monkeypatch):
     """The engine's forward passes (on its ``inference`` threads) wait for the returned event; the explain
     threads' passes and the candidate's warm-up run freely. The list counts the held passes."""
-    original = ServedModel.logits
+    original = ServedModel.outputs
     release, held = threading.Event(), []
 
-    def logits(self, batch):
+    def outputs(self, batch):
         if threading.current_thread().name.startswith("inference"):
             held.append(len(batch))
             release.wait(600)
         return original(self, batch)
 
-    monkeypatch.setattr(ServedModel, "logits", logits)
+    monkeypatch.setattr(ServedModel, "outputs", outputs)
     yield release, held
     release.set()  # a failed test must not leave a device thread waiting for good
 
