@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from safetensors.torch import load, save
 from torch import nn
 
 from model.durable import write_atomically
+from model.staged import StagedNetwork
 
 STATISTICS_FILE = "ood_features.safetensors"
 FeaturePart = Literal["stage1", "penultimate"]
@@ -45,7 +46,7 @@ class LogitsAndFeatures(nn.Module):
         self.network = network
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.network.forward_with_features(batch)
+        return cast(StagedNetwork, self.network).forward_with_features(batch)  # every architecture is one
 
 
 def joined(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:

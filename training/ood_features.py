@@ -106,7 +106,7 @@ def fit_candidate(candidate: FeatureCandidate, train: Outputs, penultimate_width
     mahalanobis = statistics.score(transform(part, candidate.transform))  # type: ignore[arg-type]
     energy = energy_score(train.logits)
     rule = FeatureScore(
-        part=candidate.part, transform=candidate.transform,  # type: ignore[arg-type]
+        part=candidate.part, transform=candidate.transform,
         statistics_sha256=hashlib.sha256(data).hexdigest(),
         feature_centre=float(mahalanobis.median()), feature_scale=_spread(mahalanobis),
         energy_weight=candidate.energy_weight, energy_centre=float(energy.median()),

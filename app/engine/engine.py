@@ -387,7 +387,7 @@ class InferenceEngine:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
-        running: set[asyncio.Future[tuple[np.ndarray, float]]] = set()
+        running: set[asyncio.Future[tuple[np.ndarray, np.ndarray, float]]] = set()
         while (batch := await self._next_batch(running)) is not None:
             model = self._active
             assert model is not None  # predict() queues nothing before the first model is installed
