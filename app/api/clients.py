@@ -13,7 +13,7 @@ import math
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import refusal_before_body
+from app.api.errors import expected_response
 from app.config import Settings
 from app.engine.errors import QueueFull
 
@@ -55,7 +55,7 @@ class ClientBackoffGate:
         refusal = QueueFull(f"this client was refused for its share of the queue (APP_MAX_CLIENT_IMAGES="
                             f"{self.settings.max_client_images}) and asked to wait; retry after {retry_after} s",
                             retry_after)
-        await refusal_before_body(scope["path"], refusal)(scope, receive, send)
+        await expected_response(scope["path"], refusal)(scope, receive, send)
 
     def _named(self, scope: Scope) -> str | None:
         if self.header is None:

@@ -126,15 +126,6 @@ def expected_response(path: str, error: Exception) -> JSONResponse:
     return _error_body(path, status, str(error), headers)
 
 
-def refusal_before_body(path: str, error: Exception) -> JSONResponse:
-    """``expected_response`` for a request refused before its body was read (or while it was): the
-    connection is closed after the answer, since keeping it open means reading the rest of the body only to
-    discard it, and a client refused for its size or its share may be sending megabytes of it."""
-    response = expected_response(path, error)
-    response.headers["Connection"] = "close"
-    return response
-
-
 def _error_body(path: str, status: int, message: str, headers: dict[str, str] | None) -> JSONResponse:
     key = "error" if path.startswith("/v2/") else "detail"
     return JSONResponse({key: message}, status_code=status, headers=headers)

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import admin_refusal
-from app.api.errors import PayloadTooLarge, refusal_before_body
+from app.api.errors import PayloadTooLarge, expected_response
 from app.config import Settings
 from app.engine.errors import UploadBudgetExceeded
 from app.logging import request_id
@@ -137,27 +137,20 @@ class UploadBudgetGate:
         declared = _header(scope, b"content-length")
         counting = declared is None or not declared.isdigit()
         held = 0
-        started = cut_short = False
+        started = False
 
         async def counted() -> Message:
-            nonlocal held, cut_short
+            nonlocal held
             message = await receive()
             if counting and message["type"] == "http.request":
                 size = len(message.get("body", b""))
-                try:
-                    self.budget.reserve(size)
-                except UploadBudgetExceeded:
-                    cut_short = True
-                    raise
+                self.budget.reserve(size)
                 held += size
             return message
 
         async def watched_send(message: Message) -> None:
             nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                if cut_short:  # the route answered the refusal itself: close, as refusal_before_body does
-                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
@@ -169,7 +162,7 @@ class UploadBudgetGate:
         except UploadBudgetExceeded as error:
             if started:
                 raise
-            await refusal_before_body(scope["path"], error)(scope, receive, send)
+            await expected_response(scope["path"], error)(scope, receive, send)
         finally:
             self.budget.release(held)
 
@@ -197,7 +190,7 @@ class AdminGate:
             except PayloadTooLarge as error:
                 refusal = error
         if refusal is not None:
-            await refusal_before_body(scope["path"], refusal)(scope, receive, send)
+            await expected_response(scope["path"], refusal)(scope, receive, send)
             return
         replayed = False
 

@@ -84,8 +84,6 @@ def test_held_uploads_fill_the_budget_and_the_next_is_refused_before_its_body(se
         assert status == 503, body
         assert int(headers["retry-after"]) >= 1
         assert "APP_MAX_UPLOAD_BYTES_IN_FLIGHT" in json.loads(body)["detail"]
-        # And the connection is closed rather than kept open to read (and discard) the refused body.
-        assert headers["connection"] == "close" and refused.recv(1) == b""
 
         # A chunked body declares no length: its bytes are counted as they come, and refused past the budget.
         chunked = held.enter_context(socket.create_connection(host_port, timeout=60))
@@ -94,9 +92,8 @@ def test_held_uploads_fill_the_budget_and_the_next_is_refused_before_its_body(se
         chunk = b"\0" * (256 * 1024)
         for _ in range(3):
             chunked.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-        status, headers, body = read_response(chunked)
+        status, _, body = read_response(chunked)
         assert status == 503 and b"APP_MAX_UPLOAD_BYTES_IN_FLIGHT" in body
-        assert headers["connection"] == "close"
 
         # A well-behaved small request fits in what is left.
         small = httpx.post(f"{server.url}/predict", content=images.png(seed=3),
