@@ -203,6 +203,30 @@ def held_out_families(count: int, seed: int) -> dict[str, torch.Tensor]:
     return sets
 
 
+def jpeg_round_trip(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
+    """``images`` (uint8 N x 3 x 32 x 32) JPEG-encoded at ``quality`` with 4:2:0 chroma at their own size and
+    decoded: the degradation of a rebuilt CIFAR-10 copy's training images (ours: quality about 75), with no
+    enlargement, so it tells the loss of detail apart from the photo-like path's resampling."""
+    decoded = []
+    for image in images.permute(0, 2, 3, 1).numpy():
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, format="JPEG", quality=quality, subsampling=2)
+        with Image.open(io.BytesIO(encoded.getvalue())) as back:
+            decoded.append(np.asarray(back.convert("RGB"), dtype=np.uint8))
+    return _stack(decoded)
+
+
+def ycbcr_detail(images: torch.Tensor) -> dict[str, float]:
+    """The mean absolute Laplacian of each of Y, Cb and Cr over ``images`` (uint8 N x 3 x H x W): how much fine
+    detail the brightness and the colour carry. 4:2:0 JPEG halves the colour's, which the first stage's
+    features (and so a rule that reads them) notice."""
+    planes = np.stack([np.asarray(Image.fromarray(image).convert("YCbCr"), dtype=np.float32)
+                       for image in images.permute(0, 2, 3, 1).numpy()])
+    x = torch.from_numpy(planes).permute(0, 3, 1, 2)
+    laplacian = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+    return {name: round(float(value), 3) for name, value in zip(("Y", "Cb", "Cr"), laplacian.abs().mean(dim=(0, 2, 3)))}
+
+
 def photo_like(images: torch.Tensor, scale: int = 4, quality: int = 85) -> torch.Tensor:
     """``images`` (uint8 N x 3 x 32 x 32) enlarged ``scale`` x bicubically, JPEG-encoded at ``quality`` and fitted
     back to 32 px by the service's ``fit_to_size``."""
