@@ -45,6 +45,7 @@ RETRY_AFTER_S = 2
 # How long after start-up a refused connection is retried rather than answered with 503: the control plane
 # starts beside the replica and takes seconds to import and open its store; nothing was sent, so a retry is safe.
 START_UP_GRACE_S = 60.0
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and those the forward sets itself.
 _NOT_FORWARDED = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
                   b"transfer-encoding", b"upgrade", b"host", b"content-length", b"x-request-id"}
@@ -100,7 +101,8 @@ class ControlLink:
         return self.state.startswith("starting") and time.monotonic() - self._opened < START_UP_GRACE_S
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request``, retrying a refused connection while the control plane is starting."""
+        """Send ``request``, retrying a refused connection while the control plane is starting, and a reset one
+        too if the request only reads."""
         assert self.client is not None
         while True:
             try:
@@ -108,7 +110,13 @@ class ControlLink:
             except httpx.ConnectError:
                 if not self.starting():
                     raise
-                await asyncio.sleep(0.25)
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # A predecessor killed on the same port still accepts connections until the kernel has torn down
+                # its memory and only then closes its sockets, resetting them unanswered. Whether a write reached
+                # it cannot be known, so only a read is sent again.
+                if not (self.starting() and request.method in IDEMPOTENT_METHODS):
+                    raise
+            await asyncio.sleep(0.25)
 
     async def _probe_forever(self) -> None:
         while True:

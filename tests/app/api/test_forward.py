@@ -4,6 +4,8 @@ on a real socket that records what reaches it."""
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +20,7 @@ AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 class StandInControlPlane:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.seen: list[dict[str, object]] = []
         owner = self
 
@@ -41,7 +43,7 @@ class StandInControlPlane:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -90,3 +92,45 @@ async def test_a_control_plane_that_does_not_answer_is_a_503_with_retry_after(ti
         assert "Predictions are not affected" in response.json()["detail"]
         ready = (await client.get("/readyz")).json()
         assert ready["status"] == "ready" and ready["control_plane"] != "ready"
+
+
+class DyingPredecessor:
+    """A listening socket that resets every connection it accepts, as a killed control plane's socket does until
+    the kernel closes it; after ``resets`` of them it is gone and ``StandInControlPlane`` listens on its port."""
+
+    def __init__(self, resets: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.reset: list[tuple[str, str]] = []  # (method, path) of each connection it reset
+        self.successor: StandInControlPlane | None = None
+        self.thread = threading.Thread(target=self._run, args=(resets,), daemon=True)
+        self.thread.start()
+
+    def _run(self, resets: int) -> None:
+        for _ in range(resets):
+            connection, _ = self.listener.accept()
+            method, path = connection.recv(256).decode("latin-1").split(" ")[:2]
+            self.reset.append((method, path))
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, no FIN
+            connection.close()
+        self.listener.close()
+        self.successor = StandInControlPlane(self.port)
+
+
+async def test_while_starting_a_reset_read_is_sent_again_and_a_reset_write_is_not(tiny_checkpoint):
+    predecessor = DyingPredecessor(resets=3)
+    url = f"http://127.0.0.1:{predecessor.port}"
+    try:
+        async with running_app(service_settings(tiny_checkpoint, control_url=url)) as (app, client):
+            written = await client.post("/train", json={"epochs": 1}, headers=AUTH)
+            read = await client.get("/train", headers=AUTH)
+            predecessor.thread.join(timeout=10)
+            assert predecessor.successor is not None
+            assert written.status_code == 503 and written.headers["retry-after"] == "2", written.text
+            assert read.status_code == 200 and read.json()["path"] == "/train", read.text
+            assert ("POST", "/train") in predecessor.reset and ("GET", "/train") in predecessor.reset, predecessor.reset
+            assert [r["method"] for r in predecessor.successor.requests("/train")] == ["GET"], "the write was resent"
+    finally:
+        if predecessor.successor is not None:
+            predecessor.successor.server.shutdown()
+            predecessor.successor.server.server_close()
