@@ -4,9 +4,9 @@
     python -m training.calibrate --weights runs/cpu/checkpoint --data-dir data --out-dir runs/cpu
 
 The same fit a training run ends with (``training.trust``), on the same holdout split the checkpoint's card
-describes: ``card.training``'s ``train_limit`` and ``holdout`` pick the images (the last ``holdout`` of the
-first ``train_limit`` training images), so the images the network never trained on are the ones fitted on;
-the OOD rule's feature statistics (``training.ood_features``) are fitted on the training images before them
+describes: ``card.training``'s ``train_limit``, ``holdout`` and ``holdout_from`` pick the images (the last, or
+first, ``holdout`` of the first ``train_limit`` training images), so the images the network never trained on are
+the ones fitted on; the OOD rule's feature statistics (``training.ood_features``) are fitted on the other ones
 and written as ``ood_features.safetensors`` next to the weights when a feature rule wins;
 ``--data-dir`` may name another copy of CIFAR-10. Only ``card.json`` is rewritten (atomically: a temporary
 file, then a rename); the weights, and so their SHA-256 and the model version, stay as they are. With
@@ -86,7 +86,7 @@ def calibrate_checkpoint(weights: Path, data_dir: Path, *, skip_integrity_check:
         raise CalibrationError(f"{weights}'s card.training has no holdout: it may have trained on every training "
                                "image, and the test set is never fitted on; retrain with --holdout N")
     data = load_cifar10(data_dir, skip_integrity_check=skip_integrity_check, train_limit=train_limit,
-                        test_limit=test_limit, holdout=holdout)
+                        test_limit=test_limit, holdout=holdout, holdout_from=card.training.get("holdout_from", "last"))
     trained_on, ours = _data_digests(card.data_provenance), _data_digests(data.provenance)
     if trained_on and ours and trained_on != ours:
         print(f"warning: the batch files in {data_dir} are not the bytes {weights} was trained from "
@@ -95,7 +95,7 @@ def calibrate_checkpoint(weights: Path, data_dir: Path, *, skip_integrity_check:
     autocast = evaluation_autocast(target, resolve_precision("auto", target))
     assert data.holdout is not None  # holdout >= 1 was checked above
     fit = fit_trust(checkpoint.model, data.holdout, data.test, device=target, autocast=autocast,
-                    git_commit=git_commit(), fitted_on=holdout_description(len(data.train), holdout),
+                    git_commit=git_commit(), fitted_on=holdout_description(data.holdout_start, holdout),
                     train=data.train)
     weights_path, card_path = checkpoint_files(weights)
     if file_sha256(weights_path) != card.weights_sha256:

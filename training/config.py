@@ -26,6 +26,8 @@ from training.precision import PRECISIONS
 # the classic CIFAR ResNet rate (He et al. 2015), which gives 0.4 at the default batch of 512.
 LR_PER_128_IMAGES = 0.1
 
+HOLDOUT_ENDS = ("last", "first")
+
 # What --recipe changes from the defaults below (the GPU recipe). The CPU recipe is the one measured to give
 # the most accuracy from about an hour on a 2-core CPU with native bf16 (docs/training.md, "The CPU recipe,
 # and why"); its holdout is what the recipe was tuned on. Options given on the command line (or in a job)
@@ -98,8 +100,14 @@ class TrainingConfig:
     test_limit: int | None = option(None, group="data", minimum=1, metavar="N",
                                     help="use only the first N test images (smoke runs; default: all)")
     holdout: int = option(0, group="data", minimum=0, metavar="N",
-                          help="keep the last N training images out of training and report accuracy on them as "
-                               "validation accuracy, for tuning without touching the test set")
+                          help="keep the last N training images (or the first: --holdout-from) out of training and "
+                               "report accuracy on them as validation accuracy, for tuning without touching the "
+                               "test set; the calibration and the out-of-distribution threshold are fitted on them")
+    holdout_from: str = option("last", group="data", choices=HOLDOUT_ENDS,
+                               help="which end of the training set --holdout takes (both are random samples of "
+                                    "CIFAR-10): the one whose images are most like what the service will be "
+                                    "sent, since the out-of-distribution threshold is set to keep most of them; "
+                                    "in a copy whose first images are lossless and the rest recompressed, the first")
     arch: str = option(DEFAULT_ARCHITECTURE, group="recipe", choices=ARCHITECTURES, help="network")
     zero_init_residual: bool = option(True, group="recipe", switch="on-off",  # Goyal et al. 2017, 5.1
                                       help="start each residual block as the identity")

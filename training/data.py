@@ -20,6 +20,7 @@ from torchvision.datasets.utils import check_integrity
 
 from model.checkpoint import file_sha256
 from model.labels import NUM_CLASSES
+from training.config import HOLDOUT_ENDS
 from training.layout import DATA_FOLDER
 
 BATCH_FOLDER = DATA_FOLDER  # the folder torchvision's CIFAR10 reads: its base_folder
@@ -81,9 +82,10 @@ class ImageSet:
 @dataclass(frozen=True)
 class CifarSplits:
     train: ImageSet
-    holdout: ImageSet | None  # validation split carved from the end of the training set
+    holdout: ImageSet | None  # validation split carved from one end of the training set (HOLDOUT_ENDS)
     test: ImageSet
     provenance: str           # for the model card: where the data came from and how it was checked
+    holdout_start: int = 0    # the first held-out image's index in the training set
 
 
 def load_cifar10(
@@ -94,18 +96,20 @@ def load_cifar10(
     train_limit: int | None = None,
     test_limit: int | None = None,
     holdout: int = 0,
+    holdout_from: str = "last",
 ) -> CifarSplits:
     train = load_split(data_dir, train=True, download=download, skip_integrity_check=skip_integrity_check)
     test = load_split(data_dir, train=False, download=False, skip_integrity_check=skip_integrity_check)
     train = train.take(0, train_limit)
     test = test.take(0, test_limit)
-    # CIFAR-10's training order is already random, so its last N images are a random sample of it.
+    # CIFAR-10's training order is already random, so its first or last N images are a random sample of it.
     if holdout >= len(train):
         raise DatasetError(f"--holdout {holdout} leaves no training images out of {len(train)}; choose fewer")
-    validation = train.take(len(train) - holdout) if holdout else None
-    train = train.take(0, len(train) - holdout)
+    first = holdout_start(holdout_from, len(train), holdout)
+    validation = train.take(first, first + holdout) if holdout else None
+    train = train.take(holdout, None) if first == 0 and holdout else train.take(0, len(train) - holdout)
     provenance = describe_provenance(data_dir, skip_integrity_check, len(train), holdout, len(test))
-    return CifarSplits(train=train, holdout=validation, test=test, provenance=provenance)
+    return CifarSplits(train=train, holdout=validation, test=test, provenance=provenance, holdout_start=first)
 
 
 def load_split(
@@ -190,6 +194,13 @@ def _require_files(root: Path, folder: Path) -> None:
     if missing:
         raise DatasetError(f"CIFAR-10 in {folder} is incomplete: {', '.join(missing)} missing; "
                            "copy the whole cifar-10-batches-py folder, or add --download")
+
+
+def holdout_start(holdout_from: str, images: int, holdout: int) -> int:
+    """The index of the first held-out image among ``images`` (the training set before the holdout is taken)."""
+    if holdout_from not in HOLDOUT_ENDS:
+        raise DatasetError(f"--holdout-from {holdout_from!r}: choose one of {', '.join(HOLDOUT_ENDS)}")
+    return 0 if holdout_from == "first" else images - holdout
 
 
 def describe_provenance(

@@ -95,7 +95,7 @@ class TrainingRun:
         with main_first(worker):
             data = load_cifar10(config.data_dir, download=config.download,
                                 skip_integrity_check=config.skip_integrity_check, train_limit=config.train_limit,
-                                test_limit=config.test_limit, holdout=config.holdout)
+                                test_limit=config.test_limit, holdout=config.holdout, holdout_from=config.holdout_from)
         steps_per_epoch = len(data.train) // config.batch_size
         if steps_per_epoch == 0 or config.batch_size % worker.world_size:
             raise TrainingError(f"--batch-size {config.batch_size} must be at most the {len(data.train)} training "
@@ -228,7 +228,7 @@ class TrainingRun:
             return None
         fit = fit_trust(learner.evaluated_model, data.holdout, data.test, device=self.worker.device,
                         autocast=self.eval_autocast, git_commit=self.git_commit,
-                        fitted_on=holdout_description(len(data.train), len(data.holdout)), train=data.train)
+                        fitted_on=holdout_description(data.holdout_start, len(data.holdout)), train=data.train)
         write_ood_statistics(fit, checkpoint)  # before save_checkpoint writes the card that names it
         if self.config.plots:
             plot_reliability(fit.test_before, fit.test_after, fit.calibration.temperature,

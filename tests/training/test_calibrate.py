@@ -88,3 +88,18 @@ def test_calibrating_a_checkpoint_without_a_holdout_is_one_error_line(trained_ru
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and "no holdout" in line and "--holdout N" in line
     assert (checkpoint / CARD_FILE).read_bytes() == card_before
+
+
+def test_a_holdout_from_the_first_images_is_the_one_calibrated_on_then_and_afterwards(synthetic_cifar10, tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(synthetic_cifar10, run_dir, "--epochs", "1", "--holdout", "20", "--holdout-from", "first",
+                         "--arch", "fastcnn")
+    assert train(args) == 0
+    at_the_end = read_card(run_dir / "checkpoint")
+    assert at_the_end.training["holdout_from"] == "first"
+    assert at_the_end.calibration.fitted_on.startswith("holdout: training images 0-19 (20)")
+    assert calibrate(["--weights", str(run_dir / "checkpoint"), "--data-dir", str(synthetic_cifar10),
+                      "--skip-integrity-check", "--device", "cpu", "--test-limit", "20"]) == 0
+    again = read_card(run_dir / "checkpoint").calibration
+    assert again.fitted_on == at_the_end.calibration.fitted_on
+    assert again.temperature == pytest.approx(at_the_end.calibration.temperature, rel=1e-9)

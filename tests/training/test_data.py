@@ -27,6 +27,17 @@ def test_holdout_and_limits_carve_the_splits(synthetic_cifar10):
     assert (len(data.train), len(data.holdout), len(data.test)) == (40, 20, 10)
     assert torch.equal(data.holdout.images, full.images[40:60])
     assert torch.equal(data.train.images, full.images[:40])
+    assert data.holdout_start == 40
+
+
+def test_a_holdout_from_the_first_images_trains_on_the_rest(synthetic_cifar10):
+    data = load_cifar10(synthetic_cifar10, skip_integrity_check=True, train_limit=60, holdout=20, holdout_from="first")
+    full = load_split(synthetic_cifar10, train=True, skip_integrity_check=True)
+    assert (len(data.train), len(data.holdout), data.holdout_start) == (40, 20, 0)
+    assert torch.equal(data.holdout.images, full.images[:20])
+    assert torch.equal(data.train.images, full.images[20:60])
+    with pytest.raises(DatasetError, match="--holdout-from 'middle'"):
+        load_cifar10(synthetic_cifar10, skip_integrity_check=True, holdout=20, holdout_from="middle")
 
 
 def test_a_holdout_as_large_as_the_training_set_is_refused(synthetic_cifar10):
