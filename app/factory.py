@@ -44,7 +44,7 @@ from app.engine.errors import ServiceStopping, SwapFailed, SwapTimedOut
 from app.engine.self_verification import start_backend_verification
 from app.logging import configure_logging
 from app.service_metrics import ServiceMetrics
-from model.checkpoint import CheckpointError, checkpoint_files
+from model.card import CheckpointError, checkpoint_files
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from app.engine.errors import (
     SwapTimedOut,
     UnsupportedImage,
 )
-from model.checkpoint import CheckpointError
+from model.card import CheckpointError
 
 
 class BadRequest(Exception):

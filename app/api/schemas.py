@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from app.classification.answers import Prediction
 from app.control.registry import RegisteredModel
 from app.engine.self_verification import BackendVerificationStatus
-from model.checkpoint import Calibration
+from model.card import Calibration
 
 
 class ErrorResponse(BaseModel):

@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from app.classification.probabilities import AssessedOutput
-from model.checkpoint import ModelCard
+from model.card import ModelCard
 
 
 class ClassProbability(BaseModel):

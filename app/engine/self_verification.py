@@ -50,7 +50,7 @@ from model.backend_report import (
     load_backend_report,
     machine_identity,
 )
-from model.calibration_set import VERIFICATION_FILE
+from model.card import VERIFICATION_FILE
 from model.cpu_features import isa_mask
 from model.inference import available_cpu_backends
 

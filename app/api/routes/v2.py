@@ -62,7 +62,7 @@ from app.api.v2_protocol import (
 )
 from app.classification.probabilities import AssessedOutput
 from app.engine.errors import NoModelLoaded
-from model.checkpoint import ModelCard
+from model.card import ModelCard
 
 # Commas a request may hold besides those between its tensor's values: ids, parameters and outputs.
 OTHER_COMMAS = 1024
