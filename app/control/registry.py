@@ -117,8 +117,8 @@ class ModelRegistry:
         if weights_sha256 != card.weights_sha256:
             raise CheckpointError(f"{weights} has SHA-256 {weights_sha256}, but its card says "
                                   f"{card.weights_sha256}; the checkpoint was not written completely")
-        # torch reads the weights; imported only now, so the control plane starts without it (a restart beside
-        # the serving process, benchmarks/control_start.py) and pays for it once a run has finished.
+        # torch reads the weights: imported when a checkpoint is registered (a run has finished), not at start-up,
+        # so the control plane's restarts beside the serving process stay cheap (benchmarks/control_start.py).
         from model.checkpoint import check_finite_weights
 
         check_finite_weights(weights)  # a diverged run's NaN weights never become a version anyone can promote
