@@ -28,7 +28,7 @@ from app.api.errors import install_error_handlers
 from app.api.forward import ControlForward, ControlLink
 from app.api.middleware import AdminGate, RequestContextMiddleware, UploadBudget, UploadBudgetGate
 from app.api.openapi import install_openapi
-from app.api.routes import admin, explain, health, model_info, predict, registry, train, v2, web
+from app.api.routes import admin, explain, health, model_info, predict, promotion, registry, train, v2, web
 from app.classification.classifier import Classifier
 from app.classification.explanations import Explainer
 from app.classification.images import pillow_pixel_limit
@@ -44,7 +44,7 @@ from app.engine.errors import ServiceStopping, SwapFailed, SwapTimedOut
 from app.engine.self_verification import start_backend_verification
 from app.logging import configure_logging
 from app.service_metrics import ServiceMetrics
-from model.checkpoint import CheckpointError, checkpoint_files
+from model.card import CheckpointError, checkpoint_files
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # The last one added runs first: the request context wraps the gate, so its refusals are counted and
     # logged, and the gate wraps the forward, so no request reaches the control plane without the token.
-    app.add_middleware(ControlForward, link=link, routes=[*train.router.routes, *admin.promotion_router.routes],
+    app.add_middleware(ControlForward, link=link, routes=[*train.router.routes, *promotion.router.routes],
                        max_body_bytes=settings.max_json_bytes)
     app.add_middleware(AdminGate, settings=settings, prefixes=(admin.router.prefix, train.router.prefix))
     budget = UploadBudget(settings.max_upload_bytes_in_flight)
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Served by the control plane (ControlForward answers them before any route runs); included here so the
     # OpenAPI document describes every route a client reaches at this address.
     app.include_router(train.router)
-    app.include_router(admin.promotion_router)
+    app.include_router(promotion.router)
     install_openapi(app, settings)
     return app
 

@@ -4,10 +4,12 @@ so two apps in one process, as in the tests, do not share or clash)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-from app.engine.served_model import ServedModel
+if TYPE_CHECKING:  # only the engine calls model_installed; the control plane's app has these metrics and no torch
+    from app.engine.served_model import ServedModel
 
 # Request latencies from a cached CPU answer (~1 ms) to a request timeout (30 s).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

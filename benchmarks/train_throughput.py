@@ -33,10 +33,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.architectures import ARCHITECTURES
-from training.config import TrainingConfig
+from training.config import PRECISIONS, TrainingConfig
 from training.distributed import Worker, resolve_device
 from training.loop import build_learner, smoothed_cross_entropy, synchronize, train_step
-from training.precision import PRECISIONS, autocast_for, resolve_precision
+from training.precision import autocast_for, resolve_precision
 from training.provenance import git_commit, machine_description
 from training.run import configure_backends
 

@@ -22,13 +22,15 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.cpu_features import CPU_FEATURES, cpu_features, cpu_model_and_flags
 from model.durable import write_atomically
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CPU_FEATURES"]  # re-exported: a report's machine names those of them the CPU has
 
@@ -74,6 +76,10 @@ class MachineIdentity(BaseModel):
 
 
 def machine_identity(device: str | torch.device = "cpu") -> MachineIdentity:
+    # torch is imported where it is asked about the machine, not at the top: the report's schema, its file name
+    # and choose_backend's defaults are read without it (app.config, the control plane's registry).
+    import torch
+
     device = torch.device(device)
     torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     if device.type == "cuda":
@@ -146,6 +152,8 @@ class BackendReport(BaseModel):
 
 def library_versions() -> dict[str, str]:
     """The versions of the libraries whose kernels the backends run: a new one may choose other kernels."""
+    import torch  # as in machine_identity: only where the backends are measured
+
     versions: dict[str, str] = {"torch": torch.__version__}
     try:
         import onnxruntime

@@ -26,10 +26,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from model.card import CALIBRATION_FILE, VERIFICATION_FILE
 from model.durable import write_atomically
 
-CALIBRATION_FILE = "calibration.safetensors"
-VERIFICATION_FILE = "verification.safetensors"
 FORMAT_VERSION = "1"
 _TENSOR = "pixels"
 _LABELS = "labels"

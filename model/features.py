@@ -12,25 +12,24 @@ closer to Gaussian, or ``l2``, the vector divided by its length (as in Sun et al
 Detection with Deep Nearest Neighbors"), and measures the Mahalanobis distance to the training images' mean
 under their covariance (Lee et al. 2018, "A Simple Unified Framework for Detecting Out-of-Distribution
 Samples and Adversarial Attacks"; one Gaussian for all classes, since the first stage knows no class yet).
-Its statistics, a mean and a precision matrix, lie in ``STATISTICS_FILE`` next to the weights, as safetensors.
+Its statistics, a mean and a precision matrix, lie in ``model.card.STATISTICS_FILE`` next to the weights, as
+safetensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import cast
 
 import torch
 from safetensors.torch import load, save
 from torch import nn
 
+from model.card import FeaturePart, Transform
 from model.durable import write_atomically
 from model.staged import StagedNetwork
 
-STATISTICS_FILE = "ood_features.safetensors"
-FeaturePart = Literal["stage1", "penultimate"]
-Transform = Literal["log", "l2", "none"]
 LOG_OFFSET = 0.1
 
 

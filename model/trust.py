@@ -1,6 +1,6 @@
 """How far an answer can be trusted: calibrated probabilities and an in-distribution flag, from the logits.
 
-Pure functions of a logits tensor ``(N, classes)`` and a card's ``calibration`` (``model.checkpoint.Calibration``),
+Pure functions of a logits tensor ``(N, classes)`` and a card's ``calibration`` (``model.card.Calibration``),
 so that training (which fits them, ``training.calibrate``), the benchmarks and the service compute the same
 numbers:
 
@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from model.checkpoint import Calibration, FeatureScore
+from model.card import Calibration, FeatureScore
 from model.features import GaussianStatistics, transform
 
 ScoreKind = Literal["energy", "msp"]

@@ -13,7 +13,7 @@ from training.cli import parse_command
 def main(argv: Sequence[str] | None = None) -> int:
     command = parse_command(argv)
     # Imported after parsing, so --help and usage errors answer without loading torchvision and matplotlib.
-    from model.checkpoint import CheckpointError
+    from model.card import CheckpointError
     from training.data import DatasetError
     from training.distributed import DeviceError
     from training.interrupt import Interrupted, stop_on_signals

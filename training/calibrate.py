@@ -23,7 +23,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.checkpoint import CheckpointError, ModelCard, checkpoint_files, file_sha256, load_checkpoint, write_card
+from model.card import CheckpointError, ModelCard, checkpoint_files, file_sha256, write_card
+from model.checkpoint import load_checkpoint
 from training.cli import OneLineErrorParser
 from training.data import DatasetError, load_cifar10
 from training.devices import DEVICE_NAMES, parse_device_name

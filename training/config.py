@@ -15,12 +15,15 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from model.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from model.architecture_names import ARCHITECTURES, DEFAULT_ARCHITECTURE
 from model.durable import write_atomically
 from model.labels import INPUT_SIZE
 from training.devices import DEVICE_NAMES, is_device_name
 from training.layout import CONFIG_FILE
-from training.precision import PRECISIONS
+
+# --precision's choices; training/precision.py resolves auto. Here, with the other parameters' bounds, rather than
+# there beside torch, so that the job API offers them without importing it.
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 
 # Goyal et al. 2017 (arXiv:1706.02677): scale the learning rate linearly with the batch. 0.1 per 128 images is
 # the classic CIFAR ResNet rate (He et al. 2015), which gives 0.4 at the default batch of 512.

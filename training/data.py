@@ -18,7 +18,7 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 
-from model.checkpoint import file_sha256
+from model.card import file_sha256
 from model.labels import NUM_CLASSES
 from training.config import HOLDOUT_ENDS
 from training.layout import DATA_FOLDER

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.checkpoint import OutOfDistributionRule
+from model.card import OutOfDistributionRule
 from model.trust import SCORE_KINDS, ScoreKind, in_distribution, ood_score
 
 TARGET_TPR = 0.95

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.checkpoint import FeatureScore, OutOfDistributionRule
+from model.card import FeatureScore, OutOfDistributionRule
 from model.features import GaussianStatistics, LogitsAndFeatures, joined, transform
 from model.trust import energy_score, feature_score
 from training.augment import normalize

@@ -23,7 +23,6 @@ import torch
 from model.cpu_features import CPUINFO, cpu_model_and_flags, masked_flags
 
 Precision = Literal["auto", "bf16", "fp32"]
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 

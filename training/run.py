@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import Calibration, load_checkpoint, save_checkpoint
+from model.card import Calibration
+from model.checkpoint import load_checkpoint, save_checkpoint
 from training.cli import Command
 from training.config import TrainingConfig, write_config
 from training.data import CifarSplits, ImageSet, load_cifar10, load_split, test_set_fingerprint

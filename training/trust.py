@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.checkpoint import Calibration
+from model.card import Calibration
 from model.durable import write_atomically
 from model.trust import calibrated_probabilities
 from training.calibration import (

@@ -44,7 +44,8 @@ from model.backend_report import (
     write_backend_report,
 )
 from model.calibration_set import save_calibration_set, save_verification_set
-from model.checkpoint import Checkpoint, CheckpointError, file_sha256, load_checkpoint, read_card
+from model.card import CheckpointError, file_sha256, read_card
+from model.checkpoint import Checkpoint, load_checkpoint
 from model.inference import CALIBRATION_IMAGES, available_cpu_backends, prepare_for_inference
 from training.cli import OneLineErrorParser
 from training.devices import parse_device_name

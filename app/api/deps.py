@@ -1,4 +1,8 @@
-"""Shared route dependencies as ``Annotated`` aliases, so endpoint signatures stay short, and the admin guard.
+"""Route dependencies both apps use, as ``Annotated`` aliases so endpoint signatures stay short, and the admin guard.
+
+What only a serving replica has (its engine, classifier, explainer, registry follower) is in ``serving_deps.py``:
+it imports torch, and the control plane's app (``app/control/service.py``), which imports this module, must
+start without it (``benchmarks/control_start.py``).
 
 They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, which on the
 hot path costs a thread hop per dependency per request for what is an attribute lookup.
@@ -14,37 +18,21 @@ before the body of an admin route is read; the dependency stays for the OpenAPI 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.errors import AdminDisabled, NotAuthenticated, WrongToken
-from app.api.forward import ControlLink
-from app.classification.classifier import Classifier
-from app.classification.explanations import Explainer
+from app.api.schemas import ErrorResponse
 from app.config import Settings
-from app.control.follower import RegistryFollower
 from app.control.jobs.runner import JobRunner
-from app.control.plane import ControlPlane, InitialModel
-from app.engine.engine import InferenceEngine
+from app.control.plane import ControlPlane
 from app.service_metrics import ServiceMetrics
 
 
 async def _settings(request: Request) -> Settings:
     return request.app.state.settings
-
-
-async def _engine(request: Request) -> InferenceEngine:
-    return request.app.state.engine
-
-
-async def _classifier(request: Request) -> Classifier:
-    return request.app.state.classifier
-
-
-async def _explainer(request: Request) -> Explainer:
-    return request.app.state.explainer
 
 
 async def _metrics(request: Request) -> ServiceMetrics:
@@ -55,27 +43,9 @@ async def _control_plane(request: Request) -> ControlPlane:
     return request.app.state.control_plane  # the control app's only (app/control/service.py)
 
 
-async def _follower(request: Request) -> RegistryFollower:
-    return request.app.state.follower  # a serving app's only
-
-
-async def _control_link(request: Request) -> ControlLink:
-    return request.app.state.control_link  # a serving app's only
-
-
-async def _initial_model(request: Request) -> InitialModel:
-    return request.app.state.initial_model
-
-
 SettingsDep = Annotated[Settings, Depends(_settings)]
-EngineDep = Annotated[InferenceEngine, Depends(_engine)]
-ClassifierDep = Annotated[Classifier, Depends(_classifier)]
-ExplainerDep = Annotated[Explainer, Depends(_explainer)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
 ControlPlaneDep = Annotated[ControlPlane, Depends(_control_plane)]
-FollowerDep = Annotated[RegistryFollower, Depends(_follower)]
-ControlLinkDep = Annotated[ControlLink, Depends(_control_link)]
-InitialModelDep = Annotated[InitialModel, Depends(_initial_model)]
 
 
 async def _job_runner(control_plane: ControlPlaneDep) -> JobRunner:
@@ -110,3 +80,8 @@ def admin_refusal(settings: Settings, authorization: str | None) -> Exception | 
 
 
 RequireAdmin = Depends(require_admin)
+# What RequireAdmin answers, for the OpenAPI document of each route it guards.
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "no Bearer token"},
+    403: {"model": ErrorResponse, "description": "wrong token, or admin routes disabled"},
+}

@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from app.classification.explanations import ExplainerBusy, ExplanationUnavailable, UnknownClass
 from app.control.jobs.runner import JobStateError
 from app.control.jobs.store import JobConflict, JobStoreUnavailable, UnknownJob, UnstorableParams
 from app.control.plane import JobsNotRunHere
@@ -26,6 +25,8 @@ from app.control.registry import PromotionBusy, UnknownVersion
 from app.engine.errors import (
     DeadlineExceeded,
     EmptyImage,
+    ExplainerBusy,
+    ExplanationUnavailable,
     ImageTooLarge,
     InferenceFailed,
     InputSizeChanged,
@@ -34,9 +35,10 @@ from app.engine.errors import (
     ServiceStopping,
     SwapFailed,
     SwapTimedOut,
+    UnknownClass,
     UnsupportedImage,
 )
-from model.checkpoint import CheckpointError
+from model.card import CheckpointError
 
 
 class BadRequest(Exception):

@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field
 
 from app.classification.answers import Prediction
 from app.control.registry import RegisteredModel
-from app.engine.self_verification import BackendVerificationStatus
-from model.checkpoint import Calibration
+from app.engine.verification_status import BackendVerificationStatus
+from model.card import Calibration
 
 
 class ErrorResponse(BaseModel):

@@ -30,7 +30,7 @@ from app.config import Settings
 from app.engine.engine import InferenceEngine
 from app.engine.errors import NoModelLoaded
 from app.engine.served_model import ServedModel
-from model.checkpoint import ModelCard
+from model.card import ModelCard
 
 OUTPUT_NAME = "probabilities"
 IN_DISTRIBUTION = "in_distribution"

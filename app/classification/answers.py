@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from pydantic import BaseModel, Field
 
-from app.classification.probabilities import AssessedOutput
-from model.checkpoint import ModelCard
+from model.card import ModelCard
+
+if TYPE_CHECKING:  # a stage-6 output only reaches Prediction.of; the bodies of app/api/schemas.py need no torch
+    from app.classification.probabilities import AssessedOutput
 
 
 class ClassProbability(BaseModel):

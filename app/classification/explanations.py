@@ -36,26 +36,16 @@ from app.classification.answers import Prediction
 from app.classification.images import image_pixels
 from app.classification.probabilities import assess_logits
 from app.engine.engine import InferenceEngine
-from app.engine.errors import NoModelLoaded, NonFiniteOutput, ServingError
+from app.engine.errors import (
+    ExplainerBusy,
+    ExplanationUnavailable,
+    NoModelLoaded,
+    NonFiniteOutput,
+    UnknownClass,
+)
 from app.engine.served_model import ServedModel
 from model.checkpoint import load_checkpoint
 from model.explain import grad_cam, grad_cam_layer
-
-RETRY_AFTER_S = 1  # one Grad-CAM of a 32x32 image takes tens of milliseconds (benchmarks/explain_latency.py)
-
-
-class ExplainerBusy(ServingError):
-    """Every explain slot is in use."""
-
-    retry_after_s = RETRY_AFTER_S
-
-
-class UnknownClass(ServingError):
-    """``?class=`` names no class of the serving model."""
-
-
-class ExplanationUnavailable(ServingError):
-    """The serving model's checkpoint cannot be loaded again for its Grad-CAM copy."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +78,7 @@ class Explainer:
         if self._running >= self.concurrency:
             raise ExplainerBusy(
                 f"all {self.concurrency} explanation slots are busy (APP_EXPLAIN_CONCURRENCY={self.concurrency}); "
-                f"retry in {RETRY_AFTER_S} s. /predict is not affected")
+                f"retry in {ExplainerBusy.retry_after_s} s. /predict is not affected")
 
     @contextmanager
     def slot(self) -> Iterator[None]:

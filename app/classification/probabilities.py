@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.checkpoint import ModelCard
+from model.card import ModelCard
 from model.features import GaussianStatistics
 from model.trust import assess
 

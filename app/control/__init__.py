@@ -2,7 +2,7 @@
 
 The imports go one way::
 
-    plane ──┬──> promotion ──┬──> registry ──> model.checkpoint
+    plane ──┬──> promotion ──┬──> registry ──> model.card
             │                v       ^
             ├──────────────> jobs  (schemas, store, runner, processes, progress)
             │                ^       |

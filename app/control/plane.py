@@ -25,7 +25,7 @@ from app.control.jobs.schemas import Job
 from app.control.jobs.store import JobStore, UnknownJob, open_job_store
 from app.control.promotion import HotSwappable, ModelPromoter
 from app.control.registry import ModelRegistry, UnknownVersion
-from model.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, ModelCard, file_sha256, read_card
+from model.card import CARD_FILE, WEIGHTS_FILE, CheckpointError, ModelCard, file_sha256, read_card
 from training.layout import LOG_FILE
 
 logger = logging.getLogger(__name__)

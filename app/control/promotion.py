@@ -41,7 +41,7 @@ from typing import Any, Literal, Protocol
 from app.control.jobs.runner import Conclusion
 from app.control.jobs.schemas import Job, JobResult
 from app.control.registry import ModelRegistry, RegisteredModel, RegistryError, UnknownVersion
-from model.checkpoint import CheckpointError, ModelCard
+from model.card import CheckpointError, ModelCard
 from model.labels import TEST_IMAGES
 
 logger = logging.getLogger(__name__)

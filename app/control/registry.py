@@ -42,18 +42,18 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from model.backend_report import report_file
-from model.calibration_set import CALIBRATION_FILE, VERIFICATION_FILE
-from model.checkpoint import (
+from model.card import (
+    CALIBRATION_FILE,
     CARD_FILE,
+    STATISTICS_FILE,
+    VERIFICATION_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     ModelCard,
-    check_finite_weights,
     file_sha256,
     read_card,
 )
 from model.durable import replace_durably, write_atomically
-from model.features import STATISTICS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ class ModelRegistry:
         if weights_sha256 != card.weights_sha256:
             raise CheckpointError(f"{weights} has SHA-256 {weights_sha256}, but its card says "
                                   f"{card.weights_sha256}; the checkpoint was not written completely")
+        # torch reads the weights: imported when a checkpoint is registered (a run has finished), not at start-up,
+        # so the control plane's restarts beside the serving process stay cheap (benchmarks/control_start.py).
+        from model.checkpoint import check_finite_weights
+
         check_finite_weights(weights)  # a diverged run's NaN weights never become a version anyone can promote
         final = self.versions_dir / card.version
         if final.is_dir():

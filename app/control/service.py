@@ -5,7 +5,9 @@ behind the same admin gate as the serving app (the token, compared in constant t
 read), and its own ``/healthz``, ``/readyz`` and ``/metrics``. Its lifespan opens the job store, stands for
 job-runner election (APP_RUN_JOBS) and closes them. It loads no model: serving replicas learn of what it
 promotes through the registry (docs/design.md). A failure here (the job database unreachable at start-up)
-ends this process, which its supervisor restarts; the serving replicas keep answering meanwhile.
+ends this process, which its supervisor restarts; the serving replicas keep answering meanwhile. So it
+imports no torch either: on one machine each restart shares the serving process's cores, and torch's import
+was most of a restart's CPU (``benchmarks/control_start.py``; tests/app/control/test_service.py checks).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from app import __version__
 from app.api.deps import ControlPlaneDep, MetricsDep
 from app.api.errors import install_error_handlers
 from app.api.middleware import AdminGate, RequestContextMiddleware
-from app.api.routes import admin, train
+from app.api.routes import promotion, train
 from app.api.schemas import Liveness, Readiness
 from app.config import Settings
 from app.control.plane import open_control_plane
@@ -56,9 +58,9 @@ def create_control_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
-    app.add_middleware(AdminGate, settings=settings, prefixes=(admin.router.prefix, train.router.prefix))
+    app.add_middleware(AdminGate, settings=settings, prefixes=(promotion.router.prefix, train.router.prefix))
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
-    for routes in (train.router, admin.promotion_router, health):
+    for routes in (train.router, promotion.router, health):
         app.include_router(routes)
     return app
 

@@ -33,8 +33,8 @@ MAX_BACKOFF_S = 30.0
 HEALTHY_AFTER_S = 30.0
 # Beside the serving process on one machine, predictions come first: the control plane (and the training
 # processes it starts, which inherit this) yields the CPU under contention, from its first instruction, since
-# a restart's interpreter start and imports (torch's among them) are CPU-seconds of their own. 10 is the usual
-# niceness for background work.
+# a restart's interpreter start and imports are CPU-seconds of their own (about a second without torch, which
+# the control plane does not import: benchmarks/control_start.py). 10 is the usual niceness for background work.
 SUPERVISED_NICENESS = 10
 STOP_GRACE_S = 30.0
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding app/, so the child imports this copy

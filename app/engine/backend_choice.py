@@ -43,8 +43,8 @@ from model.backend_report import (
     machine_identity,
     report_file,
 )
-from model.calibration_set import CALIBRATION_FILE, CalibrationSetError, load_calibration_set
-from model.checkpoint import CheckpointError, file_sha256
+from model.calibration_set import CalibrationSetError, load_calibration_set
+from model.card import CALIBRATION_FILE, CheckpointError, file_sha256
 from model.inference import BACKENDS, available_cpu_backends
 
 AUTO = "auto"

@@ -74,7 +74,7 @@ from app.engine.errors import (
     SwapTimedOut,
 )
 from app.engine.served_model import BatchStager, ServedModel
-from model.checkpoint import CheckpointError, ModelCard
+from model.card import CheckpointError, ModelCard
 from model.features import GaussianStatistics
 
 logger = logging.getLogger(__name__)

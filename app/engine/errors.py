@@ -1,4 +1,5 @@
-"""What can go wrong between an upload and a prediction; each message says what happened and what to do.
+"""What can go wrong between an upload and its prediction or explanation; each message says what happened and
+what to do.
 
 The HTTP status of each is decided in one place, ``app/api/errors.py``.
 """
@@ -77,3 +78,17 @@ class DecodeQueueFull(QueueFull):
 
 class UploadBudgetExceeded(QueueFull):
     """The request bodies being read together would hold more than ``APP_MAX_UPLOAD_BYTES_IN_FLIGHT``."""
+
+
+class ExplainerBusy(ServingError):
+    """Every explain slot is in use (``app/classification/explanations.py``)."""
+
+    retry_after_s = 1  # one Grad-CAM of a 32x32 image takes tens of milliseconds (benchmarks/explain_latency.py)
+
+
+class UnknownClass(ServingError):
+    """``?class=`` names no class of the serving model."""
+
+
+class ExplanationUnavailable(ServingError):
+    """The serving model's checkpoint cannot be loaded again for its Grad-CAM copy."""

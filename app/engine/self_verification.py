@@ -13,9 +13,10 @@ the winner from the start.
 
 Nothing is measured when ``APP_CPU_BACKEND`` pins a backend, on CUDA (``APP_CUDA_PRECISION`` and
 ``backends-cuda.json`` decide there), or when the checkpoint's own report was measured on a machine with
-this one's identity. ``GET /model`` shows the phase (``status``): ``waiting`` for a model, ``verifying``,
-``verified`` (with the figures and where they come from), ``kept_reference`` (and why), ``pinned`` or
-``not_applicable``. With several workers, one measures while the others wait for its report (a lock file).
+this one's identity. ``GET /model`` shows the phase (``status``, ``app.engine.verification_status``):
+``waiting`` for a model, ``verifying``, ``verified`` (with the figures and where they come from),
+``kept_reference`` (and why), ``pinned`` or ``not_applicable``. With several workers, one measures while the
+others wait for its report (a lock file).
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
 
 import app
 from app.engine.backend_choice import AUTO
 from app.engine.engine import InferenceEngine
 from app.engine.report_cache import CACHE_FOLDER, cache_key, load_cached_report, save_cached_report
 from app.engine.served_model import ServedModel
+from app.engine.verification_status import BackendVerificationStatus, Phase, VerifiedBackend
 from model.backend_report import (
     BATCH_SIZES,
     BackendChoice,
@@ -50,45 +51,15 @@ from model.backend_report import (
     load_backend_report,
     machine_identity,
 )
-from model.calibration_set import VERIFICATION_FILE
+from model.card import VERIFICATION_FILE
 from model.cpu_features import isa_mask
 from model.inference import available_cpu_backends
 
 logger = logging.getLogger(__name__)
 
-Phase = Literal["waiting", "verifying", "verified", "kept_reference", "pinned", "not_applicable"]
 POLL_S = 1.0  # how often the follower looks for a newly served checkpoint
 SECONDS_PER_TIMING = 0.5  # per backend, batch size and round: three rounds of 1/16/64 over five backends ~ 25 s
 ROUNDS = 3  # interleaved timing rounds, the median kept: a burst of requests slows every backend alike
-
-
-class VerifiedBackend(BaseModel):
-    backend: str
-    accuracy: float = Field(description="top-1 on the report's image set, 0..1")
-    agreement: float = Field(description="share of images whose top-1 class is eager float32's")
-    max_probability_diff: float
-    max_logit_diff: float | None = Field(description="largest |logit - float32's|: bounds the OOD score's change")
-    images_per_s: dict[int, float] = Field(description="batch size -> images/s on this machine")
-    within_drop: bool = Field(description="accuracy within APP_MAX_ACCURACY_DROP points of float32's")
-
-
-class BackendVerificationStatus(BaseModel):
-    """``GET /model``'s ``backend_verification``: where the choice of CPU backend stands on this machine."""
-
-    phase: Phase
-    summary: str = Field(description="one sentence: what is happening, or why the reference was kept")
-    features: list[str] = Field(description="the CPU features the kernels may use here, after the ISA masks")
-    isa_mask: dict[str, str] = Field(description="ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA as set, if set")
-    source: Literal["checkpoint", "cache", "measured"] | None = Field(
-        default=None, description="where the figures come from: the checkpoint's report (measured on a machine "
-        "with this identity), this service's earlier measurement here, or the one it just made")
-    image_set: str | None = Field(default=None, description="test or verification")
-    images: int | None = None
-    chosen: str | None = Field(default=None, description="the backend the figures choose")
-    backends: list[VerifiedBackend] = Field(default_factory=list)
-    skipped: dict[str, str] = Field(default_factory=dict)
-    started_at: datetime | None = None
-    seconds: float | None = Field(default=None, description="from the start of the measurement to its report")
 
 
 class BackendVerification:

@@ -26,7 +26,8 @@ from torch import nn
 
 from app.engine.backend_choice import AUTO, DEFAULT_POLICY, BackendPlan, BackendPolicy, plan_backend
 from model.backend_report import DEFAULT_RANKING_BATCH, EXACT_BACKEND
-from model.checkpoint import ModelCard, load_checkpoint
+from model.card import ModelCard
+from model.checkpoint import load_checkpoint
 from model.features import GaussianStatistics, joined
 from model.inference import prepare_for_inference
 

@@ -69,8 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
-    from model.calibration_set import CALIBRATION_FILE, CalibrationSetError, load_calibration_set, load_verification_set
-    from model.checkpoint import CheckpointError, file_sha256, load_checkpoint
+    from model.calibration_set import CalibrationSetError, load_calibration_set, load_verification_set
+    from model.card import CALIBRATION_FILE, CheckpointError, file_sha256
+    from model.checkpoint import load_checkpoint
     from training.verify_backends import VerificationSettings, measure_backends
 
     def log(line: str) -> None:

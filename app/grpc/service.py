@@ -51,7 +51,7 @@ from app.grpc import inference_pb2 as pb
 from app.grpc.inference_pb2_grpc import GRPCInferenceServiceServicer
 from app.grpc.metrics import GrpcMetrics
 from app.logging import request_id
-from model.checkpoint import ModelCard
+from model.card import ModelCard
 
 logger = logging.getLogger("app.access")
 error_logger = logging.getLogger("app.errors")

@@ -19,7 +19,7 @@ import numpy as np
 
 from app.classification.answers import Prediction
 from benchmarks.peers.common import MAX_IMAGE_PIXELS, TOP_K, Classifier, PeerSettings
-from model.checkpoint import read_card
+from model.card import read_card
 
 SETTINGS = PeerSettings.from_environment()
 # No access log: every server in the comparison runs without one (ours and LitServe at log level warning,

@@ -5,14 +5,13 @@ import pytest
 import torch
 
 from model.calibration_set import (
-    CALIBRATION_FILE,
-    VERIFICATION_FILE,
     CalibrationSetError,
     load_calibration_set,
     load_verification_set,
     save_calibration_set,
     save_verification_set,
 )
+from model.card import CALIBRATION_FILE, VERIFICATION_FILE
 
 SHA = "c" * 64
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model.checkpoint import Calibration, OutOfDistributionRule
+from model.card import Calibration, OutOfDistributionRule
 from model.features import GaussianStatistics
 from model.trust import (
     MissingFeatures,
@@ -87,7 +87,7 @@ def test_assess_without_calibration_is_the_raw_softmax_and_no_flag():
 
 
 def _feature_calibration(statistics: GaussianStatistics, threshold: float, energy_weight: float = 0.0) -> Calibration:
-    from model.checkpoint import FeatureScore
+    from model.card import FeatureScore
 
     features = FeatureScore(part="stage1", transform="none", statistics_sha256="0" * 64, feature_centre=0.0,
                             feature_scale=1.0, energy_weight=energy_weight, energy_centre=0.0, energy_scale=1.0,

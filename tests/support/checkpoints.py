@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from model.architectures import build_model
-from model.checkpoint import CARD_FILE, Calibration, OutOfDistributionRule, read_card, save_checkpoint, write_card
+from model.card import CARD_FILE, Calibration, OutOfDistributionRule, read_card, write_card
+from model.checkpoint import save_checkpoint
 from tests.support.cifar10 import write_cifar10
 from training.data import load_split, test_set_fingerprint
 

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from model.checkpoint import CARD_FILE, WEIGHTS_FILE, file_sha256, load_checkpoint, read_card
+from model.card import CARD_FILE, WEIGHTS_FILE, file_sha256, read_card
+from model.checkpoint import load_checkpoint
 from tests.training.conftest import tiny_run_args
 from training.__main__ import main as train
 from training.calibrate import main as calibrate

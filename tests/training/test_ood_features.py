@@ -1,6 +1,6 @@
 import torch
 
-from model.checkpoint import Calibration, OutOfDistributionRule
+from model.card import Calibration, OutOfDistributionRule
 from model.features import GaussianStatistics
 from model.trust import assess
 from training.ood import choose_rule

@@ -14,7 +14,7 @@ from model.backend_report import (
     report_file,
 )
 from model.calibration_set import load_calibration_set, load_verification_set
-from model.checkpoint import CARD_FILE, file_sha256, read_card, write_card
+from model.card import CARD_FILE, file_sha256, read_card, write_card
 from model.inference import available_cpu_backends
 from tests.support.checkpoints import make_checkpoint
 from tests.support.cifar10 import synthetic_images

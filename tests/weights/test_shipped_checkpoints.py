@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from app.config import SHIPPED_WEIGHTS
-from model.checkpoint import CARD_FILE, load_checkpoint
+from model.card import CARD_FILE
+from model.checkpoint import load_checkpoint
 from training.augment import normalize
 from training.data import load_split
 

@@ -1,13 +1,10 @@
-"""The admin routes (Bearer ``APP_ADMIN_TOKEN``): ``POST /admin/reload`` (``router``, served by each serving
-replica) and ``POST /admin/promote/{version}`` (``promotion_router``, served by the control plane).
+"""``POST /admin/reload`` (Bearer ``APP_ADMIN_TOKEN``): which checkpoint one serving replica serves.
 
-``/admin/reload`` changes one replica's engine and nothing else: it serves a registry version or a checkpoint
-directory under an allowed folder, and writes nothing (serving replicas only read the registry). The
-replica keeps it until the registry's pointer changes or the replica restarts. ``/admin/promote`` is the
-control plane's: it verifies the version's files and moves the registry's pointer, which every replica
-follows; a serving replica forwards it there (``app/api/forward.py``) and serves the version itself before
-answering. A path outside the allowed folders is refused before anything is read from it, so the route
-cannot be used to probe the file system or read another file's contents into an error message.
+It changes one replica's engine and nothing else: it serves a registry version or a checkpoint directory under an
+allowed folder, and writes nothing (serving replicas only read the registry). The replica keeps it until the
+registry's pointer changes or the replica restarts; what every replica serves changes by promotion
+(``app/api/routes/promotion.py``). A path outside the allowed folders is refused before anything is read from
+it, so the route cannot be used to probe the file system or read another file's contents into an error message.
 """
 
 from __future__ import annotations
@@ -15,28 +12,23 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter
 
-from app.api.deps import ControlPlaneDep, EngineDep, FollowerDep, InitialModelDep, RequireAdmin, SettingsDep
+from app.api.deps import AUTH_ERRORS, RequireAdmin, SettingsDep
 from app.api.errors import BadRequest
-from app.api.schemas import ErrorResponse, Promotion, ReloadRequest, ReloadResponse
+from app.api.schemas import ErrorResponse, ReloadRequest, ReloadResponse
+from app.api.serving_deps import EngineDep, FollowerDep, InitialModelDep
 from app.config import Settings
 from app.control.plane import InitialModel
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[RequireAdmin])
 
-_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "no Bearer token"},
-    403: {"model": ErrorResponse, "description": "wrong token, or admin routes disabled"},
-}
-
 
 @router.post("/reload", responses={
     400: {"model": ErrorResponse, "description": "the checkpoint is outside the allowed folders, or cannot be "
           "loaded or verified"},
-    404: {"model": ErrorResponse, "description": "no such version in the registry"}, **_AUTH_ERRORS,
+    404: {"model": ErrorResponse, "description": "no such version in the registry"}, **AUTH_ERRORS,
 })
 async def reload(engine: EngineDep, follower: FollowerDep, initial: InitialModelDep,
                  settings: SettingsDep, body: ReloadRequest | None = None) -> ReloadResponse:
@@ -83,20 +75,3 @@ def _start_up_weights(choice: InitialModel) -> str:
         raise BadRequest(f"no checkpoint to reload: {choice.origin}; name one in the body, "
                          '{"version": "<registry version>"} or {"weights": "path/to/checkpoint"}')
     return str(choice.path)
-
-
-promotion_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[RequireAdmin])
-
-
-@promotion_router.post("/promote/{version}", response_model=Promotion, responses={
-    404: {"model": ErrorResponse, "description": "no such version in the registry"},
-    503: {"model": ErrorResponse, "description": "the control plane cannot be reached; retry"}, **_AUTH_ERRORS,
-})
-async def promote(control_plane: ControlPlaneDep, version: str) -> Promotion:
-    """Make ``version`` the registry's current version, once its files verify; every serving replica follows
-    (the one that forwarded this request serves it before answering). ``previous_version`` is the
-    registry's current version before (else the model replicas start with, which they served)."""
-    incumbent = control_plane.promoter.engine.card
-    previous = await asyncio.to_thread(control_plane.registry.current) or (incumbent and incumbent.version)
-    await control_plane.promoter.promote(version)
-    return Promotion(version=version, previous_version=previous)

@@ -14,9 +14,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from app.api.deps import ExplainerDep, SettingsDep
+from app.api.deps import SettingsDep
 from app.api.routes.predict import ERRORS, SINGLE_IMAGE_BODY, TopK, one_file_only
 from app.api.schemas import ExplanationResponse
+from app.api.serving_deps import ExplainerDep
 from app.api.uploads import read_images
 from app.classification.explanations import Explanation
 

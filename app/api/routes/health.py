@@ -6,9 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import ControlLinkDep, EngineDep, FollowerDep, MetricsDep
+from app.api.deps import MetricsDep
 from app.api.errors import is_admin, redact_paths
 from app.api.schemas import ErrorResponse, Liveness, Readiness
+from app.api.serving_deps import ControlLinkDep, EngineDep, FollowerDep
 from app.engine.errors import NoModelLoaded
 
 router = APIRouter(tags=["health"])

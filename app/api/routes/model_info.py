@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.api.deps import EngineDep, SettingsDep
+from app.api.deps import SettingsDep
 from app.api.errors import is_admin, redact_paths
 from app.api.schemas import BatchingSettings, CalibrationInfo, ErrorResponse, ModelInfo, RequestLimits
+from app.api.serving_deps import EngineDep
 from app.engine.errors import NoModelLoaded
 
 router = APIRouter(tags=["model"])

@@ -9,10 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from app.api.clients import client_id
-from app.api.deps import ClassifierDep, SettingsDep
+from app.api.deps import SettingsDep
 from app.api.disconnects import unless_disconnected
 from app.api.errors import BadRequest, PayloadTooLarge
 from app.api.schemas import BatchPrediction, ErrorResponse
+from app.api.serving_deps import ClassifierDep
 from app.api.uploads import check_pixel_budget, read_images
 from app.classification.answers import Prediction
 from app.config import Settings

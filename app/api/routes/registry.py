@@ -7,8 +7,8 @@ import asyncio
 
 from fastapi import APIRouter
 
-from app.api.deps import EngineDep, FollowerDep
 from app.api.schemas import ModelListing, ModelVersion
+from app.api.serving_deps import EngineDep, FollowerDep
 
 router = APIRouter(tags=["models"])
 

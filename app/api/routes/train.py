@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Body, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
@@ -34,13 +33,19 @@ async def start_job(
 ) -> Job:
     """Queue a training run and start it; at most one job is queued or running at a time (else 409)."""
     params = params or TrainParams()
-    if params.gpus > 1 and params.gpus > torch.cuda.device_count():
-        # A 422 like any other invalid field; checked here, not in TrainParams, because it depends on this
-        # machine, and stored jobs must stay readable on any machine.
-        raise RequestValidationError([{
-            "loc": ("body", "gpus"), "type": "value_error", "input": params.gpus,
-            "msg": f"{params.gpus} GPUs asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)",
-        }])
+    if params.gpus > 1:
+        # torch counts the devices; imported only for a multi-GPU job, so the control plane, which serves this
+        # route, starts without it (its restarts share the serving process's cores: benchmarks/control_start.py).
+        import torch
+
+        if params.gpus > torch.cuda.device_count():
+            # A 422 like any other invalid field; checked here, not in TrainParams, because it depends on this
+            # machine, and stored jobs must stay readable on any machine.
+            raise RequestValidationError([{
+                "loc": ("body", "gpus"), "type": "value_error", "input": params.gpus,
+                "msg": f"{params.gpus} GPUs asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                       "device(s)",
+            }])
     job = await runner.submit(params)
     response.headers["Location"] = f"/train/{job.id}"
     return job

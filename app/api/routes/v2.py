@@ -38,8 +38,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from app import __version__
-from app.api.deps import ClassifierDep, EngineDep, SettingsDep
+from app.api.deps import SettingsDep
 from app.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from app.api.serving_deps import ClassifierDep, EngineDep
 from app.api.uploads import read_body
 from app.api.v2_protocol import (
     EXTENSIONS,
@@ -62,7 +63,7 @@ from app.api.v2_protocol import (
 )
 from app.classification.probabilities import AssessedOutput
 from app.engine.errors import NoModelLoaded
-from model.checkpoint import ModelCard
+from model.card import ModelCard
 
 # Commas a request may hold besides those between its tensor's values: ids, parameters and outputs.
 OTHER_COMMAS = 1024

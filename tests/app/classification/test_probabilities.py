@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from app.classification.probabilities import assess_logits
-from model.checkpoint import read_card
+from model.card import read_card
 from tests.support.checkpoints import with_calibration
 
 LOGITS = np.array([[4.0, 1.0, 0.0, -1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0],

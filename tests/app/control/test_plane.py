@@ -5,7 +5,7 @@ from fastapi.testclient import TestClient
 from app.control.plane import InitialModel, best_shipped_checkpoint, initial_model
 from app.control.registry import ModelRegistry
 from app.factory import create_app
-from model.checkpoint import CARD_FILE, read_card, write_card
+from model.card import CARD_FILE, read_card, write_card
 from tests.support.checkpoints import make_checkpoint
 from tests.support.service import ADMIN
 from tests.support.training_api import FINISHED, TINY_JOB, job_settings, wait_for_status, wait_ready

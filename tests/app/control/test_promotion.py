@@ -9,7 +9,7 @@ import pytest
 from app.control.jobs.schemas import Job, JobStatus, TrainParams
 from app.control.promotion import ModelPromoter, decide, should_promote
 from app.control.registry import ModelRegistry, PromotionBusy, UnknownVersion
-from model.checkpoint import CheckpointError, ModelCard, read_card
+from model.card import CheckpointError, ModelCard, read_card
 from tests.support.checkpoints import make_checkpoint
 
 

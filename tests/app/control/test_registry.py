@@ -14,8 +14,9 @@ from model.backend_report import (
     machine_identity,
     write_backend_report,
 )
-from model.calibration_set import CALIBRATION_FILE, VERIFICATION_FILE, save_calibration_set, save_verification_set
-from model.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_card
+from model.calibration_set import save_calibration_set, save_verification_set
+from model.card import CALIBRATION_FILE, VERIFICATION_FILE, CheckpointError, file_sha256, read_card
+from model.checkpoint import load_checkpoint
 from tests.support.checkpoints import diverged_checkpoint, make_checkpoint
 from tests.support.durability import record_fsyncs
 

@@ -5,6 +5,7 @@ that cannot start never stops the serving process from starting and serving. Rea
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,9 @@ from tests.support.training_api import FINISHED, TINY_JOB
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.server
+
+# A mapped file inside one of these packages: the library was imported.
+HEAVY_LIBRARY = re.compile(r"/(torch|torchvision|onnxruntime)/")
 
 
 def control_children(server: LiveServer) -> list[int]:
@@ -114,6 +118,17 @@ def test_the_serving_process_starts_and_serves_while_the_control_plane_cannot(
         assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
         assert "Predictions are not affected" in refused.json()["detail"]
         assert server.process.poll() is None
+
+
+def test_the_control_plane_starts_without_torch(tmp_path: Path) -> None:
+    """``python -m app.control`` loads no model, so it must not import torch: its supervisor restarts it on the
+    cores that serve /predict, where importing torch cost seconds of CPU per restart (the fault benchmark's
+    control-killed row; benchmarks/control_start.py). Checked in the live process once it is ready (its job
+    store open, the runner elected): no file of torch, torchvision or ONNX Runtime is mapped into it."""
+    with live_server(tmp_path, {"APP_ADMIN_TOKEN": ADMIN_TOKEN}, command=("-m", "app.control")) as server:
+        mapped = Path(f"/proc/{server.process.pid}/maps").read_text().splitlines()
+    heavy = sorted({line.split()[-1] for line in mapped if HEAVY_LIBRARY.search(line)})
+    assert not heavy, f"the control plane imported what only a serving process needs: {heavy[:3]}"
 
 
 def test_a_child_gets_exactly_the_parents_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,8 +19,8 @@ from model.backend_report import (
     machine_identity,
     write_backend_report,
 )
-from model.calibration_set import CALIBRATION_FILE, save_calibration_set
-from model.checkpoint import CheckpointError, file_sha256, read_card
+from model.calibration_set import save_calibration_set
+from model.card import CALIBRATION_FILE, CheckpointError, file_sha256, read_card
 
 pytestmark = pytest.mark.anyio
 

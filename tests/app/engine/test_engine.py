@@ -20,7 +20,7 @@ from app.engine.errors import (
     ServiceStopping,
 )
 from app.engine.served_model import ServedModel
-from model.checkpoint import WEIGHTS_FILE, CheckpointError, read_card
+from model.card import WEIGHTS_FILE, CheckpointError, read_card
 from tests.support.checkpoints import with_input_size
 from tests.support.waiting import eventually, wait_until
 

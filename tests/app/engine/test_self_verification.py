@@ -23,8 +23,8 @@ from model.backend_report import (
     machine_identity,
     write_backend_report,
 )
-from model.calibration_set import CALIBRATION_FILE, VERIFICATION_FILE, save_calibration_set, save_verification_set
-from model.checkpoint import file_sha256, read_card
+from model.calibration_set import save_calibration_set, save_verification_set
+from model.card import CALIBRATION_FILE, VERIFICATION_FILE, file_sha256, read_card
 from tests.support.checkpoints import make_checkpoint
 from tests.support.waiting import eventually
 

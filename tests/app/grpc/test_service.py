@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from model.checkpoint import read_card
+from model.card import read_card
 from tests.support import REPO_ROOT, images
 from tests.support.checkpoints import with_calibration
 from tests.support.docs import page, section

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from app.control.registry import ModelRegistry
-from model.checkpoint import CheckpointError
+from model.card import CheckpointError
 from training.run import CHECKPOINT_DIR
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from model.checkpoint import read_card
+from model.card import read_card
 from model.labels import CLASS_NAMES
 from tests.support.service import ADMIN
 

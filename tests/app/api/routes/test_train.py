@@ -106,28 +106,6 @@ def test_a_job_trains_registers_and_is_promoted_while_predictions_keep_flowing(
         assert client.post(f"/train/{created['id']}/resume", headers=ADMIN).status_code == 409
 
 
-def test_never_only_registers_and_an_operator_promotes_by_hand(tmp_path: Path, synthetic_cifar10: Path) -> None:
-    settings = job_settings(tmp_path / "state", synthetic_cifar10, make_checkpoint(tmp_path / "serving", test_accuracy=0.0),
-                            promote="never")
-    with TestClient(create_app(settings)) as client:
-        before = wait_ready(client)
-        job_id = client.post("/train", json=TINY_JOB | {"epochs": 1}, headers=ADMIN).json()["id"]
-        done = wait_for_status(client, job_id, *FINISHED)
-        assert done["status"] == "succeeded" and done["result"]["promoted"] is False, done
-        version = done["result"]["model_version"]
-        assert client.get("/model").json()["version"] == before
-        assert client.get("/models").json()["current"] is None
-
-        promoted = client.post(f"/admin/promote/{version}", headers=ADMIN)
-        assert promoted.status_code == 200 and promoted.json() == {"version": version, "previous_version": before}
-        assert client.get("/model").json()["version"] == version
-        assert client.get("/models").json()["current"] == version
-        assert client.post("/admin/promote/resnet18-000000000000", headers=ADMIN).status_code == 404
-    # After a restart the registry's current version is served, not APP_WEIGHTS.
-    with TestClient(create_app(settings)) as client:
-        assert wait_ready(client) == version
-
-
 def test_if_better_keeps_a_serving_model_that_scored_higher(tmp_path: Path, synthetic_cifar10: Path) -> None:
     settings = job_settings(tmp_path / "state", synthetic_cifar10, make_checkpoint(tmp_path / "serving", test_accuracy=1.0))
     with TestClient(create_app(settings)) as client:

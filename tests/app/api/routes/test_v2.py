@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from model.checkpoint import read_card
+from model.card import read_card
 from model.labels import CLASS_NAMES
 from tests.support import images
 from tests.support.checkpoints import with_calibration
