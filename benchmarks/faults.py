@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import multiprocessing.queues
 import os
 import re
 import secrets
@@ -40,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -87,6 +90,18 @@ class Deployment:
                 return int(line.split()[1]) * 1024
         return 0
 
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the serving process and its living descendants (the control plane, the
+        decode and verification workers)."""
+        ticks = 0
+        for pid in [self.pid, *_descendants(self.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
 
 @dataclass
 class Fault:
@@ -95,7 +110,7 @@ class Fault:
     inject: Callable[[Deployment], object]  # returns what undo needs
     undo: Callable[[Deployment, object], None]
     # Offending clients that run through the "during" phase; they return a count of their answers by kind.
-    offender: Callable[[Deployment, threading.Event], dict[str, int]] | None = None
+    offender: Callable[[Deployment, StopSignal], dict[str, int]] | None = None
     checks_control: bool = False  # recovery waits for GET /train too
 
 
@@ -107,9 +122,18 @@ class FaultRow:
     rss_peak_mib: float = 0.0
     rss_before_mib: float = 0.0
     offenders: dict[str, int] = field(default_factory=dict)
+    offender_cpu_s: float | None = None  # CPU seconds the offending clients' process used, on the same cores
     recovery_s: float | None = None
     during_readyz: dict | None = None
     notes: list[str] = field(default_factory=list)
+
+
+class StopSignal(Protocol):
+    """When the offending clients stop: a threading or multiprocessing Event."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 # -- the deployment --------------------------------------------------------------------------------------
@@ -130,9 +154,19 @@ def deployment(log: Path, upload_budget_mib: int, extra: dict[str, str]) -> Iter
                 serving = Deployment(f"http://127.0.0.1:{port}", pid, token, state, postgres, database,
                                      upload_budget_mib * 2**20)
                 wait_for(lambda: _get(serving.url + "/readyz").status_code == 200, 300, "the service to be ready")
+                # On a CPU unlike the one that measured the checkpoint's backends, the service verifies them in a
+                # child process and may swap one in: minutes of CPU beside serving, then another speed. Faults are
+                # measured against the steady state after it.
+                wait_for(lambda: _verification_settled(serving), 1200, "the service's backend verification")
                 yield serving
         finally:
             shutil.rmtree(state, ignore_errors=True)
+
+
+def _verification_settled(serving: Deployment) -> bool:
+    answer = _get(serving.url + "/model")
+    status = (answer.json().get("backend_verification") or {}) if answer.status_code == 200 else {"phase": "waiting"}
+    return status.get("phase") not in ("waiting", "verifying")
 
 
 def _get(url: str, **kwargs) -> httpx.Response:
@@ -235,10 +269,10 @@ def _status_of(client: socket.socket) -> str:
         return type(error).__name__
 
 
-def held_uploads(count: int, size: int) -> Callable[[Deployment, threading.Event], dict[str, int]]:
+def held_uploads(count: int, size: int) -> Callable[[Deployment, StopSignal], dict[str, int]]:
     """``count`` clients that declare a ``size``-byte multipart upload, send all of it but the last byte and
     hold it there until the phase ends."""
-    def offend(serving: Deployment, stop: threading.Event) -> dict[str, int]:
+    def offend(serving: Deployment, stop: StopSignal) -> dict[str, int]:
         boundary = "faultsboundary"
         head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
                 "Content-Type: image/png\r\n\r\n").encode()
@@ -272,8 +306,8 @@ def held_uploads(count: int, size: int) -> Callable[[Deployment, threading.Event
     return offend
 
 
-def batch_flood(clients: int, images: int, image: bytes) -> Callable[[Deployment, threading.Event], dict[str, int]]:
-    def offend(serving: Deployment, stop: threading.Event) -> dict[str, int]:
+def batch_flood(clients: int, images: int, image: bytes) -> Callable[[Deployment, StopSignal], dict[str, int]]:
+    def offend(serving: Deployment, stop: StopSignal) -> dict[str, int]:
         answers: dict[str, int] = {}
         lock = threading.Lock()
 
@@ -298,9 +332,9 @@ def batch_flood(clients: int, images: int, image: bytes) -> Callable[[Deployment
     return offend
 
 
-def vanishing_clients(count: int, image: bytes) -> Callable[[Deployment, threading.Event], dict[str, int]]:
+def vanishing_clients(count: int, image: bytes) -> Callable[[Deployment, StopSignal], dict[str, int]]:
     """``count`` clients, in waves through the phase, that send a whole /predict and hang up at once."""
-    def offend(serving: Deployment, stop: threading.Event) -> dict[str, int]:
+    def offend(serving: Deployment, stop: StopSignal) -> dict[str, int]:
         headers = f"Content-Type: image/png\r\nContent-Length: {len(image)}\r\n"
         sent = 0
         while sent < count and not stop.is_set():
@@ -340,11 +374,23 @@ def faults(image: bytes, upload_bytes: int, held: int) -> list[Fault]:
 # -- measuring --------------------------------------------------------------------------------------------
 
 def phase(serving: Deployment, upload: Upload, concurrency: int, duration: float) -> dict:
+    cpu_before = serving.cpu_s()
     result: LevelResult = asyncio.run(drive(serving.url + "/predict", upload, concurrency=concurrency,
                                             duration=duration, warmup=0.5, timeout=30))
     return {"requests": result.requests, "failed": result.error_count, "errors": result.errors,
+            "server_cpu_s": round(serving.cpu_s() - cpu_before, 2),
             "requests_per_s": round(result.requests_per_s, 1), "p50_ms": round(result.p50_ms, 1),
             "p99_ms": round(result.p99_ms, 1)}
+
+
+# Forked, so the offending clients (closures over the fault's settings) need not be picklable.
+OFFENDERS = multiprocessing.get_context("fork")
+
+
+def _offend(offender: Callable[[Deployment, StopSignal], dict[str, int]], serving: Deployment, stop: StopSignal,
+            answers: multiprocessing.queues.Queue) -> None:
+    started = time.process_time()  # this process and its threads: the offenders' share of the machine's cores
+    answers.put((offender(serving, stop), round(time.process_time() - started, 2)))
 
 
 def run_fault(serving: Deployment, fault: Fault, upload: Upload, concurrency: int, duration: float) -> FaultRow:
@@ -352,7 +398,7 @@ def run_fault(serving: Deployment, fault: Fault, upload: Upload, concurrency: in
     row.phases["before"] = phase(serving, upload, concurrency, duration)
     row.rss_before_mib = serving.rss() / 2**20
     peak = [serving.rss()]
-    stop, sampling_done = threading.Event(), threading.Event()
+    stop, sampling_done = OFFENDERS.Event(), threading.Event()
 
     def sample_rss() -> None:
         while not sampling_done.wait(0.1):
@@ -362,9 +408,13 @@ def run_fault(serving: Deployment, fault: Fault, upload: Upload, concurrency: in
     sampler.start()
     undo_with = fault.inject(serving)
     offender_answers: dict[str, int] = {}
-    offender = None
+    offender = answers = None
     if fault.offender is not None:
-        offender = threading.Thread(target=lambda: offender_answers.update(fault.offender(serving, stop)))
+        # In a process of their own, as clients on other machines would be: in this one they shared the
+        # well-behaved clients' GIL, and what they cost the measuring client was counted as the server's delay.
+        # They still share this machine's cores.
+        answers = OFFENDERS.Queue()
+        offender = OFFENDERS.Process(target=_offend, args=(fault.offender, serving, stop, answers), daemon=True)
         offender.start()
     try:
         row.phases["during"] = phase(serving, upload, concurrency, duration)
@@ -372,7 +422,8 @@ def run_fault(serving: Deployment, fault: Fault, upload: Upload, concurrency: in
         row.during_readyz = {"status": ready.status_code, "body": _json_or_text(ready)}
     finally:
         stop.set()
-        if offender is not None:
+        if offender is not None and answers is not None:
+            offender_answers, row.offender_cpu_s = answers.get(timeout=120)
             offender.join()
         fault.undo(serving, undo_with)
         undone = time.monotonic()
@@ -485,6 +536,9 @@ def main(argv: list[str] | None = None) -> None:
                     "phase_s": args.duration, "upload_budget_mib": args.upload_budget_mib, "settings": extra,
                     "goal_p99_ratio": GOAL_P99_RATIO, "faults": []}
     with deployment(log, args.upload_budget_mib, extra) as serving:
+        served = _get(serving.url + "/model").json()
+        result["served"] = {"backend": served.get("backend"),
+                            "backend_verification": (served.get("backend_verification") or {}).get("phase")}
         phase(serving, upload, args.concurrency, args.duration)  # warm-up: the first phase's figures are not kept
         for fault in chosen:
             print(f"-- {fault.name}: {fault.what}", flush=True)
