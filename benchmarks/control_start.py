@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,18 +29,15 @@ from typing import Any
 
 import httpx
 
+from benchmarks.cpu_backends import describe_machine
+from tests.support.net import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 TOKEN = "benchmark-admin-token-0123456789"
 POLL_S = 0.02
 TIMEOUT_S = 300.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,19 +97,6 @@ def start_once(source: Path) -> dict[str, Any]:
                 process.wait()
 
 
-def machine() -> dict[str, Any]:
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-            break
-    return {"cpu": model, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
 def commit(source: Path) -> str:
     described = subprocess.run(["git", "-C", str(source), "describe", "--always", "--dirty"], capture_output=True,
                                text=True, check=False)
@@ -140,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         "median": {key: statistics.median(run[key] for run in runs) for key in ("wall_s", "cpu_s", "rss_mib")},
         "torch_imported": any(run["torch_imported"] for run in runs),
         "load_average_before": [round(value, 2) for value in load_before],
-        "machine": machine(),
+        "machine": describe_machine(),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     print(f"{args.label} ({result['commit']}, {result['machine']['cpu']}, {result['machine']['cores']} cores, "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.queues
@@ -47,6 +48,7 @@ from typing import Protocol
 import httpx
 
 from benchmarks.compare import git_revision
+from benchmarks.control_start import cpu_seconds
 from benchmarks.cpu_backends import describe_machine
 from benchmarks.load import LevelResult, Upload, _descendants, drive, server_process
 from tests.support.postgres import PostgresServer, running_server
@@ -93,14 +95,11 @@ class Deployment:
     def cpu_s(self) -> float:
         """CPU seconds used so far by the serving process and its living descendants (the control plane, the
         decode and verification workers)."""
-        ticks = 0
+        total = 0.0
         for pid in [self.pid, *_descendants(self.pid)]:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-        return ticks / os.sysconf("SC_CLK_TCK")
+            with contextlib.suppress(OSError):  # it ended since it was listed
+                total += cpu_seconds(pid)
+        return total
 
 
 @dataclass
