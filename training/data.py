@@ -107,7 +107,7 @@ def load_cifar10(
         raise DatasetError(f"--holdout {holdout} leaves no training images out of {len(train)}; choose fewer")
     first = holdout_start(holdout_from, len(train), holdout)
     validation = train.take(first, first + holdout) if holdout else None
-    train = train.take(holdout, None) if first == 0 and holdout else train.take(0, len(train) - holdout)
+    train = train.take(holdout) if holdout_from == "first" else train.take(0, len(train) - holdout)
     provenance = describe_provenance(data_dir, skip_integrity_check, len(train), holdout, len(test))
     return CifarSplits(train=train, holdout=validation, test=test, provenance=provenance, holdout_start=first)
 
