@@ -30,6 +30,8 @@ import concurrent.futures
 import copy
 import importlib.util
 import multiprocessing
+import os
+import signal
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from model.child_process import end_with_parent
 from model.cifar_resnet import CifarBasicBlock, CifarResNet
 from model.fastcnn import ConvStage
 from model.features import LogitsAndFeatures
@@ -216,10 +219,12 @@ def export_onnx(model: nn.Module, size: int = 32) -> bytes:
     the decoding threads, which then waited for the GIL: back-to-back ONNX swaps raised p99 3.2x
     (benchmarks/README.md, "Hot swaps under load"). The child is spawned (a fork of a process that runs
     threads is unsafe), from the calling thread, whose niceness it inherits on Linux, and gets the model
-    by pickle over the pipe between the two processes, never from a file.
+    by pickle over the pipe between the two processes, never from a file. It is killed if this process dies
+    first (``model.child_process``): nobody would read what it exports.
     """
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=end_with_parent,
+                                                initargs=(signal.SIGKILL, os.getpid())) as child:
         try:
             return child.submit(_export_onnx_here, model, size).result()
         except concurrent.futures.process.BrokenProcessPool:

@@ -21,7 +21,6 @@ Exit codes: 0 measured, 1 the checkpoint or its verification set cannot be used 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import sys
@@ -29,8 +28,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from model.child_process import end_with_parent
+
 NICENESS = 19
-_PR_SET_PDEATHSIG = 1
 
 
 def _follow_the_parent() -> None:
@@ -41,7 +41,7 @@ def _follow_the_parent() -> None:
         # SCHED_IDLE on top of nice 19: a serving thread that wakes takes the core at once, instead of
         # waiting out the child's time slice (nice alone raised /predict's p99 2.2x while measuring).
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    end_with_parent(signal.SIGTERM)
 
 
 def _scheduler() -> str:

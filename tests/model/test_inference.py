@@ -4,8 +4,13 @@ Random-init weights: a fresh network's BatchNorm layers are the identity (mean 0
 which would make folding trivially right, so every test gives them the statistics of a trained model.
 """
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,8 @@ from model.inference import (
     prepare_for_inference,
     quantize_int8,
 )
+from tests.support import REPO_ROOT
+from tests.support.waiting import wait_until
 
 # Folding reorders float32 arithmetic; measured differences are ~1e-7 of the logits' scale.
 FUSED_RELATIVE_TOLERANCE = 1e-4
@@ -264,3 +271,31 @@ def test_cuda_keeps_the_model_as_trained_whatever_the_backend():
     prepared = prepare_for_inference(trained_like(), "cuda", "fused")
     assert batchnorms(prepared) > 0
     assert next(prepared.parameters()).is_cuda
+
+
+def test_the_onnx_export_worker_dies_with_the_process_that_asked_for_it(tmp_path):
+    # The service's backend verification exports in a child, which is SIGTERMed when the service stops: its
+    # export worker was left running, orphaned, for as long as the export took.
+    marker = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, "-m", "tests.support.stuck_export", str(marker)],
+                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = 0
+    try:
+        worker = int(wait_until(lambda: marker.exists() and marker.read_text(), what="the export's worker"))
+        assert worker != parent.pid
+        parent.kill()
+        parent.wait()
+        wait_until(lambda: not _alive(worker), timeout_s=60, what=f"the orphaned export worker {worker} to end")
+    finally:
+        parent.kill()
+        if worker and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
