@@ -18,7 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import SafetensorError, safe_open
 
 from model.durable import write_atomically
 from model.labels import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, INPUT_SIZE
@@ -168,6 +170,39 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_finite_weights(weights_path: Path) -> None:
+    """Refuse a safetensors file whose floating-point tensors hold NaN or infinity: a network that diverged
+    answers every image with NaN probabilities (issue 22: served as 200 with null scores, every label "plane").
+
+    Read with numpy, so that the control plane registers a finished run's weights without importing torch
+    (hundreds of MiB it would then keep). numpy has no bfloat16: a file holding one is read through torch."""
+    broken = []
+    try:
+        with safe_open(weights_path, "numpy") as weights:
+            for name in weights.keys():
+                dtype = weights.get_slice(name).get_dtype()
+                if dtype == "BF16":
+                    from model.checkpoint import check_finite_weights_with_torch
+
+                    check_finite_weights_with_torch(weights_path)
+                    return
+                if dtype in _NUMPY_FLOATS and not np.isfinite(weights.get_tensor(name)).all():
+                    broken.append(name)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    if broken:
+        raise non_finite_weights(weights_path, broken)
+
+
+_NUMPY_FLOATS = frozenset({"F16", "F32", "F64"})
+
+
+def non_finite_weights(where: Path, broken: list[str]) -> CheckpointError:
+    return CheckpointError(f"{where} holds NaN or infinite values in {len(broken)} tensor(s) "
+                           f"({', '.join(sorted(broken)[:3])}): the training run diverged; train again with a "
+                           "lower learning rate rather than serving it")
 
 
 def checkpoint_files(path: str | os.PathLike[str]) -> tuple[Path, Path]:

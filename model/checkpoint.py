@@ -28,6 +28,7 @@ from model.card import (
     ModelCard,
     checkpoint_files,
     file_sha256,
+    non_finite_weights,
     read_card,
     write_card,
 )
@@ -100,13 +101,10 @@ def save_checkpoint(
 
 
 def require_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """Refuse weights holding NaN or infinity: a network that diverged answers every image with NaN
-    probabilities (issue 22: served as 200 with null scores, every label "plane")."""
+    """``model.card.check_finite_weights`` on tensors already loaded."""
     broken = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not _finite(tensor)]
     if broken:
-        raise CheckpointError(f"{where} holds NaN or infinite values in {len(broken)} tensor(s) "
-                              f"({', '.join(sorted(broken)[:3])}): the training run diverged; train again with a "
-                              "lower learning rate rather than serving it")
+        raise non_finite_weights(where, broken)
 
 
 def _finite(tensor: torch.Tensor) -> bool:
@@ -118,8 +116,8 @@ def _finite(tensor: torch.Tensor) -> bool:
     return bool(np.isfinite(values.numpy()).all())
 
 
-def check_finite_weights(weights_path: Path) -> None:
-    """``require_finite`` on a safetensors file."""
+def check_finite_weights_with_torch(weights_path: Path) -> None:
+    """``require_finite`` on a safetensors file: for what numpy cannot read (bfloat16)."""
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError) as error:

@@ -50,6 +50,7 @@ from model.card import (
     WEIGHTS_FILE,
     CheckpointError,
     ModelCard,
+    check_finite_weights,
     file_sha256,
     read_card,
 )
@@ -117,10 +118,6 @@ class ModelRegistry:
         if weights_sha256 != card.weights_sha256:
             raise CheckpointError(f"{weights} has SHA-256 {weights_sha256}, but its card says "
                                   f"{card.weights_sha256}; the checkpoint was not written completely")
-        # torch reads the weights: imported when a checkpoint is registered (a run has finished), not at start-up,
-        # so the control plane's restarts beside the serving process stay cheap (benchmarks/control_start.py).
-        from model.checkpoint import check_finite_weights
-
         check_finite_weights(weights)  # a diverged run's NaN weights never become a version anyone can promote
         final = self.versions_dir / card.version
         if final.is_dir():

@@ -8,14 +8,17 @@ import torch
 
 from model.card import (
     CARD_FILE,
+    WEIGHTS_FILE,
     Calibration,
     CheckpointError,
     ModelCard,
     OutOfDistributionRule,
+    check_finite_weights,
     read_card,
     write_card,
 )
 from tests.support import REPO_ROOT
+from tests.support.checkpoints import diverged_checkpoint
 
 
 def test_reading_a_card_imports_no_torch():
@@ -83,3 +86,30 @@ def test_a_malformed_calibration_is_rejected(tmp_path, tiny_checkpoint, change):
     (tmp_path / "ckpt" / CARD_FILE).write_text(json.dumps(card))
     with pytest.raises(CheckpointError, match="card.json is not valid"):
         read_card(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_weights_holding_nan_fail_the_finite_check_in_every_dtype(tmp_path, dtype):
+    checkpoint = diverged_checkpoint(tmp_path / "nan", architecture="fastcnn", dtype=dtype)
+    with pytest.raises(CheckpointError, match="NaN or infinite values in 1 tensor.*diverged"):
+        check_finite_weights(checkpoint / WEIGHTS_FILE)
+    check_finite_weights(REPO_ROOT / "weights" / "fastcnn" / WEIGHTS_FILE)  # the shipped weights are finite
+
+
+def test_the_finite_check_of_float_weights_imports_no_torch(tmp_path):
+    """The control plane checks every finished run's weights before registering them: for float32 and float16
+    weights that must not load torch into it."""
+    weights = diverged_checkpoint(tmp_path / "nan", architecture="fastcnn", dtype="float16") / WEIGHTS_FILE
+    script = ("import sys\nfrom model.card import CheckpointError, check_finite_weights\n"
+              f"try:\n    check_finite_weights({str(weights)!r})\nexcept CheckpointError as error:\n"
+              "    print('refused' if 'diverged' in str(error) else error)\nprint('torch' in sys.modules)")
+    printed = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert printed == ["refused", "False"]
+
+
+def test_a_file_that_is_not_safetensors_is_refused_by_the_finite_check(tmp_path):
+    weights = tmp_path / WEIGHTS_FILE
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        check_finite_weights(weights)
