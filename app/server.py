@@ -10,7 +10,14 @@ rules, from ``APP_*`` settings:
   part of a request came);
 - the head must fit in ``APP_MAX_HEADER_BYTES``, else 431 and the connection is closed;
 - the body must arrive within ``APP_BODY_TIMEOUT_S`` of the end of the head, else the connection is closed
-  (the app sees the client disconnect).
+  (the app sees the client disconnect);
+- a body the app answered before reading it (a refusal: over the upload budget, a client backing off, no
+  admin token) is read and dropped only if at most ``MAX_DRAINED_BODY_BYTES`` of it are still to come, so
+  the connection can serve the client's next request. uvicorn read and dropped any amount: 183 refused
+  15 MiB uploads cost the event loop over a second of CPU (``benchmarks/faults.py``, held uploads). A larger
+  rest is not read: the server half-closes (the client reads the answer, then the end of the stream), stops
+  reading, and closes ``LINGER_S`` later. Closing at once would reset the connection under a client still
+  sending, which can lose it the answer; Go's net/http does the same, with the same two figures.
 
 ``server_options`` adds uvicorn's own: ``limit_concurrency`` (503 past ``APP_MAX_CONNECTIONS``) and the
 keep-alive timeout. ``uvicorn app.main:app`` run by hand gets uvicorn's defaults instead.
@@ -31,6 +38,8 @@ from app.config import Settings
 
 logger = logging.getLogger(__name__)
 PROTOCOL = f"{__name__}:LimitedHttpToolsProtocol"
+MAX_DRAINED_BODY_BYTES = 256 * 1024  # a refused batch upload of small PNGs keeps its connection
+LINGER_S = 0.5  # for the answer and the end of the stream to reach a client that is still sending
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
@@ -67,6 +76,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # received while the head is incomplete
         self._parsed_head_bytes = 0  # of the request line and headers parsed, for a head that came in one read
         self._head_too_large = False
+        self._body_declared: int | None = None  # the request's Content-Length; None when chunked
+        self._body_received = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -106,14 +117,36 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._parsed_head_bytes = 0
+        self._body_declared, self._body_received = None, 0
         super().on_message_begin()
         if self._deadline is None:  # a keep-alive connection's next request: its head's clock starts now
             self._arm(self.header_timeout_s, "head")
 
     def on_headers_complete(self) -> None:
         self._reading = "body"
+        for name, value in self.headers:
+            if name == b"content-length" and value.isdigit():
+                self._body_declared = int(value)
         self._arm(self.body_timeout_s, "body")
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_received += len(body)
+        super().on_body(body)
+
+    def on_response_complete(self) -> None:
+        unread = None if self._body_declared is None else self._body_declared - self._body_received
+        if self._reading != "body" or self.transport.is_closing() or (
+                unread is not None and unread <= MAX_DRAINED_BODY_BYTES):
+            super().on_response_complete()
+            return
+        self.server_state.total_requests += 1
+        self._disarm()
+        self._reading = None
+        self.transport.pause_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def on_message_complete(self) -> None:
         self._disarm()

@@ -4,6 +4,7 @@ off at their deadline while other requests are served, and oversized heads and t
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from contextlib import ExitStack
 from urllib.parse import urlsplit
@@ -129,3 +130,42 @@ def test_the_rest_of_a_body_answered_before_it_was_read_is_not_taken_for_a_head(
         except TimeoutError:
             pass
     assert b"HTTP/1.1" not in more, more
+
+
+def test_a_large_body_answered_before_it_was_read_is_not_read_and_the_answer_still_arrives(server):
+    """15 MB refused: the server half-closes after its answer and stops reading, so the client's upload fails
+    instead of being read and thrown away (uvicorn read it all, costing the event loop the whole upload)."""
+    declared = 15_000_000
+    sent: list[BaseException | None] = []
+    with connect(server) as client:
+        client.sendall(b"POST /train HTTP/1.1\r\nHost: service\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % declared)
+
+        def upload() -> None:
+            try:
+                client.sendall(b"\0" * declared)
+                sent.append(None)
+            except OSError as error:
+                sent.append(error)
+
+        sender = threading.Thread(target=upload)
+        sender.start()
+        answer = closed(client, SLACK_S)
+        sender.join(SLACK_S)
+    assert answer is not None, "the connection was still open"
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert sent and isinstance(sent[0], OSError), "the whole refused body was read"
+
+
+def test_a_small_body_answered_before_it_was_read_is_dropped_and_the_connection_serves_on(server):
+    with connect(server) as client:
+        client.sendall(b"POST /train HTTP/1.1\r\nHost: service\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100000\r\n\r\n" + b"\0" * 100_000)
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: service\r\n\r\n")
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 2 or not answers.endswith(b"}"):
+            chunk = client.recv(65536)
+            assert chunk, f"closed after {answers!r}"
+            answers += chunk
+    assert answers.startswith(b"HTTP/1.1 401"), answers[:200]
+    assert b"HTTP/1.1 200" in answers, answers
