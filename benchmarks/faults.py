@@ -279,15 +279,33 @@ def held_uploads(count: int, size: int) -> Callable[[Deployment, StopSignal], di
         headers = f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {size}\r\n"
         answers: dict[str, int] = {}
         held: list[socket.socket] = []
-        for _ in range(count):
-            if stop.is_set():
-                break
+        lock = threading.Lock()
+
+        def one_client() -> None:
+            # Each on its own connection at once, as many clients would be: a refused upload is now cut off
+            # by the server (app/server.py), which a client sending them one after another would wait out.
             try:
-                client = _raw_request(serving, "/predict", headers, b"", timeout=2)
-                client.sendall(body[:-1])
-                held.append(client)
-            except OSError:
-                answers["refused or reset while sending"] = answers.get("refused or reset while sending", 0) + 1
+                client = _raw_request(serving, "/predict", headers, b"", timeout=5)
+            except OSError as error:
+                kind = f"could not connect ({type(error).__name__})"
+            else:
+                try:
+                    client.sendall(body[:-1])
+                except OSError:  # what the server answered before it stopped reading
+                    kind = f"{_status_of(client)}, then cut off while sending"
+                    client.close()
+                else:
+                    with lock:
+                        held.append(client)
+                    return
+            with lock:
+                answers[kind] = answers.get(kind, 0) + 1
+
+        clients = [threading.Thread(target=one_client) for _ in range(count)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
         for client in held:  # an early answer (503 before the body) is waiting in the socket already
             client.settimeout(0.05)
             try:
