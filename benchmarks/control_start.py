@@ -40,11 +40,15 @@ TIMEOUT_S = 300.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """``utime + stime`` of ``pid`` (its own threads, not its children's), from /proc/<pid>/stat."""
+def cpu_seconds(pid: int, reaped_children: bool = False) -> float:
+    """``utime + stime`` of ``pid`` (its own threads), from /proc/<pid>/stat; with ``reaped_children``, plus
+    ``cutime + cstime``: the children it has waited for, whose seconds would otherwise vanish as they end."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
+    seconds = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    if reaped_children:
+        seconds += int(fields[13]) + int(fields[14])  # fields 16 and 17
+    return seconds / CLOCK_TICKS
 
 
 def rss_mib(pid: int) -> float:

@@ -93,12 +93,13 @@ class Deployment:
         return 0
 
     def cpu_s(self) -> float:
-        """CPU seconds used so far by the serving process and its living descendants (the control plane, the
-        decode and verification workers)."""
+        """CPU seconds used so far by the serving process and its descendants (the control plane, the decode
+        and verification workers): the living ones' own, and those of the ones that ended and were waited for,
+        which their parent's count keeps (a killed control plane's seconds no longer vanish from a phase)."""
         total = 0.0
         for pid in [self.pid, *_descendants(self.pid)]:
             with contextlib.suppress(OSError):  # it ended since it was listed
-                total += cpu_seconds(pid)
+                total += cpu_seconds(pid, reaped_children=True)
         return total
 
 
