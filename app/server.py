@@ -13,11 +13,12 @@ rules, from ``APP_*`` settings:
   (the app sees the client disconnect);
 - a body the app answered before reading it (a refusal: over the upload budget, a client backing off, no
   admin token) is read and dropped only if at most ``MAX_DRAINED_BODY_BYTES`` of it are still to come, so
-  the connection can serve the client's next request. uvicorn read and dropped any amount: 183 refused
-  15 MiB uploads cost the event loop over a second of CPU (``benchmarks/faults.py``, held uploads). A larger
-  rest is not read: the server half-closes (the client reads the answer, then the end of the stream), stops
-  reading, and closes ``LINGER_S`` later. Closing at once would reset the connection under a client still
-  sending, which can lose it the answer; Go's net/http does the same, with the same two figures.
+  the connection can serve the client's next request. uvicorn read and dropped any amount, on the event
+  loop (``benchmarks/faults.py``'s held uploads refuse 183 uploads of 15 MiB; benchmarks/README.md has the
+  p99 with and without this rule). A larger rest is not read: the server half-closes (the client reads the
+  answer, then the end of the stream), stops reading, and closes ``LINGER_S`` later. Closing at once would
+  reset the connection under a client still sending, which can lose it the answer; Go's net/http does the
+  same, with the same two figures.
 
 ``server_options`` adds uvicorn's own: ``limit_concurrency`` (503 past ``APP_MAX_CONNECTIONS``) and the
 keep-alive timeout. ``uvicorn app.main:app`` run by hand gets uvicorn's defaults instead.
