@@ -123,7 +123,7 @@ class _FieldCollector:
         self._header_name = bytearray()
         self._header_value = bytearray()
         self._headers: dict[bytes, bytes] = {}
-        self._data: bytearray | None = None
+        self._pieces: list[bytes | memoryview] | None = None  # of the current part, while it is kept
         self._filename: str | None = None
 
     def callbacks(self) -> MultipartCallbacks:
@@ -138,7 +138,7 @@ class _FieldCollector:
         }
 
     def _part_begin(self) -> None:
-        self._headers, self._data, self._filename = {}, None, None
+        self._headers, self._pieces, self._filename = {}, None, None
 
     def _header_end(self) -> None:
         self._headers[bytes(self._header_name).lower()] = bytes(self._header_value)
@@ -154,15 +154,19 @@ class _FieldCollector:
                              f"'{self.field.decode()}' and nothing else")
         if len(self.uploads) >= self.max_files:
             raise self.too_many(self.max_files)
-        self._data = bytearray()
+        self._pieces = []
         filename = options.get(b"filename")
         self._filename = filename.decode("utf-8", "replace") if filename is not None else None
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._data is not None:
-            self._data.extend(data[start:end])
+        # A view of the request's own chunk, joined once when the part ends: a slice extended into a
+        # bytearray, then copied out, was three copies of every byte, and most of the event loop's time
+        # while 17 uploads of 15 MiB arrived at once (py-spy). What python-multipart passes from its own
+        # reused buffer is copied.
+        if self._pieces is not None:
+            self._pieces.append(memoryview(data)[start:end] if type(data) is bytes else bytes(data[start:end]))
 
     def _part_end(self) -> None:
-        if self._data is not None:
-            self.uploads.append(Upload(self._filename, bytes(self._data)))
-            self._data = None
+        if self._pieces is not None:
+            self.uploads.append(Upload(self._filename, b"".join(self._pieces)))
+            self._pieces = None
