@@ -177,19 +177,21 @@ def check_finite_weights(weights_path: Path) -> None:
     answers every image with NaN probabilities (issue 22: served as 200 with null scores, every label "plane").
 
     Read with numpy, so that the control plane registers a finished run's weights without importing torch
-    (hundreds of MiB it would then keep). numpy has no bfloat16: a file holding one is read through torch."""
-    broken = []
+    (hundreds of MiB it would then keep). numpy has no bfloat16: those tensors alone are read through torch."""
+    broken, bfloat16 = [], []
     try:
         with safe_open(weights_path, "numpy") as weights:
             for name in weights.keys():
                 dtype = weights.get_slice(name).get_dtype()
                 if dtype == "BF16":
-                    from model.checkpoint import check_finite_weights_with_torch
-
-                    check_finite_weights_with_torch(weights_path)
-                    return
-                if dtype in _NUMPY_FLOATS and not np.isfinite(weights.get_tensor(name)).all():
+                    bfloat16.append(name)
+                elif dtype in _NUMPY_FLOATS and not np.isfinite(weights.get_tensor(name)).all():
                     broken.append(name)
+        if bfloat16:
+            import torch
+
+            with safe_open(weights_path, "pt") as weights:
+                broken += [name for name in bfloat16 if not torch.isfinite(weights.get_tensor(name)).all()]
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
     if broken:

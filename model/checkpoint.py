@@ -116,15 +116,6 @@ def _finite(tensor: torch.Tensor) -> bool:
     return bool(np.isfinite(values.numpy()).all())
 
 
-def check_finite_weights_with_torch(weights_path: Path) -> None:
-    """``require_finite`` on a safetensors file: for what numpy cannot read (bfloat16)."""
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
-    require_finite(tensors, weights_path)
-
-
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
     """Load and verify a checkpoint; the model comes back in float32, in eval mode, on ``device``."""
     weights_path, _ = checkpoint_files(path)
